@@ -1,0 +1,111 @@
+"""Trainer: loss normalisation under gradient accumulation, the NaN policy, metrics output."""
+
+import json
+
+import pytest
+import torch
+
+from titan_dsv3.config import parse_args
+from titan_dsv3.optim import losses
+from titan_dsv3.train import NonFiniteLossError, Trainer, main
+
+
+def make_trainer(args) -> Trainer:
+    return Trainer(parse_args(args))
+
+
+def grads_after_one_step(trainer: Trainer) -> dict[str, torch.Tensor]:
+    trainer.forward_backward(trainer.loader.next_step())
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny):
+    big = make_trainer(tiny(**{"training.local_batch_size": "4", "training.global_batch_size": "4"}))
+    acc = make_trainer(tiny(**{"training.local_batch_size": "1", "training.global_batch_size": "4"}))
+    assert acc.loader.accum == 4 and big.loader.accum == 1
+    acc.model.load_state_dict(big.model.state_dict())
+    g_big, g_acc = grads_after_one_step(big), grads_after_one_step(acc)
+    assert g_big.keys() == g_acc.keys() and len(g_big) > 10
+    for name in g_big:
+        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_losses_are_means_over_valid_tokens(tiny):
+    t = make_trainer(tiny())
+    batches = t.loader.next_step()
+    sums, n_valid = t.forward_backward(batches)
+    b = batches[0]
+    with torch.no_grad():
+        logits, (mtp_logits,) = t.model(b.inputs)
+    main = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.labels.flatten())
+    mtp = torch.nn.functional.cross_entropy(mtp_logits[:, :-1].flatten(0, 1), b.labels[:, 1:].flatten())
+    torch.testing.assert_close((sums / n_valid).float(), torch.stack([main, mtp]), rtol=1e-5, atol=1e-6)
+
+
+def _poison_step(trainer: Trainer, bad_step: int):
+    real = trainer.loss_sums
+
+    def loss_sums(out, labels):
+        s = real(out, labels)
+        return s * float("nan") if trainer.state.step + 1 == bad_step else s
+
+    trainer.loss_sums = loss_sums
+
+
+def test_nan_policy_skip_keeps_weights_and_goes_on(tiny, capsys):
+    t = make_trainer(tiny(**{"training.steps": "3", "training.nan_policy": "skip"}))
+    _poison_step(t, 2)
+    t.train_step()
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    bias_before = [m.gate.expert_bias.clone() for m in t.moes]
+    out = t.train_step()
+    assert out["skipped"] == 1.0
+    for n, p in t.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for m, b in zip(t.moes, bias_before):
+        assert torch.equal(m.gate.expert_bias, b)
+    assert "non-finite" in capsys.readouterr().err
+    out = t.train_step()
+    assert out["skipped"] == 0.0 and t.state.step == 3
+    assert any(not torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+
+
+def test_nan_policy_skip_gives_up_after_max_skips(tiny):
+    t = make_trainer(tiny(**{"training.max_nan_skips": "1"}))
+    _poison_step(t, 1)
+    t.train_step()
+    _poison_step(t, 2)
+    with pytest.raises(NonFiniteLossError, match="max_nan_skips"):
+        t.train_step()
+
+
+def test_nan_policy_stop(tiny):
+    t = make_trainer(tiny(**{"training.nan_policy": "stop"}))
+    _poison_step(t, 1)
+    with pytest.raises(NonFiniteLossError, match="nan_policy = stop"):
+        t.train_step()
+
+
+def test_main_exit_status_on_nan(tiny, monkeypatch):
+    real = losses.loss_sums
+    monkeypatch.setattr(losses, "loss_sums", lambda out, labels: real(out, labels) * float("inf"))
+    assert main(tiny(**{"training.nan_policy": "stop"})) == 3
+
+
+def test_train_loop_logs_every_step_and_loss_falls(tiny, tmp_path):
+    run = {"training.steps": "12", "metrics.log_freq": "1", "metrics.enable_tensorboard": "true", "optimizer.lr": "2e-2",
+           "training.local_batch_size": "4"}
+    assert main(tiny(**run)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_second", "moe/0/utilisation"):
+        assert key in rows[-1]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_tokens_per_param_sets_steps(tiny):
+    t = make_trainer(tiny(**{"training.steps": "-1", "training.tokens_per_param": "0.001"}))
+    active = t.model_args.num_params(active=True, include_mtp=False)
+    tokens_per_step = 2 * 32
+    assert (t.total_steps - 1) * tokens_per_step < 0.001 * active <= t.total_steps * tokens_per_step

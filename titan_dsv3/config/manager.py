@@ -1,0 +1,359 @@
+"""Reading a run's configuration: dataclass defaults < TOML file < ``--section.key value`` on the command line.
+
+Every problem stops the run before anything is built, as a ConfigError whose one-line message names the key and
+the fix; ``main`` turns it into exit status 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import sys
+import typing
+from pathlib import Path
+
+from titan_dsv3.config import job_config
+from titan_dsv3.config.job_config import MODEL_PRESET_DOC, JobConfig
+from titan_dsv3.models import args as model_args_module
+from titan_dsv3.models.args import ModelArgs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TRAIN_CONFIGS = Path(__file__).resolve().parents[2] / "train_configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str(e) is the one line shown to the user."""
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job.config_file: {path} does not exist; pass an existing TOML file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"job.config_file: {path} is not valid TOML ({e}); fix the file") from None
+
+
+def _sections(cfg: JobConfig) -> dict[str, object]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _hints(section: object) -> dict[str, object]:
+    return typing.get_type_hints(type(section))
+
+
+def _coerce(value, hint, key: str):
+    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. [\"a\", \"b\"] or a,b")
+        return [_coerce(v, item, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}; quote it")
+    raise ConfigError(f"{key}: unsupported field type {hint}")
+
+
+def _set(cfg: JobConfig, dotted: str, value, source: str) -> None:
+    if "." not in dotted:
+        raise ConfigError(f"{source}: '{dotted}' is not of the form section.key; see --help")
+    section_name, key = dotted.split(".", 1)
+    sections = _sections(cfg)
+    if section_name not in sections:
+        raise ConfigError(f"{source}: unknown section [{section_name}]; valid: {', '.join(sections)}")
+    section = sections[section_name]
+    hints = _hints(section)
+    if key not in hints:
+        raise ConfigError(
+            f"{source}: unknown key {section_name}.{key}; valid keys of [{section_name}]: {', '.join(hints)}"
+        )
+    setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
+
+
+def apply_toml(cfg: JobConfig, data: dict, source: str) -> None:
+    for section_name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: top-level key '{section_name}' must be a [section] table")
+        for key, value in table.items():
+            _set(cfg, f"{section_name}.{key}", value, source)
+
+
+def _split_cli(argv: list[str]) -> list[tuple[str, object]]:
+    """['--a.b', '1', '--c.d=2', '--flag'] -> [('a.b', '1'), ('c.d', '2'), ('flag', True)]."""
+    pairs, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"command line: unexpected '{tok}'; options look like --section.key value")
+        name = tok[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = True  # a bare flag means true
+            i += 1
+        pairs.append((name, value))
+    return pairs
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> JobConfig:
+    """Resolve and validate a JobConfig from the command line (and the TOML it names)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    cfg = JobConfig()
+    pairs = _split_cli(argv)
+    for name, value in pairs:
+        if name == "job.config_file":
+            cfg.job.config_file = str(value)
+    if cfg.job.config_file:
+        apply_toml(cfg, load_toml(cfg.job.config_file), cfg.job.config_file)
+    for name, value in pairs:
+        _set(cfg, name, value, f"--{name}")
+    validate(cfg, world_size)
+    return cfg
+
+
+# ---- the model section -----------------------------------------------------------------------------------------
+
+
+def find_preset(name: str) -> Path:
+    p = Path(name)
+    candidates = [p, TRAIN_CONFIGS / name, TRAIN_CONFIGS / f"{name}.toml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"model.preset: '{name}' is neither a file nor a preset in {TRAIN_CONFIGS}; see --help")
+
+
+def resolve_model_args(cfg: JobConfig) -> ModelArgs:
+    """ModelArgs from [model]: the preset's fields, overridden by fields set explicitly."""
+    values: dict[str, object] = {}
+    if cfg.model.preset:
+        path = find_preset(cfg.model.preset)
+        preset_model = load_toml(path).get("model", {})
+        if preset_model.get("preset"):
+            raise ConfigError(f"model.preset: {path} names another preset; a preset must spell out its sizes")
+        base = JobConfig()
+        apply_toml(base, {"model": preset_model}, str(path))
+        values = {k: v for k, v in dataclasses.asdict(base.model).items() if v is not None and k != "preset"}
+    explicit = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v is not None and k != "preset"}
+    values.update(explicit)
+    missing = [f.name for f in dataclasses.fields(ModelArgs) if f.name not in values]
+    if missing:
+        raise ConfigError(
+            f"model: fields {', '.join(missing)} are not set; set model.preset or spell out every model field"
+        )
+    args = ModelArgs(**values)
+    try:
+        args.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return args
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(options)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} = {value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: JobConfig, world_size: int | None = None) -> None:
+    """Check every section and their combinations; raise ConfigError on the first problem."""
+    from titan_dsv3.parallel.dims import ParallelDims
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    margs = resolve_model_args(cfg)
+    t = cfg.training
+    _positive("training.seq_len", t.seq_len)
+    _positive("training.local_batch_size", t.local_batch_size)
+    if t.steps == 0 or t.steps < -1:
+        raise ConfigError(f"training.steps = {t.steps}; give a positive count or -1 (from tokens_per_param)")
+    if t.steps == -1:
+        _positive("training.tokens_per_param", t.tokens_per_param)
+    _choice("training.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
+    _choice("training.nan_policy", t.nan_policy, ("skip", "stop"))
+    _positive("training.max_norm", t.max_norm, allow_zero=True)
+    _positive("training.max_nan_skips", t.max_nan_skips)
+    if t.seq_len > margs.max_seq_len:
+        raise ConfigError(
+            f"training.seq_len = {t.seq_len} exceeds model.max_seq_len = {margs.max_seq_len}; raise max_seq_len"
+        )
+    o = cfg.optimizer
+    _choice("optimizer.name", o.name, ("AdamW",))
+    _positive("optimizer.lr", o.lr)
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(o, k) < 1:
+            raise ConfigError(f"optimizer.{k} = {getattr(o, k)} must lie in [0, 1)")
+    _positive("optimizer.eps", o.eps)
+    _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    _choice("optimizer.implementation", o.implementation, ("auto", "fused", "foreach", "for_loop"))
+    s = cfg.lr_scheduler
+    _positive("lr_scheduler.warmup_steps", s.warmup_steps, allow_zero=True)
+    _choice("lr_scheduler.decay_type", s.decay_type, ("cosine", "linear", "wsd"))
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise ConfigError(f"lr_scheduler.min_lr_ratio = {s.min_lr_ratio} must lie in [0, 1]")
+    if not 0 <= s.warmup_start_ratio <= 1:
+        raise ConfigError(f"lr_scheduler.warmup_start_ratio = {s.warmup_start_ratio} must lie in [0, 1]")
+    if not 0 < s.decay_ratio <= 1:
+        raise ConfigError(f"lr_scheduler.decay_ratio = {s.decay_ratio} must lie in (0, 1]")
+    _positive("moe.bias_update_speed", cfg.moe.bias_update_speed, allow_zero=True)
+    _positive("moe.balance_loss_alpha", cfg.moe.balance_loss_alpha, allow_zero=True)
+    _positive("mtp.loss_weight", cfg.mtp.loss_weight, allow_zero=True)
+    c = cfg.checkpoint
+    _positive("checkpoint.interval", c.interval)
+    _positive("checkpoint.keep_latest_k", c.keep_latest_k, allow_zero=True)
+    _choice("checkpoint.async_mode", c.async_mode, ("disabled", "async"))
+    _choice("checkpoint.export_dtype", c.export_dtype, ("float32", "bfloat16"))
+    if c.initial_load_path and not Path(c.initial_load_path).exists():
+        raise ConfigError(f"checkpoint.initial_load_path: {c.initial_load_path} does not exist")
+    ac = cfg.activation_checkpoint
+    _choice("activation_checkpoint.mode", ac.mode, ("none", "full", "selective"))
+    if ac.mode == "selective" and ac.selective_option != "op":
+        if not ac.selective_option.isdigit() or int(ac.selective_option) < 1:
+            raise ConfigError(
+                f"activation_checkpoint.selective_option = {ac.selective_option!r}; use 'op' or a positive integer"
+            )
+    for comp in cfg.compile.components:
+        _choice("compile.components", comp, ("model", "loss"))
+    _choice("float8.recipe", cfg.float8.recipe, ("tensorwise", "rowwise"))
+    _positive("metrics.log_freq", cfg.metrics.log_freq)
+    _positive("validation.freq", cfg.validation.freq)
+    _positive("validation.steps", cfg.validation.steps)
+    d = cfg.data
+    if d.path and not (Path(d.path) / "manifest.json").is_file():
+        raise ConfigError(
+            f"data.path: {d.path} has no manifest.json; point it at a folder written by tools.prepare_data"
+        )
+    if d.tokenizer and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer: {d.tokenizer} does not exist; give a tokenizer.json or leave it empty")
+    _positive("data.embedded_max_bytes", d.embedded_max_bytes)
+    _check_backends(cfg, margs)
+    try:
+        dims = ParallelDims.from_config(cfg.parallelism, world_size)
+        dims.check_model(margs, t.local_batch_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = dims.dp
+    if t.global_batch_size != -1 and (t.global_batch_size <= 0 or t.global_batch_size % (t.local_batch_size * dp)):
+        raise ConfigError(
+            f"training.global_batch_size = {t.global_batch_size} is not a positive multiple of local_batch_size x "
+            f"data-parallel degree = {t.local_batch_size} x {dp}; change one of them"
+        )
+
+
+def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if margs.attn_impl == "flex" and not cuda:
+        raise ConfigError("model.attn_impl = 'flex' trains only on CUDA (FlexAttention has no CPU backward); use sdpa")
+    if margs.attn_impl == "triton":
+        try:
+            import titan_dsv3.kernels.mla_attention  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"model.attn_impl = 'triton' needs the fused MLA kernel, which failed to import: {e}")
+    if cfg.training.mixed_precision == "bf16" and not cuda and cfg.float8.enable:
+        raise ConfigError("float8.enable needs CUDA; turn it off on CPU")
+
+
+# ---- help ------------------------------------------------------------------------------------------------------
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string right after a field) of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def help_text() -> str:
+    cfg = JobConfig()
+    lines = [
+        "usage: ./run_train.sh [--job.config_file FILE] [--section.key value | --section.key=value | --bool.flag] ...",
+        "Precedence: defaults < TOML file < command line.",
+        "",
+    ]
+    model_docs = _field_docs(model_args_module.ModelArgs)
+    for name, section in _sections(cfg).items():
+        lines.append(f"[{name}]")
+        docs = model_docs if name == "model" else _field_docs(getattr(job_config, type(section).__name__))
+        if name == "model":
+            docs = {"preset": MODEL_PRESET_DOC, **docs}
+        for key, hint in _hints(section).items():
+            default = getattr(section, key)
+            lines.append(f"  --{name}.{key} ({_type_name(hint)}, default {default!r}): {docs.get(key, '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

@@ -1,0 +1,60 @@
+"""Activation checkpointing of transformer blocks: full, every n-th block, or selective by op."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+# Selective AC by op: keep the outputs of the expensive ops and recompute the cheap elementwise ones.
+# Matmul outputs: every other one is saved, which halves their memory for one extra matmul in three.
+# Attention and the routing ops (top-k, sort, counts) are always saved: recomputing routing would cost a sync.
+_MM_OPS = {torch.ops.aten.mm.default}
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _MM_OPS.add(torch.ops.aten._grouped_mm.default)
+_SAVE_OPS = {
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten.topk.default,
+    torch.ops.aten.sort.stable,
+    torch.ops.aten.scatter_add.default,
+}
+
+
+def _selective_op_context():
+    counts: dict[str, int] = defaultdict(int)
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in _MM_OPS:
+            key = f"{'recompute' if ctx.is_recompute else 'forward'}_{op}"
+            counts[key] += 1
+            return CheckpointPolicy.MUST_SAVE if counts[key] % 2 == 1 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_ac(model: nn.Module, mode: str, selective_option: str = "op") -> None:
+    """Wrap each block of model.layers (and the MTP blocks) in place."""
+    blocks = [(model.layers, name) for name in list(model.layers.keys())] if model.layers is not None else []
+    if getattr(model, "mtp", None) is not None:
+        blocks += [(module, "block") for module in model.mtp.values()]
+    for i, (parent, name) in enumerate(blocks):
+        block = parent[name] if isinstance(parent, nn.ModuleDict) else getattr(parent, name)
+        if mode == "full":
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+        elif selective_option == "op":
+            wrapped = checkpoint_wrapper(block, context_fn=_selective_op_context, preserve_rng_state=False)
+        else:
+            every = int(selective_option)
+            if i % every:
+                continue
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+        if isinstance(parent, nn.ModuleDict):
+            parent[name] = wrapped
+        else:
+            setattr(parent, name, wrapped)

@@ -1,0 +1,367 @@
+"""The Trainer: build_* methods, train_step, train; and main() behind run_train.sh.
+
+    torchrun --nproc_per_node N -m titan_dsv3.train --job.config_file train_configs/debug_model.toml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from titan_dsv3.checkpoint.manager import CheckpointManager
+from titan_dsv3.config import ConfigError, JobConfig, parse_args, resolve_model_args
+from titan_dsv3.config.budget import steps_for_ratio
+from titan_dsv3.data.loader import PackedLoader, load_embedded, load_prepared
+from titan_dsv3.data.tokenizer import TextTokenizer
+from titan_dsv3.metrics.logger import MetricsLogger, moe_stats, peak_flops
+from titan_dsv3.models import DeepSeekV3Model
+from titan_dsv3.optim import losses
+from titan_dsv3.optim.balance import update_expert_bias
+from titan_dsv3.optim.lr_scheduler import build_lr_scheduler
+from titan_dsv3.optim.optimizer import build_optimizer
+from titan_dsv3.parallel.dims import ParallelDims
+from titan_dsv3.parallel.parallelize import parallelize_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or gradient norm is NaN/inf and the policy says stop."""
+
+
+class TrainState:
+    """Counters saved with every checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.init_distributed()
+        self.model_args = resolve_model_args(cfg)
+        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.dp_rank = self.dims.dp_rank(self.rank)
+        self.dump_folder = Path(cfg.job.dump_folder)
+        self.init_determinism()
+        self.build_data()
+        self.build_model()
+        self.build_optimizer()
+        self.state = TrainState()
+        self.build_checkpointer()
+        self.build_metrics()
+
+    # ---- build ---------------------------------------------------------------------------------------------
+
+    def init_distributed(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        mp = self.cfg.training.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if self.device.type == "cuda" else "fp32"
+        self.compute_dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+
+    def init_determinism(self) -> None:
+        torch.manual_seed(self.cfg.job.seed)
+        if self.cfg.job.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.deterministic = True
+                torch.backends.cudnn.benchmark = False
+
+    def build_data(self) -> None:
+        d, t = self.cfg.data, self.cfg.training
+        if d.path:
+            self.train_stream = load_prepared(d.path, "train")
+            self.val_stream = load_prepared(d.path, "val") if self.cfg.validation.enable else None
+        else:
+            tok = TextTokenizer(d.tokenizer or None)
+            self.train_stream = load_embedded(tok, d.embedded_max_bytes, "train")
+            self.val_stream = load_embedded(tok, d.embedded_max_bytes, "val") if self.cfg.validation.enable else None
+        if self.train_stream.vocab_size > self.model_args.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {self.model_args.vocab_size} is smaller than the data's tokenizer vocabulary "
+                f"({self.train_stream.vocab_size}); raise model.vocab_size"
+            )
+        if self.val_stream is not None and len(self.val_stream) <= t.seq_len:
+            raise ConfigError(
+                f"validation.enable: the held-out split of {self.val_stream.name} has {len(self.val_stream)} tokens, "
+                "fewer than one sequence; add data or turn validation off"
+            )
+        global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dims.dp
+        self.loader = PackedLoader(
+            self.train_stream, t.seq_len, t.local_batch_size, global_batch, self.dp_rank, self.dims.dp,
+            seed=self.cfg.job.seed, shuffle=d.shuffle,
+        )
+        if t.steps > 0:
+            self.total_steps = t.steps
+        else:
+            self.total_steps = steps_for_ratio(self.model_args, t.tokens_per_param, self.loader.tokens_per_step)
+
+    def build_model(self) -> None:
+        with torch.device("meta"):
+            model = DeepSeekV3Model(self.model_args)
+        model = parallelize_model(model, self.dims, None, self.cfg, self.compute_dtype)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights(buffer_device=self.device)
+        model.train()
+        global_batch = self.loader.global_batch
+        for moe in model.moe_layers():
+            moe.balance_loss_scale = self.cfg.moe.balance_loss_alpha / global_batch
+        self.model = model
+        self.model_parts = [model]
+        self.moes = model.moe_layers()
+        self.loss_sums = losses.loss_sums
+        if self.cfg.compile.enable and "loss" in self.cfg.compile.components:
+            self.loss_sums = torch.compile(losses.loss_sums)
+
+    def build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model_parts, self.cfg.optimizer, self.device.type)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg.lr_scheduler, self.total_steps)
+
+    def build_checkpointer(self) -> None:
+        self.checkpointer = CheckpointManager(
+            self.cfg.checkpoint,
+            self.dump_folder,
+            model_parts=self.model_parts,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            dataloader=self.loader,
+            train_state=self.state,
+            rank=self.rank,
+        )
+
+    def build_metrics(self) -> None:
+        total_tokens = self.total_steps * self.loader.tokens_per_step
+        self.metrics = MetricsLogger(self.cfg.metrics, self.dump_folder, self.rank, self.total_steps, total_tokens)
+        self.flops_per_token = self.model_args.flops_per_token(self.cfg.training.seq_len, causal=False)
+        self.flops_per_token_causal = self.model_args.flops_per_token(self.cfg.training.seq_len, causal=True)
+        self.peak_flops = peak_flops(self.device, self.compute_dtype)
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)  # every rank holds a distinct slice of the data in the single-group case
+        return t
+
+    def forward_backward(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate gradients of sum(loss) / global valid tokens over this rank's micro-batches."""
+        depth = self.model_args.mtp_depth
+        n_valid = sum(losses.count_valid(b.labels, depth) for b in batches).to(self.device)
+        n_valid = self._all_reduce_dp(n_valid)
+        use_doc_ids = self.model_args.attn_impl != "sdpa"
+        sums_total = torch.zeros(1 + depth, dtype=torch.float64, device=self.device)
+        for b in batches:
+            inputs = b.inputs.to(self.device, non_blocking=True)
+            labels = b.labels.to(self.device, non_blocking=True)
+            doc_ids = b.doc_ids.to(self.device, non_blocking=True) if use_doc_ids else None
+            with self.autocast():
+                out = self.model(inputs, doc_ids=doc_ids)
+            sums = self.loss_sums(out, labels)
+            loss = losses.combine(sums, n_valid, self.cfg.mtp.loss_weight)
+            loss.backward()
+            sums_total += sums.detach().double()
+        return sums_total, n_valid
+
+    def clip_grads(self) -> torch.Tensor:
+        params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
+        max_norm = self.cfg.training.max_norm
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+
+    def train_step(self) -> dict[str, float]:
+        batches = self.loader.next_step()
+        sums, n_valid = self.forward_backward(batches)
+        sums = self._all_reduce_dp(sums)
+        means = sums / n_valid
+        grad_norm = self.clip_grads()
+        finite = bool(torch.isfinite(means).all().item() and torch.isfinite(grad_norm).item())
+        if finite:
+            self.optimizer.step()
+            self.state.skipped_steps = 0
+        else:
+            self.handle_non_finite(means, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]  # the LR this step's update used
+        self.lr_scheduler.step()
+        counts = update_expert_bias(self.moes, self.cfg.moe.bias_update_speed if finite else 0.0, self._dp_group())
+        self.state.step += 1
+        self.state.tokens_seen += self.loader.tokens_per_step
+        out = {"loss": means[0].item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": 0.0 if finite else 1.0}
+        if means.numel() > 1:
+            out["mtp_loss"] = means[1:].mean().item()
+        self._last_counts = counts
+        return out
+
+    def _dp_group(self):
+        return dist.group.WORLD if self.world_size > 1 else None
+
+    def handle_non_finite(self, means: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        msg = f"step {self.state.step + 1}: non-finite loss {means[0].item()} or grad norm {grad_norm.item()}"
+        if self.cfg.training.nan_policy == "stop":
+            raise NonFiniteLossError(f"{msg}; stopping (training.nan_policy = stop)")
+        self.state.skipped_steps += 1
+        print(f"[rank {self.rank}] {msg}; update skipped ({self.state.skipped_steps} in a row)", file=sys.stderr)
+        if self.state.skipped_steps > self.cfg.training.max_nan_skips:
+            raise NonFiniteLossError(
+                f"{msg}; {self.state.skipped_steps} steps in a row were skipped, more than "
+                f"training.max_nan_skips = {self.cfg.training.max_nan_skips}; stopping"
+            )
+
+    # ---- validation and profiling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        t = self.cfg.training
+        loader = PackedLoader(
+            self.val_stream, t.seq_len, t.local_batch_size, self.loader.global_batch, self.dp_rank, self.dims.dp,
+            shuffle=False,
+        )
+        for part in self.model_parts:
+            part.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for _ in range(self.cfg.validation.steps):
+            for b in loader.next_step():
+                with self.autocast():
+                    out = self.model(b.inputs.to(self.device))
+                logits = out if isinstance(out, torch.Tensor) else out[0]
+                total[0] += losses.cross_entropy_sum(logits, b.labels.to(self.device)).double()
+                total[1] += (b.labels != losses.IGNORE_INDEX).sum()
+        for part in self.model_parts:
+            part.train()
+        total = self._all_reduce_dp(total)
+        val_loss = (total[0] / total[1]).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def profiler(self, step: int):
+        p = self.cfg.profiling
+        if not p.enable_profiling or step % p.profile_freq:
+            return contextlib.nullcontext()
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        folder = self.dump_folder / p.save_traces_folder / f"iteration_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def on_trace_ready(prof):
+            prof.export_chrome_trace(str(folder / f"rank{self.rank}_trace.json"))
+
+        return torch.profiler.profile(activities=acts, record_shapes=True, on_trace_ready=on_trace_ready)
+
+    def maybe_memory_snapshot(self, step: int) -> None:
+        p = self.cfg.profiling
+        if not (p.enable_memory_snapshot and self.device.type == "cuda"):
+            return
+        if step == 1:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        if step % p.profile_freq == 0:
+            folder = self.dump_folder / p.save_memory_snapshot_folder
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(folder / f"iteration_{step}_rank{self.rank}.pickle"))
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+    def train(self) -> None:
+        self.checkpointer.load()
+        log_freq = self.cfg.metrics.log_freq
+        t_last, steps_since, skipped = time.perf_counter(), 0, 0.0
+        for moe in self.moes:
+            moe.record_stats = False
+        while self.state.step < self.total_steps:
+            step = self.state.step + 1
+            log_now = step % log_freq == 0 or step == self.total_steps
+            for moe in self.moes:
+                moe.record_stats = log_now
+            self.maybe_memory_snapshot(step)
+            with self.profiler(step):
+                out = self.train_step()
+            steps_since += 1
+            skipped += out["skipped"]
+            self.checkpointer.maybe_save(step, last=step == self.total_steps)
+            if self.val_stream is not None and step % self.cfg.validation.freq == 0:
+                self.metrics.log(step, {**self._scalars(out, 0.0), **self.validate()})
+            if log_now:
+                elapsed = time.perf_counter() - t_last
+                self.metrics.log(step, self._scalars(out, steps_since * self.loader.tokens_per_step / elapsed))
+                t_last, steps_since = time.perf_counter(), 0
+        self.checkpointer.wait()
+
+    def _scalars(self, out: dict[str, float], tokens_per_second: float) -> dict[str, float]:
+        s = dict(out)
+        s["tokens_seen"] = float(self.state.tokens_seen)
+        s["tokens_per_second"] = tokens_per_second
+        s["tokens_per_second_per_device"] = tokens_per_second / self.world_size
+        if self.peak_flops:
+            s["mfu_pct"] = 100 * tokens_per_second * self.flops_per_token / (self.peak_flops * self.world_size)
+            s["mfu_causal_pct"] = s["mfu_pct"] * self.flops_per_token_causal / self.flops_per_token
+        s["memory_gib"] = self.memory_gib()
+        s.update(moe_stats(self.moes, self._last_counts))
+        bal = [m.last_balance_loss for m in self.moes if m.last_balance_loss is not None]
+        if bal:
+            s["balance_loss"] = float(torch.stack(bal).mean())
+        return s
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
