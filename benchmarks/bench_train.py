@@ -1,0 +1,172 @@
+"""End-to-end training speed of a named workload on one GPU, optionally beside HF transformers in the same run.
+
+    python benchmarks/bench_train.py --workload bench6 --steps 10 --warmup 3 [--compile] [--hf] [--profile DIR]
+    python benchmarks/bench_train.py --workload bench6 -- --activation_checkpoint.mode selective
+
+Prints tokens/s, MFU (torchtitan's convention: full S x S attention, and the causal-aware one), peak memory,
+and with --hf the same for transformers' DeepseekV3ForCausalLM (bf16 params and AdamW states) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import WORKLOADS, trainer_args  # noqa: E402
+
+from titan_dsv3.config import parse_args  # noqa: E402
+from titan_dsv3.metrics.logger import peak_flops  # noqa: E402
+from titan_dsv3.train import Trainer  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(step_fn, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds per step after warm-up, seconds of the first step: compile time shows here)."""
+    sync()
+    t0 = time.perf_counter()
+    step_fn()
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step_fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    sync()
+    return (time.perf_counter() - t0) / steps, first
+
+
+def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str | None) -> dict:
+    cfg = parse_args(trainer_args(name, steps + warmup + 5, extra))
+    trainer = Trainer(cfg)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    per_step, first = time_steps(trainer.train_step, warmup, steps)
+    out = {"sec_per_step": per_step, "first_step_s": first, "loss": trainer.train_step()["loss"]}
+    if profile:
+        out["profile"] = profile_steps(trainer.train_step, Path(profile) / name)
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    out["flops"] = trainer.flops_per_token
+    out["flops_causal"] = trainer.flops_per_token_causal
+    trainer.close()
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def profile_steps(step_fn, folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(2):
+            step_fn()
+        sync()
+    prof.export_chrome_trace(str(folder / "trace.json"))
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    (folder / "ops.txt").write_text(table)
+    return str(folder)
+
+
+def hf_config(name: str):
+    from transformers import DeepseekV3Config
+
+    m = WORKLOADS[name]["model"]
+    return DeepseekV3Config(
+        vocab_size=m["vocab_size"], hidden_size=m["dim"], intermediate_size=m["inter_dim"],
+        moe_intermediate_size=m["moe_inter_dim"], num_hidden_layers=m["n_layers"],
+        first_k_dense_replace=m["n_dense_layers"], num_attention_heads=m["n_heads"],
+        num_key_value_heads=m["n_heads"], n_routed_experts=m["n_routed_experts"],
+        n_shared_experts=m["n_shared_experts"], num_experts_per_tok=m["n_activated_experts"],
+        n_group=m["n_expert_groups"], topk_group=m["n_limited_groups"], routed_scaling_factor=m["route_scale"],
+        norm_topk_prob=m["route_norm"], q_lora_rank=m["q_lora_rank"] or None, kv_lora_rank=m["kv_lora_rank"],
+        qk_nope_head_dim=m["qk_nope_head_dim"], qk_rope_head_dim=m["qk_rope_head_dim"],
+        v_head_dim=m["v_head_dim"], max_position_embeddings=m["max_seq_len"], rope_scaling=None,
+        tie_word_embeddings=False, use_cache=False,
+    )
+
+
+def run_hf(name: str, steps: int, warmup: int) -> dict:
+    """transformers' DeepseekV3ForCausalLM in pure bf16 (params and AdamW states), SDPA attention."""
+    from transformers import DeepseekV3ForCausalLM
+
+    w = WORKLOADS[name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(hf_config(name)).to(device=device, dtype=torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, w["model"]["vocab_size"], (w["batch"], w["seq_len"] + 1), device=device)
+
+    def step():
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    per_step, first = time_steps(step, warmup, steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    del model, opt
+    gc.collect()
+    return {"sec_per_step": per_step, "first_step_s": first, "peak_gib": peak}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="bench6", choices=sorted(WORKLOADS))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also run with [compile] enable (model + loss)")
+    ap.add_argument("--hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
+    ap.add_argument("--profile", default=None, help="write a profiler trace and per-op table here")
+    ap.add_argument("extra", nargs="*", help="trainer overrides after --")
+    a = ap.parse_args()
+    w = WORKLOADS[a.workload]
+    tokens = w["batch"] * w["seq_len"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_flops(device, torch.bfloat16)
+    rows = []
+    variants = [("ours eager", a.extra)]
+    if a.compile:
+        variants.append(("ours compiled", a.extra + ["--compile.enable=true"]))
+    for label, extra in variants:
+        r = run_ours(a.workload, a.steps, a.warmup, extra, a.profile if label == "ours eager" else None)
+        rows.append((label, r))
+    if a.hf:
+        rows.append(("HF transformers", run_hf(a.workload, a.steps, a.warmup)))
+    flops, flops_causal = rows[0][1]["flops"], rows[0][1]["flops_causal"]
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\nworkload {a.workload}: {tokens} tokens/step, {flops / 1e9:.2f} GFLOP/token (torchtitan convention), "
+          f"device {dev}, torch {torch.__version__}, extra {a.extra}")
+    print(f"{'system':<18}{'tok/s':>10}{'ms/step':>10}{'MFU%':>8}{'MFUc%':>8}{'peak GiB':>10}{'1st step s':>12}")
+    for label, r in rows:
+        tps = tokens / r["sec_per_step"]
+        mfu = 100 * tps * flops / peak if peak else float("nan")
+        mfuc = 100 * tps * flops_causal / peak if peak else float("nan")
+        print(f"{label:<18}{tps:>10,.0f}{1000 * r['sec_per_step']:>10.1f}{mfu:>8.1f}{mfuc:>8.1f}"
+              f"{r['peak_gib']:>10.1f}{r['first_step_s']:>12.1f}")
+    if a.hf:
+        hf_tps = tokens / rows[-1][1]["sec_per_step"]
+        for label, r in rows[:-1]:
+            print(f"ratio {label} / HF: {tokens / r['sec_per_step'] / hf_tps:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
