@@ -87,16 +87,30 @@ def hf_config(name: str):
 
     m = WORKLOADS[name]["model"]
     return DeepseekV3Config(
-        vocab_size=m["vocab_size"], hidden_size=m["dim"], intermediate_size=m["inter_dim"],
-        moe_intermediate_size=m["moe_inter_dim"], num_hidden_layers=m["n_layers"],
-        first_k_dense_replace=m["n_dense_layers"], num_attention_heads=m["n_heads"],
-        num_key_value_heads=m["n_heads"], n_routed_experts=m["n_routed_experts"],
-        n_shared_experts=m["n_shared_experts"], num_experts_per_tok=m["n_activated_experts"],
-        n_group=m["n_expert_groups"], topk_group=m["n_limited_groups"], routed_scaling_factor=m["route_scale"],
-        norm_topk_prob=m["route_norm"], q_lora_rank=m["q_lora_rank"] or None, kv_lora_rank=m["kv_lora_rank"],
-        qk_nope_head_dim=m["qk_nope_head_dim"], qk_rope_head_dim=m["qk_rope_head_dim"],
-        v_head_dim=m["v_head_dim"], max_position_embeddings=m["max_seq_len"], rope_scaling=None,
-        tie_word_embeddings=False, use_cache=False,
+        vocab_size=m["vocab_size"],
+        hidden_size=m["dim"],
+        intermediate_size=m["inter_dim"],
+        moe_intermediate_size=m["moe_inter_dim"],
+        num_hidden_layers=m["n_layers"],
+        first_k_dense_replace=m["n_dense_layers"],
+        num_attention_heads=m["n_heads"],
+        num_key_value_heads=m["n_heads"],
+        n_routed_experts=m["n_routed_experts"],
+        n_shared_experts=m["n_shared_experts"],
+        num_experts_per_tok=m["n_activated_experts"],
+        n_group=m["n_expert_groups"],
+        topk_group=m["n_limited_groups"],
+        routed_scaling_factor=m["route_scale"],
+        norm_topk_prob=m["route_norm"],
+        q_lora_rank=m["q_lora_rank"] or None,
+        kv_lora_rank=m["kv_lora_rank"],
+        qk_nope_head_dim=m["qk_nope_head_dim"],
+        qk_rope_head_dim=m["qk_rope_head_dim"],
+        v_head_dim=m["v_head_dim"],
+        max_position_embeddings=m["max_seq_len"],
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        use_cache=False,
     )
 
 
@@ -133,6 +147,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also run with [compile] enable (model + loss)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=OVERRIDES",
+        help="an extra run with space-separated trainer overrides, e.g. 'sac=--activation_checkpoint.mode=selective'",
+    )
+    ap.add_argument("--no-eager", action="store_true", help="skip the plain eager run")
     ap.add_argument("--hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
     ap.add_argument("--profile", default=None, help="write a profiler trace and per-op table here")
     ap.add_argument("extra", nargs="*", help="trainer overrides after --")
@@ -142,26 +164,51 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_flops(device, torch.bfloat16)
     rows = []
-    variants = [("ours eager", a.extra)]
+    variants = [] if a.no_eager else [("ours eager", a.extra)]
     if a.compile:
         variants.append(("ours compiled", a.extra + ["--compile.enable=true"]))
-    for label, extra in variants:
-        r = run_ours(a.workload, a.steps, a.warmup, extra, a.profile if label == "ours eager" else None)
+    for v in a.variant:
+        label, _, overrides = v.partition("=")
+        variants.append((label, a.extra + overrides.split()))
+    for i, (label, extra) in enumerate(variants):
+        try:
+            r = run_ours(a.workload, a.steps, a.warmup, extra, a.profile if i == 0 else None)
+        except torch.OutOfMemoryError:
+            print(f"{label}: out of memory", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         rows.append((label, r))
+        print(f"{label}: {tokens / r['sec_per_step']:,.0f} tok/s, peak {r['peak_gib']:.1f} GiB", flush=True)
     if a.hf:
-        rows.append(("HF transformers", run_hf(a.workload, a.steps, a.warmup)))
-    flops, flops_causal = rows[0][1]["flops"], rows[0][1]["flops_causal"]
+        try:
+            rows.append(("HF transformers", run_hf(a.workload, a.steps, a.warmup)))
+        except torch.OutOfMemoryError:
+            print("HF transformers: out of memory", flush=True)
+    from titan_dsv3.models import ModelArgs
+
+    margs = ModelArgs(**w["model"])
+    flops, flops_causal = (
+        margs.flops_per_token(w["seq_len"], False),
+        margs.flops_per_token(w["seq_len"], True),
+    )
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\nworkload {a.workload}: {tokens} tokens/step, {flops / 1e9:.2f} GFLOP/token (torchtitan convention), "
-          f"device {dev}, torch {torch.__version__}, extra {a.extra}")
-    print(f"{'system':<18}{'tok/s':>10}{'ms/step':>10}{'MFU%':>8}{'MFUc%':>8}{'peak GiB':>10}{'1st step s':>12}")
+    print(
+        f"\nworkload {a.workload}: {tokens} tokens/step, {flops / 1e9:.2f} GFLOP/token (torchtitan convention), "
+        f"device {dev}, torch {torch.__version__}, extra {a.extra}"
+    )
+    print(
+        f"{'system':<22}{'tok/s':>10}{'ms/step':>10}{'MFU%':>8}{'MFUc%':>8}{'peak GiB':>10}{'1st step s':>12}"
+    )
     for label, r in rows:
         tps = tokens / r["sec_per_step"]
         mfu = 100 * tps * flops / peak if peak else float("nan")
         mfuc = 100 * tps * flops_causal / peak if peak else float("nan")
-        print(f"{label:<18}{tps:>10,.0f}{1000 * r['sec_per_step']:>10.1f}{mfu:>8.1f}{mfuc:>8.1f}"
-              f"{r['peak_gib']:>10.1f}{r['first_step_s']:>12.1f}")
-    if a.hf:
+        print(
+            f"{label:<22}{tps:>10,.0f}{1000 * r['sec_per_step']:>10.1f}{mfu:>8.1f}{mfuc:>8.1f}"
+            f"{r['peak_gib']:>10.1f}{r['first_step_s']:>12.1f}"
+        )
+    if a.hf and rows and rows[-1][0] == "HF transformers":
         hf_tps = tokens / rows[-1][1]["sec_per_step"]
         for label, r in rows[:-1]:
             print(f"ratio {label} / HF: {tokens / r['sec_per_step'] / hf_tps:.2f}x")

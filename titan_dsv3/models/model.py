@@ -105,6 +105,9 @@ class DeepSeekV3Model(nn.Module):
             h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         else:
             token_ids, h = mtp_tokens, tokens
+        if torch.is_autocast_enabled(h.device.type):
+            # under autocast keep the residual stream in the compute dtype, as bf16 parameters would
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         bsz, seqlen = h.shape[:2]
         cos_sin = self.rope_cache[:seqlen]
         mask = self._attention_mask(doc_ids, bsz, seqlen, h.device)
