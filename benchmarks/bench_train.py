@@ -136,7 +136,6 @@ def run_hf(name: str, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     per_step, first = time_steps(step, warmup, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    del model, opt
     gc.collect()
     return {"sec_per_step": per_step, "first_step_s": first, "peak_gib": peak}
 

@@ -315,7 +315,7 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
         try:
             import titan_dsv3.kernels.mla_attention  # noqa: F401
         except ImportError as e:
-            raise ConfigError(f"model.attn_impl = 'triton' needs the fused MLA kernel, which failed to import: {e}")
+            raise ConfigError(f"model.attn_impl = 'triton' needs the fused MLA kernel, which failed to import: {e}") from None
     if cfg.training.mixed_precision == "bf16" and not cuda and cfg.float8.enable:
         raise ConfigError("float8.enable needs CUDA; turn it off on CPU")
 

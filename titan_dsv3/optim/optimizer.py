@@ -8,7 +8,7 @@ from torch import nn
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: bool, decay_embeddings: bool):
     decay, no_decay = [], []
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
