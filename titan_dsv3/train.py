@@ -144,6 +144,9 @@ class Trainer:
 
     def build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model_parts, self.cfg.optimizer, self.device.type)
+        # clipping folds into the fused CUDA kernel's grad_scale; DTensor (sharded) params take the plain path
+        plain = all(type(p) is torch.nn.Parameter for part in self.model_parts for p in part.parameters())
+        self._fold_clip_into_adamw = bool(self.optimizer.defaults.get("fused")) and plain
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg.lr_scheduler, self.total_steps)
 
     def build_checkpointer(self) -> None:
@@ -197,9 +200,19 @@ class Trainer:
         return sums_total, n_valid
 
     def clip_grads(self) -> torch.Tensor:
+        """Global grad norm; grads scaled down to training.max_norm when above it (0 = no clipping)."""
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
         max_norm = self.cfg.training.max_norm
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if max_norm <= 0:
+            return norm
+        if self._fold_clip_into_adamw:
+            # The fused AdamW kernel divides each grad by grad_scale as it reads it, so clipping costs no pass
+            # of its own over the grads (bench6 on H100: the separate _foreach_mul_ took ~10 ms of a 231 ms step).
+            self.optimizer.grad_scale = (norm / max_norm).clamp(min=1.0).float()
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
 
     def train_step(self) -> dict[str, float]:
         batches = self.loader.next_step()
