@@ -134,10 +134,6 @@ def looped_swiglu(x_ND, counts_E, w1_EID, w2_EDI, w3_EID) -> torch.Tensor:
     return out_ND
 
 
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
-
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on x whose backward also sends a gradient of ``scale`` into aux_loss."""
 
@@ -189,8 +185,10 @@ class MoE(nn.Module):
         ids_N = ids_TK.flatten()
         counts_E = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
         counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
-        if self.training and not _in_backward():
-            # counted once per forward: activation-checkpoint recomputation (run during backward) is skipped
+        if self.training:
+            # Recomputation under activation checkpointing counts a layer twice; every use of the counts is
+            # invariant to a per-layer scale (sign of count - mean, max/mean, entropy), and detecting the
+            # recompute would break the compiled graph in three.
             with torch.no_grad():
                 self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
         if self.capacity_factor > 0:
