@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titan_dsv3.checkpoint.manager import CheckpointManager
+from titan_dsv3.checkpoint.manager import CheckpointError, CheckpointManager
 from titan_dsv3.config import ConfigError, JobConfig, parse_args, resolve_model_args
 from titan_dsv3.config.budget import steps_for_ratio
 from titan_dsv3.data.loader import PackedLoader, load_embedded, load_prepared
@@ -24,6 +24,7 @@ from titan_dsv3.data.tokenizer import TextTokenizer
 from titan_dsv3.metrics.logger import MetricsLogger, moe_stats, peak_flops
 from titan_dsv3.models import DeepSeekV3Model
 from titan_dsv3.optim import losses
+from titan_dsv3.optim.adamw_bf16 import AdamWBF16States
 from titan_dsv3.optim.balance import update_expert_bias
 from titan_dsv3.optim.lr_scheduler import build_lr_scheduler
 from titan_dsv3.optim.optimizer import build_optimizer
@@ -146,7 +147,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model_parts, self.cfg.optimizer, self.device.type)
         # clipping folds into the fused CUDA kernel's grad_scale; DTensor (sharded) params take the plain path
         plain = all(type(p) is torch.nn.Parameter for part in self.model_parts for p in part.parameters())
-        self._fold_clip_into_adamw = bool(self.optimizer.defaults.get("fused")) and plain
+        folds = bool(self.optimizer.defaults.get("fused")) or isinstance(self.optimizer, AdamWBF16States)
+        self._fold_clip_into_adamw = folds and plain
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg.lr_scheduler, self.total_steps)
 
     def build_checkpointer(self) -> None:
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.train()
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     finally:

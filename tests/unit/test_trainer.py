@@ -125,3 +125,13 @@ def test_clipping_folded_into_fused_adamw_equals_plain_clipping(tiny):
     # 0.1% of what 3 steps at lr 3e-3 can move a weight
     for n, p in runs[True].items():
         torch.testing.assert_close(p, runs[False][n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_bf16_optimizer_states(tiny):
+    t = make_trainer(tiny(**{"optimizer.state_dtype": "bfloat16"}))
+    first = t.train_step()["loss"]
+    for _ in range(5):
+        last = t.train_step()["loss"]
+    state = next(iter(t.optimizer.state.values()))
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.bfloat16
+    assert last < first

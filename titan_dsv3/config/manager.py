@@ -251,6 +251,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     _positive("optimizer.eps", o.eps)
     _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
     _choice("optimizer.implementation", o.implementation, ("auto", "fused", "foreach", "for_loop"))
+    _choice("optimizer.state_dtype", o.state_dtype, ("float32", "bfloat16"))
     s = cfg.lr_scheduler
     _positive("lr_scheduler.warmup_steps", s.warmup_steps, allow_zero=True)
     _choice("lr_scheduler.decay_type", s.decay_type, ("cosine", "linear", "wsd"))

@@ -25,11 +25,15 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: 
 
 
 def build_optimizer(model_parts: list[nn.Module], cfg, device_type: str) -> torch.optim.Optimizer:
-    """One AdamW over all model parts (pipeline stages of this rank)."""
+    """One AdamW over all model parts (pipeline stages of this rank); bf16 moments when state_dtype says so."""
     groups: list[dict] = []
     for part in model_parts:
         for g in param_groups(part, cfg.weight_decay, cfg.decay_norms_and_biases, cfg.decay_embeddings):
             groups.append(g)
+    if cfg.state_dtype == "bfloat16":
+        from titan_dsv3.optim.adamw_bf16 import AdamWBF16States
+
+        return AdamWBF16States(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device_type == "cuda" else "foreach"

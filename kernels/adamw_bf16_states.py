@@ -1,0 +1,67 @@
+"""AdamW step with fp32 master weights and bf16 moments, one fused pass per parameter.
+
+DeepSeek-V3 (section 3.3.2) keeps AdamW's first and second moments in bf16 with fp32 master weights and
+gradients, "without observable performance degradation". The moments then take 4 bytes a parameter instead of 8:
+6.4 GiB less on bench6 (3.42B parameters), and the step reads/writes 24 instead of 28 bytes a parameter.
+
+Scope: dense fp32 parameters and gradients on CUDA, contiguous; the moments are stored in bf16 with
+round-to-nearest. grad_scale divides every gradient as it is read (gradient clipping folded into the step).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _adamw_bf16_fwd_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, n_elements,
+    lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2_sqrt, grad_scale_ptr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) / tl.load(grad_scale_ptr)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    denom = tl.sqrt(v) / bias_corr2_sqrt + eps
+    p = p - (lr / bias_corr1) * (m / denom)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m.to(tl.bfloat16), mask=mask)
+    tl.store(v_ptr + offs, v.to(tl.bfloat16), mask=mask)
+
+
+def adamw_bf16_step(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """Launcher: update p (fp32), m and v (bf16) in place from g / grad_scale (a 0-dim fp32 device tensor: read
+    on the device, no host sync) for Adam step number `step` (1-based)."""
+    on_device = p.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if not (on_device and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+        raise ValueError("adamw_bf16_step needs contiguous CUDA tensors; use adamw_bf16_reference elsewhere")
+    if p.dtype != torch.float32 or m.dtype != torch.bfloat16 or v.dtype != torch.bfloat16:
+        raise ValueError(f"dtypes p {p.dtype}, m {m.dtype}, v {v.dtype}: expected float32, bfloat16, bfloat16")
+    n = p.numel()
+    block = 2048
+    _adamw_bf16_fwd_kernel[(triton.cdiv(n, block),)](
+        p, g, m, v, n, lr, beta1, beta2, eps, weight_decay,
+        1.0 - beta1**step, (1.0 - beta2**step) ** 0.5, grad_scale, BLOCK=block, num_warps=8,
+    )
+
+
+def adamw_bf16_reference(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """The same update in plain torch (fp32 math, moments rounded to bf16 on store)."""
+    g32 = g.float() / grad_scale.to(g.device)
+    m32 = m.float().mul_(beta1).add_(g32, alpha=1 - beta1)
+    v32 = v.float().mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+    p.mul_(1 - lr * weight_decay)
+    denom = v32.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
+    p.addcdiv_(m32, denom, value=-lr / (1 - beta1**step))
+    m.copy_(m32)
+    v.copy_(v32)
