@@ -6,6 +6,9 @@ gradients, "without observable performance degradation". The moments then take 4
 
 Scope: dense fp32 parameters and gradients on CUDA, contiguous; the moments are stored in bf16 with
 round-to-nearest. grad_scale divides every gradient as it is read (gradient clipping folded into the step).
+A second kernel serves bf16 model weights and gradients whose fp32 master copy lives in the optimizer: it reads
+the bf16 gradient, updates the master and writes the bf16 weight in the same pass (20 bytes a parameter, and no
+separate cast kernels before the forward or after the backward).
 """
 
 from __future__ import annotations
@@ -19,8 +22,19 @@ import triton.language as tl
 
 @triton.jit
 def _adamw_bf16_fwd_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, n_elements,
-    lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2_sqrt, grad_scale_ptr,
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    n_elements,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    bias_corr1,
+    bias_corr2_sqrt,
+    grad_scale_ptr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -43,15 +57,32 @@ def adamw_bf16_step(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_dec
     """Launcher: update p (fp32), m and v (bf16) in place from g / grad_scale (a 0-dim fp32 device tensor: read
     on the device, no host sync) for Adam step number `step` (1-based)."""
     on_device = p.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if not (on_device and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+    if not (
+        on_device and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+    ):
         raise ValueError("adamw_bf16_step needs contiguous CUDA tensors; use adamw_bf16_reference elsewhere")
     if p.dtype != torch.float32 or m.dtype != torch.bfloat16 or v.dtype != torch.bfloat16:
-        raise ValueError(f"dtypes p {p.dtype}, m {m.dtype}, v {v.dtype}: expected float32, bfloat16, bfloat16")
+        raise ValueError(
+            f"dtypes p {p.dtype}, m {m.dtype}, v {v.dtype}: expected float32, bfloat16, bfloat16"
+        )
     n = p.numel()
     block = 2048
     _adamw_bf16_fwd_kernel[(triton.cdiv(n, block),)](
-        p, g, m, v, n, lr, beta1, beta2, eps, weight_decay,
-        1.0 - beta1**step, (1.0 - beta2**step) ** 0.5, grad_scale, BLOCK=block, num_warps=8,
+        p,
+        g,
+        m,
+        v,
+        n,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        1.0 - beta1**step,
+        (1.0 - beta2**step) ** 0.5,
+        grad_scale,
+        BLOCK=block,
+        num_warps=8,
     )
 
 
@@ -65,3 +96,78 @@ def adamw_bf16_reference(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weigh
     p.addcdiv_(m32, denom, value=-lr / (1 - beta1**step))
     m.copy_(m32)
     v.copy_(v32)
+
+
+@triton.jit
+def _adamw_bf16_master_kernel(
+    w_ptr,
+    master_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    n_elements,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    bias_corr1,
+    bias_corr2_sqrt,
+    grad_scale_ptr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    p = tl.load(master_ptr + offs, mask=mask)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) / tl.load(grad_scale_ptr)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    denom = tl.sqrt(v) / bias_corr2_sqrt + eps
+    p = p - (lr / bias_corr1) * (m / denom)
+    tl.store(master_ptr + offs, p, mask=mask)
+    tl.store(w_ptr + offs, p.to(tl.bfloat16), mask=mask)
+    tl.store(m_ptr + offs, m.to(tl.bfloat16), mask=mask)
+    tl.store(v_ptr + offs, v.to(tl.bfloat16), mask=mask)
+
+
+def adamw_bf16_master_step(
+    w, master, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_decay, step
+) -> None:
+    """Launcher: update the fp32 master and the moments from the bf16 gradient g, and write the bf16 weight w."""
+    on_device = w.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    tensors = (w, master, g, m, v)
+    if not (on_device and all(t.is_contiguous() for t in tensors)):
+        raise ValueError(
+            "adamw_bf16_master_step needs contiguous CUDA tensors; use adamw_bf16_master_reference"
+        )
+    if master.dtype != torch.float32 or w.dtype != torch.bfloat16:
+        raise ValueError(f"dtypes w {w.dtype}, master {master.dtype}: expected bfloat16, float32")
+    n = w.numel()
+    block = 2048
+    _adamw_bf16_master_kernel[(triton.cdiv(n, block),)](
+        w,
+        master,
+        g,
+        m,
+        v,
+        n,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        1.0 - beta1**step,
+        (1.0 - beta2**step) ** 0.5,
+        grad_scale,
+        BLOCK=block,
+        num_warps=8,
+    )
+
+
+def adamw_bf16_master_reference(w, master, g, m, v, grad_scale, **hp) -> None:
+    """The same update in plain torch: the fp32 step on the master, then the bf16 weight rounded from it."""
+    adamw_bf16_reference(master, g.float(), m, v, grad_scale, **hp)
+    w.copy_(master)

@@ -85,7 +85,9 @@ class Trainer:
         mp = self.cfg.training.mixed_precision
         if mp == "auto":
             mp = "bf16" if self.device.type == "cuda" else "fp32"
-        self.compute_dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+        self.compute_dtype = torch.float32 if mp == "fp32" else torch.bfloat16
+        # bf16_weights: the model holds bf16 weights and gradients; the optimizer holds the fp32 masters
+        self.bf16_weights = mp == "bf16_weights"
 
     def init_determinism(self) -> None:
         torch.manual_seed(self.cfg.job.seed)
@@ -132,6 +134,9 @@ class Trainer:
         model.to_empty(device=self.device)
         with torch.no_grad():
             model.init_weights(buffer_device=self.device)
+            if self.bf16_weights:
+                for p in model.parameters():  # buffers (expert bias, RoPE table) stay fp32
+                    p.data = p.data.to(torch.bfloat16)
         model.train()
         global_batch = self.loader.global_batch
         for moe in model.moe_layers():
@@ -173,7 +178,7 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------------------
 
     def autocast(self):
-        if self.compute_dtype == torch.float32:
+        if self.compute_dtype == torch.float32 or self.bf16_weights:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 

@@ -59,3 +59,40 @@ def test_grad_scale_divides_gradients():
     oa.step()
     ob.step()
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n", [5, 2048 + 3])
+def test_master_kernel_equals_reference(n):
+    torch.manual_seed(n)
+    master = torch.randn(n)
+    w = master.bfloat16()
+    g = torch.randn(n).bfloat16()
+    m = (0.1 * torch.randn(n)).bfloat16()
+    v = (0.01 * torch.rand(n)).bfloat16()
+    scale = torch.tensor(1.5)
+    ref = [t.clone() for t in (w, master, m, v)]
+    K.adamw_bf16_master_reference(ref[0], ref[1], g, ref[2], ref[3], scale, step=2, **HP)
+    K.adamw_bf16_master_step(w, master, g, m, v, scale, step=2, **HP)
+    torch.testing.assert_close(master, ref[1], rtol=1e-6, atol=1e-7)
+    for got, want in ((w, ref[0]), (m, ref[2]), (v, ref[3])):  # one bf16 ulp (interpreter truncates)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-30)
+
+
+def test_bf16_weights_keep_fp32_masters():
+    torch.manual_seed(2)
+    w0 = torch.randn(32, 16)
+    a = torch.nn.Parameter(w0.clone().bfloat16())
+    b = torch.nn.Parameter(w0.bfloat16().float())  # the master starts from the bf16 weight
+    oa = AdamWBF16States([a], lr=1e-3, betas=(0.9, 0.95))
+    ob = AdamWBF16States([b], lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(10):
+        g = torch.randn(32, 16).bfloat16()
+        a.grad, b.grad = g.clone(), g.float()
+        oa.step()
+        ob.step()
+    master = oa.state[a]["master"]
+    assert master.dtype == torch.float32 and a.dtype == torch.bfloat16
+    # lr 1e-3 updates are below bf16 resolution for |w| ~ 1: the master accumulates them, the weight is its rounding
+    torch.testing.assert_close(master, b.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.detach(), master.bfloat16())
+    assert not torch.equal(master, w0.bfloat16().float())

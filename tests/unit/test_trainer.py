@@ -135,3 +135,27 @@ def test_bf16_optimizer_states(tiny):
     state = next(iter(t.optimizer.state.values()))
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.bfloat16
     assert last < first
+
+
+def test_bf16_weights_mode(tiny):
+    t = make_trainer(tiny(**{"training.mixed_precision": "bf16_weights", "optimizer.state_dtype": "bfloat16"}))
+    assert all(p.dtype == torch.bfloat16 for p in t.model.parameters())
+    assert all(m.gate.expert_bias.dtype == torch.float32 for m in t.moes)
+    losses_ = [t.train_step()["loss"] for _ in range(6)]
+    state = t.optimizer.state[next(iter(t.model.parameters()))]
+    assert state["master"].dtype == torch.float32
+    assert losses_[-1] < losses_[0]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ({"optimizer.state_dtype": "float32"}, "optimizer.state_dtype = bfloat16"),
+        ({"optimizer.state_dtype": "bfloat16", "training.global_batch_size": "4"}, "accumulate gradients in bf16"),
+    ],
+)
+def test_bf16_weights_refused_combinations(tiny, extra, needle):
+    from titan_dsv3.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        parse_args(tiny(**{"training.mixed_precision": "bf16_weights", **extra}))

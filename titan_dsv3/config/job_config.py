@@ -48,7 +48,8 @@ class Training:
     global_batch_size: int = -1
     """Sequences per optimizer step over all ranks; -1 = local_batch_size x data-parallel degree (no accumulation)."""
     mixed_precision: str = "auto"
-    """bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU): the compute dtype; master weights and optimizer stay fp32."""
+    """bf16 | fp32 | bf16_weights | auto (bf16 on CUDA, fp32 on CPU). bf16: bf16 compute, fp32 weights and grads;
+    bf16_weights: bf16 weights and grads, fp32 masters in the optimizer (needs optimizer.state_dtype bfloat16)."""
     max_norm: float = 1.0
     """Gradient clipping by global norm; 0 turns it off."""
     nan_policy: str = "skip"

@@ -234,7 +234,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"training.steps = {t.steps}; give a positive count or -1 (from tokens_per_param)")
     if t.steps == -1:
         _positive("training.tokens_per_param", t.tokens_per_param)
-    _choice("training.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
+    _choice("training.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32", "bf16_weights"))
     _choice("training.nan_policy", t.nan_policy, ("skip", "stop"))
     _positive("training.max_norm", t.max_norm, allow_zero=True)
     _positive("training.max_nan_skips", t.max_nan_skips)
@@ -299,6 +299,22 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dp = dims.dp
+    if t.mixed_precision == "bf16_weights":
+        if cfg.optimizer.state_dtype != "bfloat16":
+            raise ConfigError(
+                "training.mixed_precision = bf16_weights keeps the fp32 masters in the bf16-state optimizer; "
+                "set optimizer.state_dtype = bfloat16"
+            )
+        if world_size > 1:
+            raise ConfigError(
+                "training.mixed_precision = bf16_weights is for one device; with several use bf16 (FSDP keeps "
+                "fp32 masters and reduces gradients in fp32)"
+            )
+        if t.global_batch_size not in (-1, t.local_batch_size * dp):
+            raise ConfigError(
+                "training.mixed_precision = bf16_weights would accumulate gradients in bf16 over micro-batches; "
+                "use bf16 with gradient accumulation, or global_batch_size = local_batch_size x data-parallel degree"
+            )
     if t.global_batch_size != -1 and (t.global_batch_size <= 0 or t.global_batch_size % (t.local_batch_size * dp)):
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size} is not a positive multiple of local_batch_size x "

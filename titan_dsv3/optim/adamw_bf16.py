@@ -1,11 +1,20 @@
-"""AdamW with bf16 moments and fp32 master weights (DeepSeek-V3 section 3.3.2), fused on CUDA."""
+"""AdamW with bf16 moments and fp32 master weights (DeepSeek-V3 section 3.3.2), fused on CUDA.
+
+fp32 parameters are their own masters. bf16 parameters (training.mixed_precision = bf16_weights) get an fp32
+master copy in the optimizer state, updated from the bf16 gradient, and the bf16 weight is rewritten from it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from titan_dsv3.kernels.adamw_bf16_states import adamw_bf16_reference, adamw_bf16_step
+from titan_dsv3.kernels.adamw_bf16_states import (
+    adamw_bf16_master_reference,
+    adamw_bf16_master_step,
+    adamw_bf16_reference,
+    adamw_bf16_step,
+)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -33,18 +42,34 @@ class AdamWBF16States(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(
+                        p, dtype=torch.bfloat16, memory_format=torch.preserve_format
+                    )
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=torch.bfloat16, memory_format=torch.preserve_format
+                    )
+                if p.dtype == torch.bfloat16 and "master" not in state:
+                    state["master"] = p.detach().float()
                 state["step"] += 1
                 pl, gl = _local(p), _local(p.grad)
                 m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
                 kw = dict(
-                    lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], step=int(state["step"]),
+                    lr=float(group["lr"]),
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=int(state["step"]),
                 )
                 scale = self._scale(pl.device)
-                fused = pl.is_cuda and pl.dtype == torch.float32 and pl.is_contiguous() and gl.is_contiguous()
-                (adamw_bf16_step if fused else adamw_bf16_reference)(pl, gl.to(pl.dtype), m, v, scale, **kw)
+                fused = pl.is_cuda and pl.is_contiguous() and gl.is_contiguous()
+                if "master" in state:
+                    master = _local(state["master"])
+                    step_fn = adamw_bf16_master_step if fused else adamw_bf16_master_reference
+                    step_fn(pl, master, gl, m, v, scale, **kw)
+                else:
+                    step_fn = adamw_bf16_step if fused and pl.dtype == torch.float32 else adamw_bf16_reference
+                    step_fn(pl, gl.to(pl.dtype), m, v, scale, **kw)
         return loss
 
     def _scale(self, device: torch.device) -> torch.Tensor:
