@@ -1,7 +1,9 @@
-"""End-to-end training speed of a named workload on one GPU, optionally beside HF transformers in the same run.
+"""End-to-end training speed of a named workload, optionally beside HF transformers in the same run (one GPU).
 
     python benchmarks/bench_train.py --workload bench6 --steps 10 --warmup 3 [--compile] [--hf] [--profile DIR]
     python benchmarks/bench_train.py --workload bench6 -- --activation_checkpoint.mode selective
+    torchrun --nproc_per_node 4 benchmarks/bench_train.py --workload deepseek16b -- \
+        --parallelism.expert_parallel_degree 4      # several GPUs: per-GPU figures, the batch is per GPU
 
 Prints tokens/s, MFU (torchtitan's convention: full S x S attention, and the causal-aware one), peak memory,
 and with --hf the same for transformers' DeepseekV3ForCausalLM (bf16 params and AdamW states) and the ratio.
@@ -54,9 +56,17 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
         torch.cuda.reset_peak_memory_stats()
     per_step, first = time_steps(trainer.train_step, warmup, steps)
     out = {"sec_per_step": per_step, "first_step_s": first, "loss": trainer.train_step()["loss"]}
+    out["tokens_per_step"] = trainer.loader.tokens_per_step
+    out["world_size"] = trainer.world_size
     if profile:
-        out["profile"] = profile_steps(trainer.train_step, Path(profile) / name)
-    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        out["profile"] = profile_steps(trainer.train_step, Path(profile) / name / f"rank{trainer.rank}")
+    peak = torch.tensor(
+        torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    )
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        peak = peak.to(trainer.device)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)  # the largest rank's peak
+    out["peak_gib"] = float(peak)
     out["flops"] = trainer.flops_per_token
     out["flops_causal"] = trainer.flops_per_token_causal
     trainer.close()
@@ -159,7 +169,9 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="trainer overrides after --")
     a = ap.parse_args()
     w = WORKLOADS[a.workload]
-    tokens = w["batch"] * w["seq_len"]
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_flops(device, torch.bfloat16)
     rows = []
@@ -173,13 +185,15 @@ def main() -> int:
         try:
             r = run_ours(a.workload, a.steps, a.warmup, extra, a.profile if i == 0 else None)
         except torch.OutOfMemoryError:
-            print(f"{label}: out of memory", flush=True)
+            print(f"[rank {rank}] {label}: out of memory", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
             continue
         rows.append((label, r))
-        print(f"{label}: {tokens / r['sec_per_step']:,.0f} tok/s, peak {r['peak_gib']:.1f} GiB", flush=True)
-    if a.hf:
+        if rank == 0:
+            tps = r["tokens_per_step"] / r["sec_per_step"] / r["world_size"]
+            print(f"{label}: {tps:,.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB", flush=True)
+    if a.hf and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         try:
             rows.append(("HF transformers", run_hf(a.workload, a.steps, a.warmup)))
         except torch.OutOfMemoryError:
@@ -191,16 +205,19 @@ def main() -> int:
         margs.flops_per_token(w["seq_len"], False),
         margs.flops_per_token(w["seq_len"], True),
     )
+    if rank != 0 or not rows:
+        return 0
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    tokens = w["batch"] * w["seq_len"]  # per GPU
     print(
-        f"\nworkload {a.workload}: {tokens} tokens/step, {flops / 1e9:.2f} GFLOP/token (torchtitan convention), "
+        f"\nworkload {a.workload}: {tokens} tokens/step/GPU x {rows[0][1].get('world_size', 1)} GPUs, {flops / 1e9:.2f} GFLOP/token (torchtitan convention), "
         f"device {dev}, torch {torch.__version__}, extra {a.extra}"
     )
     print(
         f"{'system':<22}{'tok/s':>10}{'ms/step':>10}{'MFU%':>8}{'MFUc%':>8}{'peak GiB':>10}{'1st step s':>12}"
     )
     for label, r in rows:
-        tps = tokens / r["sec_per_step"]
+        tps = r.get("tokens_per_step", tokens) / r.get("world_size", 1) / r["sec_per_step"]
         mfu = 100 * tps * flops / peak if peak else float("nan")
         mfuc = 100 * tps * flops_causal / peak if peak else float("nan")
         print(

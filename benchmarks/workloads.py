@@ -70,6 +70,26 @@ WORKLOADS: dict[str, dict] = {
         "batch": 4,
         "seq_len": 4096,
     },
+    # The full DeepSeek-V2-Lite shape (27 layers, 15.7B parameters): the 16B preset, 4 x 4096 tokens per GPU.
+    "deepseek16b": {
+        "model": {**_V2_LITE, "n_layers": 27, "n_dense_layers": 1},
+        "batch": 4,
+        "seq_len": 4096,
+    },
+    # The same model at 64K context (YaRN x16 over 4K) for context parallelism: one sequence per data rank.
+    "deepseek16b_64k": {
+        "model": {
+            **_V2_LITE,
+            "n_layers": 27,
+            "n_dense_layers": 1,
+            "max_seq_len": 65536,
+            "rope_factor": 16.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+        "batch": 1,
+        "seq_len": 65536,
+    },
     # A few seconds on CPU: for checking the benchmark itself.
     "tiny": {
         "model": {
