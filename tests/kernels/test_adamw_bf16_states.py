@@ -96,3 +96,18 @@ def test_bf16_weights_keep_fp32_masters():
     torch.testing.assert_close(master, b.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a.detach(), master.bfloat16())
     assert not torch.equal(master, w0.bfloat16().float())
+
+
+def test_state_dict_round_trip_keeps_state_dtypes():
+    a = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = AdamWBF16States([a], lr=1e-3)
+    a.grad = torch.randn(8).bfloat16()
+    opt.step()
+    sd = opt.state_dict()
+    b = torch.nn.Parameter(a.detach().clone())
+    opt2 = AdamWBF16States([b], lr=1e-3)
+    opt2.load_state_dict(sd)
+    st, st2 = opt.state[a], opt2.state[b]
+    assert st2["master"].dtype == torch.float32 and st2["exp_avg"].dtype == torch.bfloat16
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(st[key], st2[key])

@@ -72,6 +72,17 @@ class AdamWBF16States(torch.optim.Optimizer):
                     step_fn(pl, gl.to(pl.dtype), m, v, scale, **kw)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the moments stay bf16 and the masters fp32 (torch casts state to the param dtype)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key in ("exp_avg", "exp_avg_sq", "master"):
+                if i in saved and key in saved[i]:
+                    self.state[p][key] = saved[i][key].to(device=p.device, copy=True)
+
     def _scale(self, device: torch.device) -> torch.Tensor:
         if self.grad_scale is None:
             if getattr(self, "_ones", None) is None or self._ones.device != device:
