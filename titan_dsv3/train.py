@@ -1,6 +1,6 @@
 """The Trainer: build_* methods, train_step, train; and main() behind run_train.sh.
 
-    torchrun --nproc_per_node N -m titan_dsv3.train --job.config_file train_configs/debug_model.toml
+torchrun --nproc_per_node N -m titan_dsv3.train --job.config_file train_configs/debug_model.toml
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ from titan_dsv3.optim.adamw_bf16 import AdamWBF16States
 from titan_dsv3.optim.balance import update_expert_bias
 from titan_dsv3.optim.lr_scheduler import build_lr_scheduler
 from titan_dsv3.optim.optimizer import build_optimizer
+from titan_dsv3.parallel import context_parallel as cp_utils
 from titan_dsv3.parallel.dims import ParallelDims
+from titan_dsv3.parallel.grads import clip_grads_with_norm, grad_norm, norm_weights, settle_grad_layouts
 from titan_dsv3.parallel.parallelize import parallelize_model
+from titan_dsv3.parallel.pipeline import TiedEmbeddingSync, build_schedule, split_model
+from titan_dsv3.parallel.tensor_parallel import loss_parallel_context, plain_loss
+from titan_dsv3.parallel.weights import FULL_INIT_MAX_PARAMS, load_full_state_dict, seeded_state_dict
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,6 +65,12 @@ class Trainer:
         self.model_args = resolve_model_args(cfg)
         self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.dp_rank = self.dims.dp_rank(self.rank)
+        if self.dims.pp > 1 and cfg.validation.enable:
+            raise ConfigError("validation.enable is not supported with pipeline parallelism yet; turn it off")
+        # every mesh and reduction group of the layout (None in a single process)
+        self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
+        if self.meshes is not None and self.rank == 0:
+            print(f"parallel layout: {self.dims.describe()}", flush=True)
         self.dump_folder = Path(cfg.job.dump_folder)
         self.init_determinism()
         self.build_data()
@@ -106,7 +117,9 @@ class Trainer:
         else:
             tok = TextTokenizer(d.tokenizer or None)
             self.train_stream = load_embedded(tok, d.embedded_max_bytes, "train")
-            self.val_stream = load_embedded(tok, d.embedded_max_bytes, "val") if self.cfg.validation.enable else None
+            self.val_stream = (
+                load_embedded(tok, d.embedded_max_bytes, "val") if self.cfg.validation.enable else None
+            )
         if self.train_stream.vocab_size > self.model_args.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {self.model_args.vocab_size} is smaller than the data's tokenizer vocabulary "
@@ -119,34 +132,104 @@ class Trainer:
             )
         global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dims.dp
         self.loader = PackedLoader(
-            self.train_stream, t.seq_len, t.local_batch_size, global_batch, self.dp_rank, self.dims.dp,
-            seed=self.cfg.job.seed, shuffle=d.shuffle,
+            self.train_stream,
+            t.seq_len,
+            t.local_batch_size,
+            global_batch,
+            self.dp_rank,
+            self.dims.dp,
+            seed=self.cfg.job.seed,
+            shuffle=d.shuffle,
         )
         if t.steps > 0:
             self.total_steps = t.steps
         else:
-            self.total_steps = steps_for_ratio(self.model_args, t.tokens_per_param, self.loader.tokens_per_step)
+            self.total_steps = steps_for_ratio(
+                self.model_args, t.tokens_per_param, self.loader.tokens_per_step
+            )
 
     def build_model(self) -> None:
+        """Meta model -> pipeline stages (if PP) -> parallelize each -> materialise -> initial weights."""
         with torch.device("meta"):
             model = DeepSeekV3Model(self.model_args)
-        model = parallelize_model(model, self.dims, None, self.cfg, self.compute_dtype)
-        model.to_empty(device=self.device)
+        stage_ids, parts = [0], [model]
+        if self.dims.pp > 1:
+            stage_ids, parts = split_model(model, self.dims, self.dims.coords(self.rank)["pp"])
+        # FSDP keeps fp32 weights and gathers them in bf16 when the run computes in bf16; autocast is then off
+        self.fsdp_bf16 = (
+            self.dims.uses_fsdp and self.compute_dtype == torch.bfloat16 and not self.bf16_weights
+        )
+        param_dtype = torch.bfloat16 if self.fsdp_bf16 else torch.float32
+        parts = [parallelize_model(p, self.dims, self.meshes, self.cfg, param_dtype) for p in parts]
+        for part in parts:
+            part.to_empty(device=self.device)
+        self.model_parts = parts
+        self.model = parts[0]
+        self.moes = [m for part in parts for m in part.moe_layers()]
+        self.init_weights()
         with torch.no_grad():
-            model.init_weights(buffer_device=self.device)
             if self.bf16_weights:
-                for p in model.parameters():  # buffers (expert bias, RoPE table) stay fp32
+                for p in self.model.parameters():  # buffers (expert bias, RoPE table) stay fp32
                     p.data = p.data.to(torch.bfloat16)
-        model.train()
+        for part in parts:
+            part.train()
         global_batch = self.loader.global_batch
-        for moe in model.moe_layers():
+        for moe in self.moes:
             moe.balance_loss_scale = self.cfg.moe.balance_loss_alpha / global_batch
-        self.model = model
-        self.model_parts = [model]
-        self.moes = model.moe_layers()
-        self.loss_sums = losses.loss_sums
+        self.loss_sums = losses.loss_sums if self.dims.cp == 1 else cp_utils.stacked_loss_sums
         if self.cfg.compile.enable and "loss" in self.cfg.compile.components:
-            self.loss_sums = torch.compile(losses.loss_sums)
+            self.loss_sums = torch.compile(self.loss_sums)
+        tp_loss = self.dims.tp > 1 and self.cfg.parallelism.enable_loss_parallel
+        if tp_loss:
+            self.loss_sums = plain_loss(self.loss_sums)
+        self.loss_context = loss_parallel_context if tp_loss else contextlib.nullcontext
+        self.build_pipeline(stage_ids)
+        all_params = [p for part in parts for p in part.parameters()]
+        self._norm_weights = norm_weights(all_params, self.world_size // self.dims.pp, self.tied.copies())
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """The weights one process draws with job.seed, whatever the layout (see parallel/weights.py)."""
+        seed = self.cfg.job.seed if seed is None else seed
+        if self.model_args.num_params() <= FULL_INIT_MAX_PARAMS:
+            self.load_weights(seeded_state_dict(self.model_args, seed))
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for part in self.model_parts:
+                part.init_weights(buffer_device=self.device)
+
+    def load_weights(self, full_state: dict[str, torch.Tensor]) -> None:
+        """Load a full (unsharded) model state dict into this rank's shards; resets the MoE token counts."""
+        load_full_state_dict(self.model_parts, full_state)
+        with torch.no_grad():
+            for part in self.model_parts:
+                part.init_rope(self.device)  # non-persistent buffers
+            for moe in self.moes:
+                moe.tokens_per_expert.zero_()
+
+    def build_pipeline(self, stage_ids: list[int]) -> None:
+        """The pipeline schedule over this rank's stages (PP only), and the tied-embedding gradient sync."""
+        self.pp_schedule = None
+        self.tied = TiedEmbeddingSync(
+            self.model_parts, stage_ids, self.dims, self.meshes.world if self.meshes else None
+        )
+        if self.dims.pp == 1:
+            return
+        n_stages = self.dims.pp * self.dims.stages_per_rank
+        self.pp_has_first = 0 in stage_ids
+        self.pp_has_last = n_stages - 1 in stage_ids
+        t = self.cfg.training
+        self.pp_schedule = build_schedule(
+            self.model_parts,
+            stage_ids,
+            self.dims,
+            self.meshes.pp,
+            self.device,
+            self._pipeline_loss,
+            t.local_batch_size,
+            t.seq_len,
+            self.compute_dtype,
+        )
 
     def build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model_parts, self.cfg.optimizer, self.device.type)
@@ -170,7 +253,9 @@ class Trainer:
 
     def build_metrics(self) -> None:
         total_tokens = self.total_steps * self.loader.tokens_per_step
-        self.metrics = MetricsLogger(self.cfg.metrics, self.dump_folder, self.rank, self.total_steps, total_tokens)
+        self.metrics = MetricsLogger(
+            self.cfg.metrics, self.dump_folder, self.rank, self.total_steps, total_tokens
+        )
         self.flops_per_token = self.model_args.flops_per_token(self.cfg.training.seq_len, causal=False)
         self.flops_per_token_causal = self.model_args.flops_per_token(self.cfg.training.seq_len, causal=True)
         self.peak_flops = peak_flops(self.device, self.compute_dtype)
@@ -178,39 +263,84 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------------------
 
     def autocast(self):
-        if self.compute_dtype == torch.float32 or self.bf16_weights:
+        if self.compute_dtype == torch.float32 or self.bf16_weights or self.fsdp_bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def _all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t)  # every rank holds a distinct slice of the data in the single-group case
+    def _all_reduce(self, t: torch.Tensor, group: str) -> torch.Tensor:
+        """Sum over a reduction group of the layout (parallel/dims.py: dp, loss, stage)."""
+        if self.meshes is not None and self.meshes.world[group].size() > 1:
+            dist.all_reduce(t, group=self.meshes.group(group))
         return t
 
     def forward_backward(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulate gradients of sum(loss) / global valid tokens over this rank's micro-batches."""
+        """Accumulate gradients of sum(loss) / global valid tokens over this rank's micro-batches.
+
+        Ranks of one data-parallel rank (TP, CP, PP) share the batch: the valid-token count sums over dp only.
+        With CP, sequences are split after the MTP shifts are taken on whole sequences (context_parallel.py).
+        """
         depth = self.model_args.mtp_depth
         n_valid = sum(losses.count_valid(b.labels, depth) for b in batches).to(self.device)
-        n_valid = self._all_reduce_dp(n_valid)
+        n_valid = self._all_reduce(n_valid, "dp")
         use_doc_ids = self.model_args.attn_impl != "sdpa"
         sums_total = torch.zeros(1 + depth, dtype=torch.float64, device=self.device)
         for b in batches:
             inputs = b.inputs.to(self.device, non_blocking=True)
-            labels = b.labels.to(self.device, non_blocking=True)
-            doc_ids = b.doc_ids.to(self.device, non_blocking=True) if use_doc_ids else None
-            with self.autocast():
-                out = self.model(inputs, doc_ids=doc_ids)
-            sums = self.loss_sums(out, labels)
-            loss = losses.combine(sums, n_valid, self.cfg.mtp.loss_weight)
-            loss.backward()
+            targets = b.labels.to(self.device, non_blocking=True)
+            kwargs = {}
+            if use_doc_ids:
+                kwargs["doc_ids"] = b.doc_ids.to(self.device, non_blocking=True)
+            if depth > 0 and (self.dims.pp > 1 or self.dims.cp > 1):
+                kwargs["mtp_next_ids"] = cp_utils.mtp_next_ids(inputs, depth)
+            if self.dims.cp > 1:
+                targets = cp_utils.stacked_targets(targets, depth)
+            with self.cp_context([inputs, targets, *kwargs.values()]), self.loss_context():
+                if self.pp_schedule is not None:
+                    sums = self._pipeline_step(inputs, targets, kwargs, n_valid)
+                else:
+                    with self.autocast():
+                        out = self.model(inputs, **kwargs)
+                    sums = self.loss_sums(out, targets)
+                    loss = losses.combine(sums, n_valid, self.cfg.mtp.loss_weight)
+                    loss.backward()
             sums_total += sums.detach().double()
+        self.tied.sync()
         return sums_total, n_valid
 
+    def cp_context(self, buffers: list[torch.Tensor]):
+        """With CP: split `buffers` (and the RoPE tables) along the sequence for one forward + backward."""
+        if self.dims.cp == 1:
+            return contextlib.nullcontext()
+        return cp_utils.cp_context(self.meshes.cp, self.model_parts, buffers, [1] * len(buffers))
+
+    def _pipeline_step(self, inputs, targets, kwargs, n_valid) -> torch.Tensor:
+        """One local batch through the pipeline schedule; returns the loss sums (zeros off the last stage)."""
+        self._pp_n_valid, self._pp_sums = n_valid, []
+        args = (inputs,) if self.pp_has_first else ()
+        with self.autocast():
+            self.pp_schedule.step(*args, target=targets if self.pp_has_last else None, **kwargs)
+        if not self._pp_sums:
+            return torch.zeros(1 + self.model_args.mtp_depth, dtype=torch.float64, device=self.device)
+        return torch.stack(self._pp_sums).sum(0)
+
+    def _pipeline_loss(self, output, targets) -> torch.Tensor:
+        # the last stage returns (logits, mtp logits...) flattened; see parallel/pipeline.py
+        if isinstance(output, tuple):
+            output = output[0] if len(output) == 1 else (output[0], list(output[1:]))
+        sums = self.loss_sums(output, targets)
+        self._pp_sums.append(sums.detach().double())
+        return losses.combine(sums, self._pp_n_valid, self.cfg.mtp.loss_weight)
+
     def clip_grads(self) -> torch.Tensor:
-        """Global grad norm; grads scaled down to training.max_norm when above it (0 = no clipping)."""
+        """Global grad norm over every mesh and pipeline stage; grads scaled down to training.max_norm when above
+        it (0 = no clipping)."""
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
         max_norm = self.cfg.training.max_norm
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if self.world_size > 1:
+            settle_grad_layouts(params)
+            norm = grad_norm(params, self._norm_weights)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if max_norm <= 0:
             return norm
         if self._fold_clip_into_adamw:
@@ -218,13 +348,13 @@ class Trainer:
             # of its own over the grads (bench6 on H100: the separate _foreach_mul_ took ~10 ms of a 231 ms step).
             self.optimizer.grad_scale = (norm / max_norm).clamp(min=1.0).float()
         else:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+            clip_grads_with_norm(params, max_norm, norm)
         return norm
 
     def train_step(self) -> dict[str, float]:
         batches = self.loader.next_step()
         sums, n_valid = self.forward_backward(batches)
-        sums = self._all_reduce_dp(sums)
+        sums = self._all_reduce(sums, "loss")
         means = sums / n_valid
         grad_norm = self.clip_grads()
         finite = bool(torch.isfinite(means).all().item() and torch.isfinite(grad_norm).item())
@@ -236,24 +366,34 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]  # the LR this step's update used
         self.lr_scheduler.step()
-        counts = update_expert_bias(self.moes, self.cfg.moe.bias_update_speed if finite else 0.0, self._dp_group())
+        counts = update_expert_bias(
+            self.moes, self.cfg.moe.bias_update_speed if finite else 0.0, self._moe_group()
+        )
         self.state.step += 1
         self.state.tokens_seen += self.loader.tokens_per_step
-        out = {"loss": means[0].item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": 0.0 if finite else 1.0}
+        out = {
+            "loss": means[0].item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "skipped": 0.0 if finite else 1.0,
+        }
         if means.numel() > 1:
             out["mtp_loss"] = means[1:].mean().item()
         self._last_counts = counts
         return out
 
-    def _dp_group(self):
-        return dist.group.WORLD if self.world_size > 1 else None
+    def _moe_group(self):
+        """All ranks of this pipeline stage: each routes its own tokens through the stage's MoE layers."""
+        return self.meshes.group("stage") if self.meshes is not None else None
 
     def handle_non_finite(self, means: torch.Tensor, grad_norm: torch.Tensor) -> None:
         msg = f"step {self.state.step + 1}: non-finite loss {means[0].item()} or grad norm {grad_norm.item()}"
         if self.cfg.training.nan_policy == "stop":
             raise NonFiniteLossError(f"{msg}; stopping (training.nan_policy = stop)")
         self.state.skipped_steps += 1
-        print(f"[rank {self.rank}] {msg}; update skipped ({self.state.skipped_steps} in a row)", file=sys.stderr)
+        print(
+            f"[rank {self.rank}] {msg}; update skipped ({self.state.skipped_steps} in a row)", file=sys.stderr
+        )
         if self.state.skipped_steps > self.cfg.training.max_nan_skips:
             raise NonFiniteLossError(
                 f"{msg}; {self.state.skipped_steps} steps in a row were skipped, more than "
@@ -266,22 +406,29 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         t = self.cfg.training
         loader = PackedLoader(
-            self.val_stream, t.seq_len, t.local_batch_size, self.loader.global_batch, self.dp_rank, self.dims.dp,
+            self.val_stream,
+            t.seq_len,
+            t.local_batch_size,
+            self.loader.global_batch,
+            self.dp_rank,
+            self.dims.dp,
             shuffle=False,
         )
         for part in self.model_parts:
             part.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        ce_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        n_tokens = torch.zeros(1, dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.validation.steps):
             for b in loader.next_step():
-                with self.autocast():
-                    out = self.model(b.inputs.to(self.device))
-                logits = out if isinstance(out, torch.Tensor) else out[0]
-                total[0] += losses.cross_entropy_sum(logits, b.labels.to(self.device)).double()
-                total[1] += (b.labels != losses.IGNORE_INDEX).sum()
+                inputs, labels = b.inputs.to(self.device), b.labels.to(self.device)
+                n_tokens += (labels != losses.IGNORE_INDEX).sum()
+                with self.cp_context([inputs, labels]), self.loss_context(), self.autocast():
+                    out = self.model(inputs)
+                    logits = out if isinstance(out, torch.Tensor) else out[0]
+                    ce_sum += plain_loss(losses.cross_entropy_sum)(logits, labels).double()
         for part in self.model_parts:
             part.train()
-        total = self._all_reduce_dp(total)
+        total = torch.cat([self._all_reduce(ce_sum, "loss"), self._all_reduce(n_tokens, "dp")])
         val_loss = (total[0] / total[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
@@ -339,7 +486,9 @@ class Trainer:
                 self.metrics.log(step, {**self._scalars(out, 0.0), **self.validate()})
             if log_now:
                 elapsed = time.perf_counter() - t_last
-                self.metrics.log(step, self._scalars(out, steps_since * self.loader.tokens_per_step / elapsed))
+                self.metrics.log(
+                    step, self._scalars(out, steps_since * self.loader.tokens_per_step / elapsed)
+                )
                 t_last, steps_since = time.perf_counter(), 0
         self.checkpointer.wait()
 
@@ -349,7 +498,9 @@ class Trainer:
         s["tokens_per_second"] = tokens_per_second
         s["tokens_per_second_per_device"] = tokens_per_second / self.world_size
         if self.peak_flops:
-            s["mfu_pct"] = 100 * tokens_per_second * self.flops_per_token / (self.peak_flops * self.world_size)
+            s["mfu_pct"] = (
+                100 * tokens_per_second * self.flops_per_token / (self.peak_flops * self.world_size)
+            )
             s["mfu_causal_pct"] = s["mfu_pct"] * self.flops_per_token_causal / self.flops_per_token
         s["memory_gib"] = self.memory_gib()
         s.update(moe_stats(self.moes, self._last_counts))

@@ -46,7 +46,10 @@ ERRORS = [
     (["--lr_scheduler.decay_type", "step"], "lr_scheduler.decay_type"),
     (["--lr_scheduler.min_lr_ratio", "2"], "lr_scheduler.min_lr_ratio"),
     (["--activation_checkpoint.mode", "some"], "activation_checkpoint.mode"),
-    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_option", "x"], "selective_option"),
+    (
+        ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_option", "x"],
+        "selective_option",
+    ),
     (["--checkpoint.async_mode", "fast"], "checkpoint.async_mode"),
     (["--model.n_routed_experts", "7"], "n_expert_groups"),
     (["--model.score_func", "relu"], "model.score_func"),
@@ -75,11 +78,26 @@ def test_parallel_layout_errors():
     with pytest.raises(ConfigError, match="world size 4 != replicate"):
         parse_args(base + ["--parallelism.data_parallel_shard_degree", "3"], world_size=4)
     with pytest.raises(ConfigError, match="n_routed_experts = 8 is not divisible"):
-        parse_args(base + ["--parallelism.expert_parallel_degree", "3", "--parallelism.data_parallel_shard_degree", "3"], world_size=3)
+        parse_args(
+            base
+            + ["--parallelism.expert_parallel_degree", "3", "--parallelism.data_parallel_shard_degree", "3"],
+            world_size=3,
+        )
     with pytest.raises(ConfigError, match="cannot fill"):
-        parse_args(base + ["--parallelism.pipeline_parallel_degree", "4", "--model.n_layers", "2"], world_size=4)
+        parse_args(
+            base + ["--parallelism.pipeline_parallel_degree", "4", "--model.n_layers", "2"], world_size=4
+        )
     with pytest.raises(ConfigError, match="local_batch_size = 8 is not divisible"):
-        parse_args(base + ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatches", "3"], world_size=2)
+        parse_args(
+            base
+            + [
+                "--parallelism.pipeline_parallel_degree",
+                "2",
+                "--parallelism.pipeline_parallel_microbatches",
+                "3",
+            ],
+            world_size=2,
+        )
     cfg = parse_args(base + ["--parallelism.expert_parallel_degree", "2"], world_size=4)
     assert cfg.parallelism.expert_parallel_degree == 2
 
@@ -105,7 +123,8 @@ def test_bad_toml_file(tmp_path):
 def test_cli_exit_status_2_without_traceback():
     r = subprocess.run(
         [sys.executable, "-m", "titan_dsv3.train", "--job.config_file", DEBUG, "--training.stepz", "3"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr

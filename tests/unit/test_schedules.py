@@ -12,7 +12,9 @@ from titan_dsv3.optim.lr_scheduler import build_lr_scheduler, lr_factor
 
 
 def sched(**kw):
-    base = dict(warmup_steps=10, warmup_start_ratio=0.0, decay_type="cosine", decay_ratio=0.2, min_lr_ratio=0.1)
+    base = dict(
+        warmup_steps=10, warmup_start_ratio=0.0, decay_type="cosine", decay_ratio=0.2, min_lr_ratio=0.1
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -58,10 +60,25 @@ def test_scheduler_drives_optimizer():
 
 
 def tiny_moe_model():
-    args = ModelArgs(vocab_size=64, dim=16, inter_dim=32, moe_inter_dim=8, n_layers=2, n_dense_layers=0, n_heads=2,
-                     n_routed_experts=4, n_activated_experts=1, n_expert_groups=1, n_limited_groups=1,
-                     q_lora_rank=0, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
-                     max_seq_len=16)
+    args = ModelArgs(
+        vocab_size=64,
+        dim=16,
+        inter_dim=32,
+        moe_inter_dim=8,
+        n_layers=2,
+        n_dense_layers=0,
+        n_heads=2,
+        n_routed_experts=4,
+        n_activated_experts=1,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        q_lora_rank=0,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        max_seq_len=16,
+    )
     m = DeepSeekV3Model(args)
     m.init_weights()
     return m

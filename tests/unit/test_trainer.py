@@ -93,12 +93,25 @@ def test_main_exit_status_on_nan(tiny, monkeypatch):
 
 
 def test_train_loop_logs_every_step_and_loss_falls(tiny, tmp_path):
-    run = {"training.steps": "12", "metrics.log_freq": "1", "metrics.enable_tensorboard": "true", "optimizer.lr": "2e-2",
-           "training.local_batch_size": "4"}
+    run = {
+        "training.steps": "12",
+        "metrics.log_freq": "1",
+        "metrics.enable_tensorboard": "true",
+        "optimizer.lr": "2e-2",
+        "training.local_batch_size": "4",
+    }
     assert main(tiny(**run)) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
-    for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_second", "moe/0/utilisation"):
+    for key in (
+        "loss",
+        "mtp_loss",
+        "lr",
+        "grad_norm",
+        "tokens_seen",
+        "tokens_per_second",
+        "moe/0/utilisation",
+    ):
         assert key in rows[-1]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
@@ -138,7 +151,9 @@ def test_bf16_optimizer_states(tiny):
 
 
 def test_bf16_weights_mode(tiny):
-    t = make_trainer(tiny(**{"training.mixed_precision": "bf16_weights", "optimizer.state_dtype": "bfloat16"}))
+    t = make_trainer(
+        tiny(**{"training.mixed_precision": "bf16_weights", "optimizer.state_dtype": "bfloat16"})
+    )
     assert all(p.dtype == torch.bfloat16 for p in t.model.parameters())
     assert all(m.gate.expert_bias.dtype == torch.float32 for m in t.moes)
     losses_ = [t.train_step()["loss"] for _ in range(6)]
@@ -151,7 +166,10 @@ def test_bf16_weights_mode(tiny):
     "extra,needle",
     [
         ({"optimizer.state_dtype": "float32"}, "optimizer.state_dtype = bfloat16"),
-        ({"optimizer.state_dtype": "bfloat16", "training.global_batch_size": "4"}, "accumulate gradients in bf16"),
+        (
+            {"optimizer.state_dtype": "bfloat16", "training.global_batch_size": "4"},
+            "accumulate gradients in bf16",
+        ),
     ],
 )
 def test_bf16_weights_refused_combinations(tiny, extra, needle):

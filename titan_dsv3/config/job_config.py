@@ -182,6 +182,10 @@ class Float8:
     """Skip linears with a dimension below this (too small to gain)."""
     filter_fqns: list[str] = field(default_factory=lambda: ["output", "gate"])
     """Linears whose name contains one of these stay in high precision."""
+    fsdp_float8_all_gather: bool = False
+    """tensorwise only: FSDP all-gathers the converted linears' weights in float8 (half the bytes)."""
+    moe_experts: bool = False
+    """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA."""
 
 
 @dataclass

@@ -295,7 +295,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     _check_backends(cfg, margs)
     try:
         dims = ParallelDims.from_config(cfg.parallelism, world_size)
-        dims.check_model(margs, t.local_batch_size)
+        dims.check_model(margs, t.local_batch_size, t.seq_len, cfg.moe.balance_loss_alpha)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dp = dims.dp
@@ -335,6 +335,17 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
             raise ConfigError(f"model.attn_impl = 'triton' needs the fused MLA kernel, which failed to import: {e}") from None
     if cfg.training.mixed_precision == "bf16" and not cuda and cfg.float8.enable:
         raise ConfigError("float8.enable needs CUDA; turn it off on CPU")
+    f8 = cfg.float8
+    if f8.fsdp_float8_all_gather and f8.recipe != "tensorwise":
+        raise ConfigError("float8.fsdp_float8_all_gather works with recipe = tensorwise only")
+    if f8.moe_experts:
+        if not cuda:
+            raise ConfigError("float8.moe_experts runs a CUDA kernel; turn it off on CPU")
+        if margs.dim % 128 or margs.moe_inter_dim % 128:
+            raise ConfigError(
+                f"float8.moe_experts needs model.dim ({margs.dim}) and model.moe_inter_dim ({margs.moe_inter_dim}) "
+                "to be multiples of 128 (the FP8 scaling blocks)"
+            )
 
 
 # ---- help ------------------------------------------------------------------------------------------------------

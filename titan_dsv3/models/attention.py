@@ -75,11 +75,17 @@ def flex_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(1, 2)
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> torch.Tensor:
-    """The fused Triton MLA kernel (kernels/mla_attention.py)."""
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None, k_pe=None, q_pe=None
+) -> torch.Tensor:
+    """The fused Triton MLA kernel (kernels/mla_attention.py); mask is doc_ids (bsz, seqlen) or None.
+
+    MLA passes q_nope, k_nope and the shared rope key k_pe (bsz, seqlen, 1, rope) apart: no per-head copy of
+    k_pe and no concatenation of q. Called as the other backends (full per-head q, k), it takes those too.
+    """
     from titan_dsv3.kernels.mla_attention import mla_attention
 
-    return mla_attention(q, k, v, scale=scale, doc_ids=mask)
+    return mla_attention(q, k, v, scale=scale, doc_ids=mask, k_pe=k_pe, q_pe=q_pe)
 
 
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "flex": flex_attention_fn, "triton": triton_attention}
@@ -113,6 +119,7 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, mask=None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
+        cos_sin = cos_sin[:seqlen]  # callers may pass a longer table (sequence parallelism gathers x first)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(bsz, seqlen, -1, self.qk_head_dim)  # (bsz, seqlen, n_heads, qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -126,6 +133,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         n_local_heads = k_nope.shape[2]
 
+        if self.attn_fn is triton_attention:  # the fused kernel reads the shared k_pe once, never per head
+            out = triton_attention(q_nope, k_nope, v, self.softmax_scale, mask, k_pe=k_pe, q_pe=q_pe)
+            return self.wo(out.flatten(2))
         q = torch.cat([q_nope, q_pe], dim=-1)  # (bsz, seqlen, n_heads, qk_head_dim)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, n_local_heads, -1)], dim=-1)
         out = self.attn_fn(q, k, v, self.softmax_scale, mask)  # (bsz, seqlen, n_heads, v_head_dim)

@@ -94,22 +94,24 @@ class DeepSeekV3Model(nn.Module):
         tokens: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         mtp_tokens: torch.Tensor | None = None,
+        mtp_next_ids: torch.Tensor | None = None,
     ):
         """tokens: (bsz, seqlen) ids, or (bsz, seqlen, dim) hidden states on a later pipeline stage.
 
         doc_ids: (bsz, seqlen) document index of each position, for document masking (attn_impl 'flex'/'triton').
         mtp_tokens: (bsz, seqlen) ids for the MTP modules on a stage whose input is hidden states.
+        mtp_next_ids: (bsz, seqlen, mtp_depth) the id k positions ahead for depth k, shifted on whole sequences
+            before a split along the sequence (context parallelism); default: mtp_tokens or tokens rolled here.
         """
-        if self.tok_embeddings is not None:
-            token_ids = tokens
-            h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        else:
+        if tokens.is_floating_point():  # hidden states from the previous pipeline stage
             token_ids, h = mtp_tokens, tokens
+        else:
+            token_ids, h = tokens, self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         if torch.is_autocast_enabled(h.device.type):
             # under autocast keep the residual stream in the compute dtype, as bf16 parameters would
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        bsz, seqlen = h.shape[:2]
-        cos_sin = self.rope_cache[:seqlen]
+        bsz, seqlen = doc_ids.shape if doc_ids is not None else h.shape[:2]
+        cos_sin = self.rope_cache  # each attention takes the rows of its sequence length
         mask = self._attention_mask(doc_ids, bsz, seqlen, h.device)
         for layer in self.layers.values():
             h = layer(h, cos_sin, mask)
@@ -121,7 +123,7 @@ class DeepSeekV3Model(nn.Module):
         mtp_logits = []
         for k, module in enumerate(self.mtp.values(), start=1):
             # Position i is given token i + k; the last k positions wrap around and the MTP loss ignores them.
-            next_ids = token_ids.roll(-k, dims=1)
+            next_ids = mtp_next_ids[..., k - 1] if mtp_next_ids is not None else token_ids.roll(-k, dims=1)
             h = module(h, self.mtp_embedding(next_ids), cos_sin, mask)
             mtp_logits.append(self._head(module.norm(h)))
         return logits, mtp_logits
@@ -132,7 +134,7 @@ class DeepSeekV3Model(nn.Module):
         return h @ self.tok_embeddings.weight.T
 
     def mtp_embedding(self, ids: torch.Tensor) -> torch.Tensor:
-        """The MTP modules share the main embedding (a pipeline's last stage keeps a tied copy)."""
+        """The MTP modules share the main embedding (a pipeline's last stage keeps a tied copy of the same name)."""
         return self.tok_embeddings(ids)
 
     def _attention_mask(self, doc_ids, bsz: int, seqlen: int, device):

@@ -87,6 +87,12 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _local_shard(w: torch.Tensor) -> torch.Tensor:
+    """Expert parallelism hands this module a slice of the experts as a distributed tensor: compute with its
+    local shard (a plain tensor passes through)."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights: w1, w3 (E, I, D) and w2 (E, D, I)."""
 
@@ -101,9 +107,10 @@ class GroupedExperts(nn.Module):
         device_type = x_ND.device.type
         if torch.is_autocast_enabled(device_type):  # grouped_mm has no autocast rule: cast as a linear would
             x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
+        w1, w2, w3 = (_local_shard(w) for w in (self.w1, self.w2, self.w3))
         if _use_grouped_mm(x_ND):
-            return grouped_swiglu(x_ND, counts_E, self.w1, self.w2, self.w3)
-        return looped_swiglu(x_ND, counts_E, self.w1, self.w2, self.w3)
+            return grouped_swiglu(x_ND, counts_E, w1, w2, w3)
+        return looped_swiglu(x_ND, counts_E, w1, w2, w3)
 
     def init_weights(self, std: float) -> None:
         for w in (self.w1, self.w2, self.w3):

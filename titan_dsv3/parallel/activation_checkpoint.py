@@ -22,7 +22,20 @@ _SAVE_OPS = {
     torch.ops.aten.topk.default,
     torch.ops.aten.sort.stable,
     torch.ops.aten.scatter_add.default,
+    # EP exchanges: recomputing them would repeat the all-to-alls (and their host sync) in backward
+    torch.ops._c10d_functional.all_to_all_single.default,
 }
+
+
+# Selective AC matches the forward's ops to the recompute's one by one. The FSDP2 hooks of a unit nested inside a
+# checkpointed block (the routed experts on their own mesh) emit more profiler markers in the recompute than in
+# the forward (a second root_pre_forward), so the markers, which carry no data, are left out of the matching.
+torch.utils.checkpoint.SAC_IGNORED_OPS.update(
+    {
+        torch.ops.profiler._record_function_enter_new.default,
+        torch.ops.profiler._record_function_exit._RecordFunction,
+    }
+)
 
 
 def _selective_op_context():

@@ -1,14 +1,32 @@
 """The one place that decides the order of parallelisms applied to a model (part) built on the meta device:
-TP -> EP -> CP -> activation checkpointing -> torch.compile (per block) -> FSDP2."""
+TP (+ sequence and loss parallel) -> EP -> CP -> activation checkpointing -> torch.compile (per block) -> FSDP2.
+Pipeline splitting (parallel/pipeline.py) happens before, on the whole model; each stage is then parallelized."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from titan_dsv3.parallel.activation_checkpoint import apply_ac
-from titan_dsv3.parallel.dims import ParallelDims
+from titan_dsv3.parallel.dims import Meshes, ParallelDims
+from titan_dsv3.parallel.expert_parallel import apply_ep
+from titan_dsv3.parallel.tensor_parallel import apply_tp
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Transformer blocks, then MTP modules (each an FSDP unit), in execution order."""
+    blocks = list(model.layers.values()) if model.layers is not None else []
+    if getattr(model, "mtp", None) is not None:
+        blocks += list(model.mtp.values())
+    return blocks
+
+
+def _routed_experts(unit: nn.Module) -> nn.Module | None:
+    block = unit.block if hasattr(unit, "eh_proj") else unit  # an MTP module holds its block
+    moe = getattr(block, "moe", None)
+    return moe.experts if moe is not None else None
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -20,16 +38,95 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(fullgraph=False)
 
 
-def parallelize_model(
+def apply_cp(model: nn.Module) -> None:
+    """Context parallelism needs no module change: each step splits the sequences and routes SDPA across ranks
+    (parallel/context_parallel.py). Checked here: every attention uses SDPA."""
+    for m in model.modules():
+        if hasattr(m, "attn_fn") and m.attn_fn.__name__ != "sdpa_attention":
+            raise ValueError("context parallelism needs model.attn_impl = 'sdpa'")
+
+
+def apply_fsdp(
     model: nn.Module,
+    meshes: Meshes,
     dims: ParallelDims,
-    mesh: DeviceMesh | None,
-    cfg,
     param_dtype: torch.dtype,
+    reshard_after_forward: bool,
+) -> None:
+    """FSDP2 per block (routed experts as their own unit on the expert mesh when they have one), then the rest.
+
+    Gradients are summed over data-parallel ranks, not averaged: the loss is already normalised by the global
+    token count. Each block prefetches the next one's all-gather in forward and the previous one's in backward.
+    """
+    # Inputs are not cast: hidden states already come in the parameter dtype, and the fp32 RoPE table a block
+    # receives must stay fp32 (as under autocast).
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    blocks = _blocks(model)
+    experts = []
+    for i, block in enumerate(blocks):
+        # the last block is needed again first in backward: keep it gathered
+        reshard = reshard_after_forward and i < len(blocks) - 1
+        ex = _routed_experts(block)
+        if ex is not None and dims.separate_experts:
+            fully_shard(
+                ex,
+                mesh=meshes.efsdp,
+                mp_policy=mp,
+                reshard_after_forward=reshard,
+                shard_placement_fn=_expert_placement(dims),
+            )
+            experts.append(ex)
+        else:
+            experts.append(None)
+        fully_shard(block, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=False)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    units = [[b] + ([e] if e is not None else []) for b, e in zip(blocks, experts)]
+    for i, unit in enumerate(units):
+        if i + 1 < len(units):
+            unit[0].set_modules_to_forward_prefetch(units[i + 1])
+        if i > 0:
+            unit[0].set_modules_to_backward_prefetch(units[i - 1])
+
+
+def _expert_placement(dims: ParallelDims):
+    # (E_local, I, D) weights: shard the expert dim when it splits evenly over efsdp, else the hidden dim
+    def placement(param: nn.Parameter):
+        local_experts = param.shape[0] // dims.ep if dims.ep > 1 else param.shape[0]
+        return Shard(0) if local_experts % dims.efsdp == 0 else Shard(1)
+
+    return placement
+
+
+def reshard_policy(option: str, pp: int) -> bool:
+    """fsdp_reshard_after_forward: default frees gathered weights after forward except with PP (each micro-batch
+    would gather them again)."""
+    if option == "always":
+        return True
+    if option == "never":
+        return False
+    return pp == 1
+
+
+def parallelize_model(
+    model: nn.Module, dims: ParallelDims, meshes: Meshes | None, cfg, param_dtype: torch.dtype
 ) -> nn.Module:
     """Apply, in this order and only when asked: TP, EP, CP, AC, compile, FSDP2. Returns the model (part)."""
+    if dims.tp > 1:
+        apply_tp(model, meshes.tp, loss_parallel=cfg.parallelism.enable_loss_parallel)
+    if dims.ep > 1:
+        apply_ep(model, meshes.ep)
+    if dims.cp > 1:
+        apply_cp(model)
     if cfg.activation_checkpoint.mode != "none":
         apply_ac(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
     if cfg.compile.enable and "model" in cfg.compile.components:
         apply_compile(model)
+    if dims.uses_fsdp:
+        reshard = reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, dims.pp)
+        apply_fsdp(model, meshes, dims, param_dtype, reshard)
     return model
