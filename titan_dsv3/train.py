@@ -21,6 +21,7 @@ from titan_dsv3.config import ConfigError, JobConfig, parse_args, resolve_model_
 from titan_dsv3.config.budget import steps_for_ratio
 from titan_dsv3.data.loader import PackedLoader, load_embedded, load_prepared
 from titan_dsv3.data.tokenizer import TextTokenizer
+from titan_dsv3.float8 import apply_float8
 from titan_dsv3.metrics.logger import MetricsLogger, moe_stats, peak_flops
 from titan_dsv3.models import DeepSeekV3Model
 from titan_dsv3.optim import losses
@@ -152,6 +153,7 @@ class Trainer:
         """Meta model -> pipeline stages (if PP) -> parallelize each -> materialise -> initial weights."""
         with torch.device("meta"):
             model = DeepSeekV3Model(self.model_args)
+        apply_float8(model, self.cfg.float8)  # module swaps keep names: before the split and fully_shard
         stage_ids, parts = [0], [model]
         if self.dims.pp > 1:
             stage_ids, parts = split_model(model, self.dims, self.dims.coords(self.rank)["pp"])

@@ -1,0 +1,339 @@
+"""Kernel benchmarks on one GPU: fused MLA attention and the FP8 expert FFN, forward + backward.
+
+    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile]
+
+MLA (B2 H16, qk 128 + 64 with one rope key per token, v 128, causal), S4096, S8192, and S4096 with documents
+(exponential lengths, mean 512 tokens). Timed from the projections to the gradients, as the model runs it: q (bsz, seqlen,
+heads, 192), kv (bsz, seqlen, heads, 256) and the raw k_pe (bsz, seqlen, 1, 64) in, RoPE on q_pe and k_pe, then
+  sdpa   concatenation + per-head copy of k_pe + cuDNN SDPA (eager; "compiled": the chain under torch.compile)
+  flex   (documents) the same with compiled FlexAttention and a document mask
+  ours   the fused kernel on the split views and the shared k_pe (eager; compiled chain)
+and the attention alone on ready tensors (cuDNN, ours). Errors: relative Frobenius error against float64 math
+on one sequence (all heads at S4096, 4 heads at S8192), for the output and every input gradient.
+
+FP8 experts (bench6: 64 experts x 1536 tokens, 2048 -> 2 x 1408 -> 2048), forward + backward of the SwiGLU FFN:
+bf16 torch._grouped_mm (models.moe.grouped_swiglu), torchao's rowwise FP8 grouped GEMM (eager, compiled), ours.
+Errors against float32 math (TF32 off). --profile prints our kernels' time split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from titan_dsv3.kernels import fp8_grouped_gemm as fp8
+from titan_dsv3.kernels import mla_attention as mla
+from titan_dsv3.models.attention import sdpa_attention
+from titan_dsv3.models.moe import grouped_swiglu, looped_swiglu
+
+NOPE, ROPE, DV = 128, 64, 128
+ROWS: list[dict] = []
+
+
+def bench(fn) -> float:
+    """Median ms of fn (CUDA events, after warm-up)."""
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def report(name: str, fn, flops: float, err: str = "") -> float:
+    """Time fn (a thunk) and print a row; a failure prints and returns nan (the other rows still run)."""
+    try:
+        ms = bench(fn)
+    except Exception as e:  # noqa: BLE001
+        print(f"{name:58s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return float("nan")
+    row = {"name": name, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "err": err}
+    ROWS.append(row)
+    print(f"{name:58s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s  {err}", flush=True)
+    return ms
+
+
+def autotune_picks(*kernels) -> None:
+    for k in kernels:
+        timings = getattr(k, "configs_timings", None) or {}
+        ranked = sorted(((v[0] if isinstance(v, list) else v, str(c)) for c, v in timings.items()))
+        name = getattr(k.fn, "__name__", str(k.fn))
+        print(f"  {name}: best {k.best_config}; " + "; ".join(f"{c} {t:.3f}" for t, c in ranked[:6]))
+
+
+def profile_split(fn, steps: int = 3) -> None:
+    """Device time per kernel name over `steps` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [
+        (e.device_time_total / steps / 1e3, e.key) for e in prof.key_averages() if e.device_time_total > 0
+    ]
+    for ms, key in sorted(rows, reverse=True)[:14]:
+        print(f"    {ms:8.3f} ms  {key[:90]}")
+
+
+# ---- MLA --------------------------------------------------------------------------------------------------------
+
+
+def rope_table(seqlen: int, device) -> torch.Tensor:
+    inv = 1.0 / 10000 ** (torch.arange(0, ROPE, 2, device=device, dtype=torch.float32) / ROPE)
+    f = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv)
+    return torch.stack([f.cos(), f.sin()], dim=-1)  # (seqlen, rope / 2, 2)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    from titan_dsv3.models.rope import apply_rope as rope
+
+    return rope(x, cos_sin)
+
+
+def chain_sdpa(q, kv, k_pe_raw, cos_sin, scale):
+    heads = q.shape[2]
+    q_nope, q_pe = q.split([NOPE, ROPE], dim=-1)
+    k_nope, v = kv.split([NOPE, DV], dim=-1)
+    q = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
+    k = torch.cat([k_nope, apply_rope(k_pe_raw, cos_sin).expand(-1, -1, heads, -1)], dim=-1)
+    return sdpa_attention(q, k, v, scale)
+
+
+def chain_flex(q, kv, k_pe_raw, cos_sin, scale, block_mask):
+    from titan_dsv3.models.attention import flex_attention_fn
+
+    heads = q.shape[2]
+    q_nope, q_pe = q.split([NOPE, ROPE], dim=-1)
+    k_nope, v = kv.split([NOPE, DV], dim=-1)
+    q = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
+    k = torch.cat([k_nope, apply_rope(k_pe_raw, cos_sin).expand(-1, -1, heads, -1)], dim=-1)
+    return flex_attention_fn(q, k, v, scale, block_mask)
+
+
+def chain_ours(q, kv, k_pe_raw, cos_sin, scale, doc_ids=None):
+    q_nope, q_pe = q.split([NOPE, ROPE], dim=-1)
+    k_nope, v = kv.split([NOPE, DV], dim=-1)
+    k_pe = apply_rope(k_pe_raw, cos_sin)
+    return mla.mla_attention(
+        q_nope, k_nope, v, scale=scale, doc_ids=doc_ids, k_pe=k_pe, q_pe=apply_rope(q_pe, cos_sin)
+    )
+
+
+def doc_ids_for(bsz: int, seqlen: int, mean_len: int, device) -> torch.Tensor:
+    """Packed rows of documents with exponentially distributed lengths (mean mean_len)."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(bsz):
+        lens = (torch.empty(8 * seqlen // mean_len).exponential_(1.0 / mean_len, generator=g) + 1).long()
+        rows.append(torch.repeat_interleave(torch.arange(len(lens)), lens)[:seqlen])
+    return torch.stack(rows).to(device=device, dtype=torch.int32)
+
+
+def doc_pairs(doc_ids: torch.Tensor) -> float:
+    """Query-key pairs inside documents (causal): the attention work document masking leaves."""
+    total = 0.0
+    for row in doc_ids.cpu():
+        lens = torch.unique_consecutive(row, return_counts=True)[1].double()
+        total += (lens * (lens + 1) / 2).sum().item()
+    return total
+
+
+def fwd_bwd(fn, inputs, grad):
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
+
+
+def mla_errors(seqlen: int, heads: int, doc_ids, scale, device) -> str:
+    """Relative errors of ours and of the SDPA path against float64, on one sequence."""
+    g = torch.Generator(device=device).manual_seed(1)
+    shapes = [(1, seqlen, heads, d) for d in (NOPE, ROPE, NOPE, DV)] + [(1, seqlen, 1, ROPE)]
+    leaves = [torch.randn(s, device=device, generator=g).bfloat16().requires_grad_() for s in shapes]
+    q_nope, q_pe, k_nope, v, k_pe = leaves
+    dout = torch.randn(1, seqlen, heads, DV, device=device, generator=g)
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    d1 = None if doc_ids is None else doc_ids[:1]
+    ref = mla.mla_attention_reference(
+        ref_in[0], ref_in[2], ref_in[3], scale=scale, doc_ids=d1, k_pe=ref_in[4], q_pe=ref_in[1]
+    )
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    out = mla.mla_attention(q_nope, k_nope, v, scale=scale, doc_ids=d1, k_pe=k_pe, q_pe=q_pe)
+    grads = torch.autograd.grad(out, leaves, dout.bfloat16())
+    names = ("out", "dq_nope", "dq_pe", "dk_nope", "dv", "dk_pe")
+    errs = {n: rel(a, b) for n, a, b in zip(names, (out, *grads), (ref, *ref_grads))}
+    text = "ours " + " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+    if doc_ids is None:
+        q = torch.cat([q_nope, q_pe], -1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], -1)
+        out_s = sdpa_attention(q, k, v, scale)
+        grads_s = torch.autograd.grad(out_s, leaves, dout.bfloat16())
+        errs_s = [rel(a, b) for a, b in zip((out_s, *grads_s), (ref, *ref_grads))]
+        text += " | cuDNN " + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs_s))
+    del ref, ref_grads, ref_in
+    torch.cuda.empty_cache()
+    return text
+
+
+def run_mla(args) -> None:
+    scale = (NOPE + ROPE) ** -0.5 * 1.2  # a YaRN mscale^2-like factor; the kernel takes any scale
+    for bsz, heads, seqlen, docs in [(2, 16, 4096, False), (2, 16, 8192, False), (2, 16, 4096, True)]:
+        mla_case(bsz, heads, seqlen, docs, scale, args)
+        torch.cuda.empty_cache()
+
+
+def mla_case(bsz: int, heads: int, seqlen: int, docs: bool, scale: float, args) -> None:
+    dev = torch.device("cuda")
+    tag = f"B{bsz} H{heads} S{seqlen}" + (" docs" if docs else "")
+    torch.manual_seed(0)
+    q = torch.randn(bsz, seqlen, heads, NOPE + ROPE, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(bsz, seqlen, heads, NOPE + DV, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k_pe_raw = torch.randn(bsz, seqlen, 1, ROPE, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    cos_sin = rope_table(seqlen, dev)
+    grad = torch.randn(bsz, seqlen, heads, DV, device=dev, dtype=torch.bfloat16)
+    inputs = (q, kv, k_pe_raw)
+    flops = mla.attention_flops(bsz, seqlen, heads, NOPE + ROPE, DV)
+    doc_ids = doc_ids_for(bsz, seqlen, 512, dev) if docs else None
+    if docs:  # FLOPs of the pairs inside documents (the causal square would overstate the work)
+        from titan_dsv3.models.masks import document_causal_mask
+
+        flops *= doc_pairs(doc_ids) / (bsz * seqlen * seqlen / 2)
+        mask = document_causal_mask(doc_ids, bsz, seqlen, dev)
+        flex = torch.compile(lambda a, b, c: chain_flex(a, b, c, cos_sin, scale, mask))
+        report(f"MLA {tag} flex compiled (rope+cat+flex)", fwd_bwd(flex, inputs, grad), flops)
+    else:
+        eager = lambda a, b, c: chain_sdpa(a, b, c, cos_sin, scale)  # noqa: E731
+        report(f"MLA {tag} sdpa cuDNN eager (rope+cat+sdpa)", fwd_bwd(eager, inputs, grad), flops)
+        comp = torch.compile(eager)
+        report(f"MLA {tag} sdpa cuDNN compiled (rope+cat+sdpa)", fwd_bwd(comp, inputs, grad), flops)
+    ours = lambda a, b, c: chain_ours(a, b, c, cos_sin, scale, doc_ids)  # noqa: E731
+    report(f"MLA {tag} ours eager (rope+kernel)", fwd_bwd(ours, inputs, grad), flops)
+    if seqlen == 4096 and not docs:  # the compiled chain only fuses the RoPE; once is enough
+        report(f"MLA {tag} ours compiled (rope+kernel)", fwd_bwd(torch.compile(ours), inputs, grad), flops)
+    # the attention alone on ready tensors
+    leaves = [
+        torch.randn(
+            bsz, seqlen, heads if i < 4 else 1, d, device=dev, dtype=torch.bfloat16, requires_grad=True
+        )
+        for i, d in enumerate((NOPE, ROPE, NOPE, DV, ROPE))
+    ]
+
+    def kern(a, b, c, d, e):
+        return mla.mla_attention(a, c, d, scale=scale, doc_ids=doc_ids, k_pe=e, q_pe=b)
+
+    err_heads = heads if seqlen <= 4096 else 4
+    try:
+        err = f"(B1 H{err_heads}) " + mla_errors(seqlen, err_heads, doc_ids, scale, dev)
+    except Exception as e:  # noqa: BLE001
+        err = f"errors FAILED {type(e).__name__}: {str(e)[:200]}"
+    report(f"MLA {tag} ours kernel only fwd+bwd", fwd_bwd(kern, leaves, grad), flops, err)
+    fwd_flops = flops * 2 * (NOPE + ROPE + DV) / (2 * (NOPE + ROPE + DV) + 2 * (3 * (NOPE + ROPE) + 2 * DV))
+    with torch.no_grad():
+        report(f"MLA {tag} ours kernel only fwd", lambda: kern(*leaves), fwd_flops)
+    if not docs:
+        qf = torch.randn(
+            bsz, seqlen, heads, NOPE + ROPE, device=dev, dtype=torch.bfloat16, requires_grad=True
+        )
+        kf = torch.randn(
+            bsz, seqlen, heads, NOPE + ROPE, device=dev, dtype=torch.bfloat16, requires_grad=True
+        )
+        cud = lambda a, b, c: sdpa_attention(a, b, c, scale)  # noqa: E731
+        report(f"MLA {tag} cuDNN sdpa only fwd+bwd", fwd_bwd(cud, (qf, kf, leaves[3]), grad), flops)
+        with torch.no_grad():
+            report(f"MLA {tag} cuDNN sdpa only fwd", lambda: cud(qf, kf, leaves[3]), fwd_flops)
+    if args.profile and seqlen == 4096:
+        profile_split(fwd_bwd(kern, leaves, grad))
+    autotune_picks(mla._mla_fwd_kernel, mla._mla_bwd_dkdv_kernel, mla._mla_bwd_dq_kernel)
+
+
+# ---- FP8 experts ------------------------------------------------------------------------------------------------
+
+
+def torchao_rowwise_swiglu(x, counts, w1, w2, w3):
+    from torchao.prototype.moe_training.fp8_grouped_mm import _to_fp8_rowwise_then_scaled_grouped_mm as mm
+
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    def gmm(a, w):  # a @ w^T per group; torchao wants the (E, K, N) operand column-major
+        return mm(
+            a, w.transpose(-2, -1), offs, out_dtype=torch.bfloat16, pad_token_groups_for_grouped_mm=False
+        )
+
+    return gmm(F.silu(gmm(x, w1)) * gmm(x, w3), w2)
+
+
+def run_fp8(args) -> None:
+    dev = torch.device("cuda")
+    n_exp, per, dim, hidden = 64, 1536, 2048, 1408
+    n = n_exp * per
+    torch.manual_seed(0)
+    x = torch.randn(n, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ws = [
+        (torch.randn(n_exp, *s, device=dev) * s[1] ** -0.5).bfloat16().requires_grad_()
+        for s in ((hidden, dim), (dim, hidden), (hidden, dim))
+    ]
+    counts = torch.full((n_exp,), per, device=dev, dtype=torch.int64)
+    dy = torch.randn(n, dim, device=dev, dtype=torch.bfloat16)
+    inputs = (x, *ws)
+    flops = fp8.grouped_swiglu_flops(n, dim, hidden)
+    tag = f"experts E{n_exp} x {per} tok, {dim}->2x{hidden}->{dim}"
+
+    # float32 reference (TF32 off) for the errors
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref_in = [t.detach().float().requires_grad_() for t in inputs]
+    y_ref = looped_swiglu(ref_in[0], counts, *ref_in[1:])
+    ref = [y_ref.detach(), *torch.autograd.grad(y_ref, ref_in, dy.float())]
+    del y_ref, ref_in
+
+    def errors(fn) -> str:
+        try:
+            y = fn(*inputs)
+            got = [y.detach(), *torch.autograd.grad(y, inputs, dy)]
+            return " ".join(
+                f"{k} {rel(a, b):.1e}" for k, a, b in zip(("y", "dx", "dw1", "dw2", "dw3"), got, ref)
+            )
+        except Exception as e:  # noqa: BLE001
+            return f"errors FAILED {type(e).__name__}: {str(e)[:200]}"
+
+    bf16 = lambda x, w1, w2, w3: grouped_swiglu(x, counts, w1, w2, w3)  # noqa: E731
+    base = report(f"FP8 {tag} bf16 grouped_mm", fwd_bwd(bf16, inputs, dy), flops, errors(bf16))
+    ao = lambda x, w1, w2, w3: torchao_rowwise_swiglu(x, counts, w1, w2, w3)  # noqa: E731
+    report(f"FP8 {tag} torchao rowwise eager", fwd_bwd(ao, inputs, dy), flops, errors(ao))
+    ao_c = torch.compile(ao)
+    report(f"FP8 {tag} torchao rowwise compiled", fwd_bwd(ao_c, inputs, dy), flops, errors(ao_c))
+    ours = lambda x, w1, w2, w3: fp8.fp8_grouped_swiglu(x, counts, w1, w2, w3)  # noqa: E731
+    ms = report(f"FP8 {tag} ours", fwd_bwd(ours, inputs, dy), flops, errors(ours))
+    print(f"  ours vs bf16 grouped_mm: {base / ms:.2f}x", flush=True)
+    with torch.no_grad():
+        report(f"FP8 {tag} ours fwd only", lambda: ours(*inputs), flops / 3)
+        report(f"FP8 {tag} bf16 fwd only", lambda: bf16(*inputs), flops / 3)
+    if args.profile:
+        profile_split(fwd_bwd(ours, inputs, dy))
+    autotune_picks(
+        fp8._gemm_swiglu_fwd_kernel, fp8._gemm_scatter_kernel, fp8._gemm_swiglu_bwd_kernel, fp8._wgrad_kernel
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["mla", "fp8"], default=None)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--profile", action="store_true", help="per-kernel time split of our kernels")
+    args = p.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    if args.only in (None, "mla"):
+        run_mla(args)
+    if args.only in (None, "fp8"):
+        run_fp8(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ROWS, f, indent=1)
+    assert math.isfinite(sum(r["ms"] for r in ROWS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Compile every autotune config of the MLA and FP8 kernels for sm_90 (H100) without a GPU, and print what the
+compiler made of each: registers a thread, spill (stack) bytes, shared memory, async copies (software
+pipelining) and whether the dots became wgmma.
+
+    python benchmarks/compile_kernels_sm90.py            # with the installed triton (its bundled ptxas)
+    PYTHONPATH=/path/to/triton-3.6 python benchmarks/compile_kernels_sm90.py   # the GPU machines' version
+
+Pointer and stride arguments are declared 16-byte divisible, as the JIT specialises them at launch (without that
+hint no load is pipelined); seqlen, heads and the expert count are left unspecialised, as the kernels declare.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from titan_dsv3.kernels import fp8_grouped_gemm as F  # noqa: E402
+from titan_dsv3.kernels import mla_attention as M  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+NOT_DIVISIBLE = {"seqlen", "n_heads", "n_experts"}
+
+
+def compile_report(kernel, types: dict[str, str], consts: dict, num_warps: int, num_stages: int) -> str:
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel
+    sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (name, ty) in enumerate(sig.items())
+        if ty not in ("constexpr", "fp32") and name not in NOT_DIVISIBLE
+    }
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs
+    )
+    k = triton.compile(
+        src, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    ttgir = k.asm["ttgir"]
+    return (
+        f"regs {regs:>3}  spill {stack:>5} B  smem {k.metadata.shared // 1024:>3} KiB  "
+        f"async copies {ttgir.count('async_copy_global_to_local'):>2}  wgmma {'warp_group_dot' in ttgir}"
+    )
+
+
+def sweep(kernel, types: dict[str, str], consts: dict) -> None:
+    name = kernel.fn.__name__ if hasattr(kernel, "configs") else kernel.__name__
+    configs = kernel.configs if hasattr(kernel, "configs") else [triton.Config({}, num_warps=8, num_stages=1)]
+    for cfg in configs:
+        line = compile_report(kernel, types, {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+        label = " ".join(
+            f"{k}={v}" for k, v in {**consts, **cfg.kwargs}.items() if k not in ("DN", "DR", "DV")
+        )
+        print(f"{name:26s} {label:42s} w{cfg.num_warps} s{cfg.num_stages}  {line}", flush=True)
+
+
+def main() -> None:
+    print(f"triton {triton.__version__}, target sm_90")
+    bf16 = "*bf16"
+    mla_types = {n: bf16 for n in ("qn_ptr", "qp_ptr", "kn_ptr", "kp_ptr", "v_ptr", "o_ptr", "do_ptr")}
+    mla_types.update({n: bf16 for n in ("dqn_ptr", "dqp_ptr", "dkn_ptr", "dv_ptr")})
+    mla_types.update(lse_ptr="*fp32", delta_ptr="*fp32", dkp_ptr="*fp32", dstart_ptr="*i32", dend_ptr="*i32")
+    mla_types.update(qk_scale="fp32", sm_scale="fp32")
+    for kernel in (M._mla_fwd_kernel, M._mla_bwd_dkdv_kernel, M._mla_bwd_dq_kernel):
+        for doc in (False, True):
+            sweep(kernel, mla_types, dict(DN=128, DR=64, DV=128, HAS_DOC=doc))
+    f8, f32, i32 = "*fp8e4nv", "*fp32", "*i32"
+    fp8_types = dict(x_ptr=bf16, w_ptr=bf16, h13_ptr=bf16, out_ptr=bf16, out2_ptr=bf16)
+    fp8_types.update(
+        {n: f8 for n in ("a_ptr", "b_ptr", "q_ptr", "qt_ptr", "hq_ptr", "gq_ptr", "gqt_ptr", "hqt_ptr")}
+    )
+    fp8_types.update({n: f32 for n in ("sa_ptr", "sb_ptr", "sw_ptr", "s_ptr", "st_ptr", "hs_ptr", "gs_ptr")})
+    fp8_types.update({n: f32 for n in ("gst_ptr", "hst_ptr")})
+    fp8_types.update({n: i32 for n in ("row_src_ptr", "tile_expert_ptr", "pstart_ptr", "pend_ptr")})
+    fp8_types["w_ptr"] = bf16
+    sweep(F._quant_act_kernel, fp8_types, dict(EXACT=False))
+    sweep(F._quant_weight_kernel, fp8_types, dict(EXACT=False))
+    sweep(F._gemm_swiglu_fwd_kernel, {**fp8_types, "w_ptr": f8}, dict(EXACT=False))
+    sweep(F._gemm_scatter_kernel, fp8_types, {})
+    sweep(F._gemm_swiglu_bwd_kernel, fp8_types, dict(EXACT=False))
+    sweep(F._wgrad_kernel, fp8_types, {})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,584 @@
+"""FP8 SwiGLU experts as grouped GEMMs with DeepSeek-V3 fine-grained scaling, forward and backward, in Triton.
+
+DeepSeek-V3 section 3.3.2: e4m3 operands, activations scaled per 1x128 tile (one token, 128 channels), weights per
+128x128 block, each 128-deep slice of the contraction rescaled into an fp32 accumulator. The weight-gradient GEMMs
+contract over tokens, so their operands are scaled per 128x1 tile (128 tokens of one channel) instead.
+
+Token groups of any size: the rows of each expert are padded to a multiple of 128 in a padded layout built on the
+device (no host sync), so every 128-row tile belongs to one expert and every 128-token slice of a weight-gradient
+contraction has one scale. Pad rows are zeros; the outputs are written back to the unpadded rows.
+
+Fused stages (each reads its input once):
+- activations -> fp8 row-scaled (for the next GEMM) and fp8 column-scaled transposed (saved for the weight grad);
+- GEMM1 x @ [w1; w3]^T -> epilogue: h1, h3 kept in x's dtype for the backward, h = silu(h1) * h3 quantised;
+- GEMM dh = dy @ w2 -> epilogue: SwiGLU backward, dh1 and dh3 quantised both ways, h recomputed from h1, h3 and
+  quantised per 128 tokens for the w2 gradient;
+- weights -> fp8 blocks in both orientations (K-major operands for the forward and for the input-gradient GEMMs).
+Hopper's fp8 tensor cores take K-major operands only; each operand is stored that way once.
+
+Limits: dim and hidden a multiple of 128; x bf16/fp16/fp32 (outputs in x's dtype); weight grads in the weights'
+dtype. Saved for the backward: h1 | h3 (N x 2I, x's dtype), x column-quantised (N x D fp8), the fp8 weights
+in their backward orientation (E x 3 x I x D bytes), instead of x, h1, h3 and h in bf16.
+Legend: N token copies (rows, sorted by expert), P padded rows, D dim, I hidden, E experts, T 128-row tiles.
+Under TRITON_INTERPRET=1 the fp32 -> e4m3 cast is rounded by hand first (the interpreter's own cast is wrong when
+rounding carries into the exponent) and e4m3 subnormals (< 2^-6 after scaling) are flushed to zero.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FP8_MAX = 448.0  # largest finite e4m3fn value
+TILE = 128  # scaling granularity and row-tile size
+_EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to zeros
+_FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same two, as the kernels see them
+_EPS_C = tl.constexpr(_EPS)
+
+
+# ---- quantisation helpers ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_e4m3(x, EXACT: tl.constexpr):
+    """x (already scaled into [-448, 448]) -> e4m3, round to nearest even."""
+    x = tl.minimum(tl.maximum(x, -_FP8_MAX_C), _FP8_MAX_C)
+    if EXACT:  # keep 3 mantissa bits by integer rounding, so the interpreter's cast has nothing left to round
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
+        x = tl.where(tl.abs(x) < 0.015625, 0.0, bits.to(tl.float32, bitcast=True))
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_rows(x, EXACT: tl.constexpr):
+    """(R, 128) fp32 -> e4m3 with one scale per row (dequantised value = q * scale)."""
+    scale = tl.maximum(tl.max(tl.abs(x), 1), _EPS_C) / _FP8_MAX_C
+    return _to_e4m3(x / scale[:, None], EXACT), scale
+
+
+@triton.jit
+def _quant_cols(x, EXACT: tl.constexpr):
+    """(128, C) fp32 -> e4m3 with one scale per column."""
+    scale = tl.maximum(tl.max(tl.abs(x), 0), _EPS_C) / _FP8_MAX_C
+    return _to_e4m3(x / scale[None, :], EXACT), scale
+
+
+@triton.jit
+def _store_both(
+    x, q_ptr, s_ptr, qt_ptr, st_ptr, offs_p, offs_c, cb, tile, n_pad, n_cols, EXACT: tl.constexpr
+):
+    """Quantise the (128 rows, 128 cols) tile of column block cb twice: row-scaled into q (P, cols) and
+    s (P, cols/128), and column-scaled transposed into qt (cols, P) and st (cols, P/128)."""
+    q, s = _quant_rows(x, EXACT)
+    tl.store(q_ptr + offs_p[:, None] * n_cols + offs_c[None, :], q)
+    tl.store(s_ptr + offs_p * (n_cols // 128) + cb, s)
+    qt, st = _quant_cols(x, EXACT)
+    tl.store(qt_ptr + offs_c[None, :] * n_pad + offs_p[:, None], qt)
+    tl.store(st_ptr + offs_c * (n_pad // 128) + tile, st)
+
+
+# fmt: off
+@triton.jit(do_not_specialize=["n_experts"])
+def _quant_act_kernel(
+    x_ptr, row_src_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
+    EXACT: tl.constexpr,
+):
+    """Gather the rows of one 128-row padded tile (zeros for pad rows) and quantise both ways."""
+    tile = tl.program_id(0)
+    if tl.load(tile_expert_ptr + tile) >= n_experts:
+        return  # beyond the last expert's padded rows
+    offs_p = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_c = tl.program_id(1) * 128 + tl.arange(0, 128)
+    src = tl.load(row_src_ptr + offs_p).to(tl.int64)
+    x = tl.load(x_ptr + src[:, None] * n_cols + offs_c[None, :], mask=src[:, None] >= 0, other=0.0)
+    _store_both(
+        x.to(tl.float32), q_ptr, s_ptr, qt_ptr, st_ptr, offs_p, offs_c, tl.program_id(1), tile, n_pad, n_cols, EXACT
+    )
+
+
+@triton.jit
+def _quant_weight_kernel(
+    w_ptr, q_ptr, qt_ptr, s_ptr, n_rows, n_cols, rows_total, row_off, EXACT: tl.constexpr,
+):
+    """One 128x128 block of w (E, R, C) -> q (E, R_total, C) at row_off, its transpose qt (E, C, R_total), and the
+    block scale s (E, R_total/128, C/128)."""
+    e = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * 128 + tl.arange(0, 128)
+    offs_c = tl.program_id(2) * 128 + tl.arange(0, 128)
+    w = tl.load(w_ptr + e * n_rows * n_cols + offs_r[:, None] * n_cols + offs_c[None, :]).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.max(tl.abs(w), 1), 0), _EPS_C) / _FP8_MAX_C
+    q = _to_e4m3(w / scale, EXACT)
+    rows = row_off + offs_r
+    tl.store(q_ptr + e * rows_total * n_cols + rows[:, None] * n_cols + offs_c[None, :], q)
+    tl.store(qt_ptr + e * rows_total * n_cols + offs_c[None, :] * rows_total + rows[:, None], q)
+    row_block = row_off // 128 + tl.program_id(1)
+    tl.store(s_ptr + (e * (rows_total // 128) + row_block) * (n_cols // 128) + tl.program_id(2), scale)
+# fmt: on
+
+
+# ---- GEMMs ---------------------------------------------------------------------------------------------------
+# Configs were compiled for sm_90 with triton 3.6 (no GPU run yet): none spills inside its K loop; 128-row GEMM1
+# tiles, 256-wide output tiles and 4-warp variants did and were dropped. The SwiGLU-backward epilogue spills
+# (~1.3 KB a thread, after the loop).
+
+
+# fmt: off
+@triton.jit
+def _rows_mainloop(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, offs_m, offs_n, e, K, n_out, b3_off, sb_e, sb_n, sb_k,
+    TWO_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """acc = A[rows] @ B_e[offs_n]^T with per-(row, 128-k) and per-(128-n, 128-k) scales; TWO_B also returns
+    the product with the rows b3_off further down B (w3 beside w1)."""
+    offs_k = tl.arange(0, 128)
+    n_ok = offs_n < n_out
+    a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + e * n_out * K + offs_n[:, None] * K + offs_k[None, :]
+    sa_ptrs = sa_ptr + offs_m * (K // 128)
+    sb_ptrs = sb_ptr + e * sb_e + (offs_n // 128) * sb_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in range(0, K // 128):
+        a = tl.load(a_ptrs)
+        sa = tl.load(sa_ptrs + kb)
+        b = tl.load(b_ptrs, mask=n_ok[:, None], other=0.0)
+        sb = tl.load(sb_ptrs + kb * sb_k, mask=n_ok, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+        if TWO_B:
+            b3 = tl.load(b_ptrs + b3_off * K)
+            sb3 = tl.load(sb_ptrs + (b3_off // 128) * sb_n + kb * sb_k)
+            acc3 += tl.dot(a, tl.trans(b3)) * (sa[:, None] * sb3[None, :])
+        a_ptrs += 128
+        b_ptrs += 128
+    return acc, acc3
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in ((64, 8, 3), (64, 8, 4))
+    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)],
+    key=["K", "HIDDEN"],
+)
+@triton.jit(do_not_specialize=["n_experts"])
+def _gemm_swiglu_fwd_kernel(
+    a_ptr, sa_ptr, w_ptr, sw_ptr, tile_expert_ptr, h13_ptr, hq_ptr, hs_ptr, n_experts, K, HIDDEN,
+    EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """h1 | h3 = x @ [w1; w3]^T for one (BLOCK_M-row, 128-hidden) tile; stores h1, h3 (P, 2I) for the backward
+    and h = silu(h1) * h3 row-quantised (P, I) for the second GEMM. 64-row tiles keep the two accumulators and
+    their per-slice products in registers (128 rows spill on sm_90)."""
+    row0 = tl.program_id(1) * BLOCK_M
+    e = tl.load(tile_expert_ptr + row0 // 128)
+    if e >= n_experts:
+        return
+    e = e.to(tl.int64)
+    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = tl.program_id(0) * 128 + tl.arange(0, 128)
+    n_kb = K // 128
+    h1, h3 = _rows_mainloop(
+        a_ptr, sa_ptr, w_ptr, sw_ptr, offs_m, offs_n, e, K, 2 * HIDDEN, HIDDEN,
+        2 * HIDDEN // 128 * n_kb, n_kb, 1, True, BLOCK_M, 128,
+    )
+    h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
+    tl.store(h13_ptrs, h1.to(h13_ptr.dtype.element_ty))
+    tl.store(h13_ptrs + HIDDEN, h3.to(h13_ptr.dtype.element_ty))
+    hq, hs = _quant_rows(h1 * tl.sigmoid(h1) * h3, EXACT)
+    tl.store(hq_ptr + offs_m[:, None] * HIDDEN + offs_n[None, :], hq)
+    tl.store(hs_ptr + offs_m * (HIDDEN // 128) + tl.program_id(0), hs)
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in ((128, 8, 4), (128, 8, 3))
+    ] if not _INTERPRET else [triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=1)],
+    key=["K", "N_OUT"],
+)
+@triton.jit(do_not_specialize=["n_experts"])
+def _gemm_scatter_kernel(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, n_experts, K, N_OUT,
+    sb_e, sb_n, sb_k, BLOCK_N: tl.constexpr,
+):
+    """out[row_src[p]] = A[p] @ B_e^T for the real rows of one padded tile (second GEMM, and dx)."""
+    tile = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    if e >= n_experts:
+        return
+    offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, _ = _rows_mainloop(
+        a_ptr, sa_ptr, b_ptr, sb_ptr, offs_m, offs_n, e.to(tl.int64), K, N_OUT, 0, sb_e, sb_n, sb_k,
+        False, 128, BLOCK_N,
+    )
+    src = tl.load(row_src_ptr + offs_m).to(tl.int64)
+    mask = (src[:, None] >= 0) & (offs_n[None, :] < N_OUT)
+    tl.store(out_ptr + src[:, None] * N_OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 4), (8, 3))] if not _INTERPRET
+    else [triton.Config({}, num_warps=4, num_stages=1)],
+    key=["K", "HIDDEN"],
+)
+@triton.jit(do_not_specialize=["n_experts"])
+def _gemm_swiglu_bwd_kernel(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, tile_expert_ptr, h13_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr,
+    n_pad, n_experts, K, HIDDEN, sb_e, sb_n, sb_k, EXACT: tl.constexpr,
+):
+    """dh = dy @ w2 for one (128-row, 128-hidden) tile, then the SwiGLU backward: dh1, dh3 quantised row-wise
+    into (P, 2I) and column-wise transposed into (2I, P); and h = silu(h1) * h3 (from the stored h1, h3)
+    column-quantised transposed into (I, P) for the w2 gradient."""
+    tile = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    if e >= n_experts:
+        return
+    offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_n = tl.program_id(0) * 128 + tl.arange(0, 128)
+    dh, _ = _rows_mainloop(
+        a_ptr, sa_ptr, b_ptr, sb_ptr, offs_m, offs_n, e.to(tl.int64), K, HIDDEN, 0, sb_e, sb_n, sb_k,
+        False, 128, 128,
+    )
+    h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
+    h1 = tl.load(h13_ptrs).to(tl.float32)
+    h3 = tl.load(h13_ptrs + HIDDEN).to(tl.float32)
+    sig = tl.sigmoid(h1)
+    hqt, hst = _quant_cols(h1 * sig * h3, EXACT)
+    tl.store(hqt_ptr + offs_n[None, :] * n_pad + offs_m[:, None], hqt)
+    tl.store(hst_ptr + offs_n * (n_pad // 128) + tile, hst)
+    dh1 = dh * h3 * sig * (1.0 + h1 * (1.0 - sig))
+    dh3 = dh * h1 * sig
+    cb = tl.program_id(0)
+    _store_both(dh1, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, offs_m, offs_n, cb, tile, n_pad, 2 * HIDDEN, EXACT)
+    _store_both(
+        dh3, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, offs_m, offs_n + HIDDEN, cb + HIDDEN // 128, tile, n_pad,
+        2 * HIDDEN, EXACT,
+    )
+
+
+@triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 4), (8, 3))] if not _INTERPRET
+    else [triton.Config({}, num_warps=4, num_stages=1)],
+    key=["R", "C"],
+)
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr, n_pad, R, C, R_SPLIT,
+):
+    """out_e = A[:, rows of e] @ B[:, rows of e]^T over the expert's padded token range (both operands stored
+    transposed, tokens contiguous, one scale per channel and 128 tokens); rows >= R_SPLIT go to out2."""
+    e = tl.program_id(0).to(tl.int64)
+    offs_r = (tl.program_id(1) * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_c = (tl.program_id(2) * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_k = tl.arange(0, 128)
+    p0 = tl.multiple_of(tl.load(pstart_ptr + e), 128)  # padded groups: 128-aligned, so loads vectorise
+    p1 = tl.load(pend_ptr + e)
+    a_ptrs = a_ptr + offs_r[:, None] * n_pad + p0 + offs_k[None, :]
+    b_ptrs = b_ptr + offs_c[:, None] * n_pad + p0 + offs_k[None, :]
+    n_tb = n_pad // 128
+    sa_ptrs = sa_ptr + offs_r * n_tb + p0 // 128
+    sb_ptrs = sb_ptr + offs_c * n_tb + p0 // 128
+    acc = tl.zeros([128, 128], tl.float32)
+    for kb in range(0, (p1 - p0) // 128):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        sa = tl.load(sa_ptrs + kb)
+        sb = tl.load(sb_ptrs + kb)
+        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+        a_ptrs += 128
+        b_ptrs += 128
+    if tl.program_id(1) * 128 < R_SPLIT:
+        dst = out_ptr + e * R_SPLIT * C + offs_r[:, None] * C + offs_c[None, :]
+    else:
+        dst = out2_ptr + e * (R - R_SPLIT) * C + (offs_r[:, None] - R_SPLIT) * C + offs_c[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty))
+# fmt: on
+
+
+# ---- launchers -----------------------------------------------------------------------------------------------
+
+
+class _Layout:
+    """The padded layout, built on the device (P is a static bound: no host sync).
+
+    row_src (P,) source row of each padded row or -1; tile_expert (T,) expert of each 128-row tile, E past the
+    last expert; pstart, pend (E,) padded row range of each expert.
+    """
+
+    def __init__(self, counts_E: torch.Tensor, n_rows: int):
+        self.n_exp = counts_E.numel()
+        counts = counts_E.to(torch.int64)
+        padded = (counts + TILE - 1) // TILE * TILE
+        pend = torch.cumsum(padded, 0)
+        pstart = pend - padded
+        start = torch.cumsum(counts, 0) - counts
+        self.n_pad = triton.cdiv(n_rows, TILE) * TILE + self.n_exp * TILE
+        p = torch.arange(self.n_pad, device=counts.device)
+        e = torch.searchsorted(pend, p, right=True)
+        ec = e.clamp(max=self.n_exp - 1)
+        local = p - pstart[ec]
+        valid = (e < self.n_exp) & (local < counts[ec])
+        self.row_src = torch.where(valid, start[ec] + local, -1).to(torch.int32)
+        self.tile_expert = e[::TILE].to(torch.int32).contiguous()
+        self.pstart = pstart.to(torch.int32)
+        self.pend = pend.to(torch.int32)
+
+
+def _padded_rows(n_rows: int, n_exp: int) -> int:
+    return triton.cdiv(n_rows, TILE) * TILE + n_exp * TILE
+
+
+def _fp8_empty(*shape, device):
+    return torch.empty(*shape, device=device, dtype=torch.float8_e4m3fn)
+
+
+def _f32_empty(*shape, device):
+    return torch.empty(*shape, device=device, dtype=torch.float32)
+
+
+def _quant_act(x: torch.Tensor, lay: _Layout):
+    """(N, C) -> fp8 (P, C) + scales (P, C/128), and fp8 (C, P) + scales (C, P/128), in the padded layout."""
+    n_cols, dev, n_pad = x.shape[1], x.device, lay.n_pad
+    q, s = _fp8_empty(n_pad, n_cols, device=dev), _f32_empty(n_pad, n_cols // TILE, device=dev)
+    qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_cols, n_pad // TILE, device=dev)
+    grid = (n_pad // TILE, n_cols // TILE)
+    _quant_act_kernel[grid](
+        x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET, num_warps=8
+    )
+    return q, s, qt, st
+
+
+def _quant_weights(*ws: torch.Tensor):
+    """Stack ws (E, R_i, C) along rows -> fp8 (E, R, C), its transpose (E, C, R), block scales (E, R/128, C/128)."""
+    n_exp, _, n_cols = ws[0].shape
+    rows, dev = sum(w.shape[1] for w in ws), ws[0].device
+    q, qt = _fp8_empty(n_exp, rows, n_cols, device=dev), _fp8_empty(n_exp, n_cols, rows, device=dev)
+    s = _f32_empty(n_exp, rows // TILE, n_cols // TILE, device=dev)
+    off = 0
+    for w in ws:
+        grid = (n_exp, w.shape[1] // TILE, n_cols // TILE)
+        _quant_weight_kernel[grid](
+            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, num_warps=8
+        )
+        off += w.shape[1]
+    return q, qt, s
+
+
+def _check(x, counts_E, w1, w2, w3) -> None:
+    if not (x.is_cuda or _INTERPRET):
+        raise ValueError("fp8_grouped_swiglu runs on CUDA (or under TRITON_INTERPRET=1); use the reference")
+    n_exp, hidden, dim = w1.shape
+    if w3.shape != w1.shape or w2.shape != (n_exp, dim, hidden) or x.dim() != 2 or x.shape[1] != dim:
+        shapes = [tuple(t.shape) for t in (x, w1, w2, w3)]
+        raise ValueError(f"shapes x, w1, w2, w3 = {shapes}: expected (N, D), (E, I, D), (E, D, I), (E, I, D)")
+    if dim % TILE or hidden % TILE:
+        raise ValueError(
+            f"dim {dim} and hidden {hidden} must be multiples of {TILE} (the FP8 scaling blocks)"
+        )
+    if counts_E.numel() != n_exp:
+        raise ValueError(f"counts has {counts_E.numel()} experts, the weights {n_exp}")
+
+
+def _swiglu_fwd(x, counts_E, w1, w2, w3):
+    """Launcher: y (N, D) and what the backward needs (fp8 copies, h1 | h3)."""
+    _check(x, counts_E, w1, w2, w3)
+    x = x.contiguous()
+    n_rows, dim = x.shape
+    n_exp, hidden, _ = w1.shape
+    lay = _Layout(counts_E, n_rows)
+    n_pad, dev = lay.n_pad, x.device
+    w13q, w13tq, w13s = _quant_weights(w1, w3)  # (E, 2I, D), (E, D, 2I), (E, 2I/128, D/128)
+    w2q, w2tq, w2s = _quant_weights(w2)  # (E, D, I), (E, I, D), (E, D/128, I/128)
+    xq, xs, xqt, xst = _quant_act(x, lay)
+    h13 = torch.empty(n_pad, 2 * hidden, device=dev, dtype=x.dtype)
+    hq, hs = _fp8_empty(n_pad, hidden, device=dev), _f32_empty(n_pad, hidden // TILE, device=dev)
+    _gemm_swiglu_fwd_kernel[lambda meta: (hidden // TILE, n_pad // meta["BLOCK_M"])](
+        xq, xs, w13q, w13s, lay.tile_expert, h13, hq, hs, n_exp, dim, hidden, EXACT=_INTERPRET,
+    )  # fmt: skip
+    y = torch.empty(n_rows, dim, device=dev, dtype=x.dtype)
+    n_kb, n_nb = hidden // TILE, dim // TILE
+    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // TILE)](
+        hq, hs, w2q, w2s, lay.tile_expert, lay.row_src, y, n_exp, hidden, dim, n_nb * n_kb, n_kb, 1
+    )
+    return y, xqt, xst, h13, w13tq, w13s, w2tq, w2s
+
+
+def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
+    """Launcher: dx (N, D), dw1, dw2, dw3 (in w_dtype)."""
+    dy = dy.contiguous()
+    n_rows, dim = dy.shape
+    n_exp, hidden = w2tq.shape[0], w2tq.shape[1]
+    lay = _Layout(counts_E, n_rows)
+    n_pad, dev = lay.n_pad, dy.device
+    dyq, dys, dyqt, dyst = _quant_act(dy, lay)
+    gq, gs = _fp8_empty(n_pad, 2 * hidden, device=dev), _f32_empty(n_pad, 2 * hidden // TILE, device=dev)
+    gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(2 * hidden, n_pad // TILE, device=dev)
+    hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(hidden, n_pad // TILE, device=dev)
+    n_ib, n_db = hidden // TILE, dim // TILE
+    # B = w2^T (E, I, D); the scale of its block (i, d) is w2s[e, d, i]
+    _gemm_swiglu_bwd_kernel[(hidden // TILE, n_pad // TILE)](
+        dyq, dys, w2tq, w2s, lay.tile_expert, h13, gq, gs, gqt, gst, hqt, hst, n_pad, n_exp, dim, hidden,
+        n_db * n_ib, 1, n_ib, EXACT=_INTERPRET,
+    )  # fmt: skip
+    dx = torch.empty(n_rows, dim, device=dev, dtype=dy.dtype)
+    # B = [w1; w3]^T (E, D, 2I); the scale of its block (d, j) is w13s[e, j, d]
+    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // TILE)](
+        gq, gs, w13tq, w13s, lay.tile_expert, lay.row_src, dx, n_exp, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db,
+    )  # fmt: skip
+    dw1 = torch.empty(n_exp, hidden, dim, device=dev, dtype=w_dtype)
+    dw3 = torch.empty_like(dw1)
+    dw2 = torch.empty(n_exp, dim, hidden, device=dev, dtype=w_dtype)
+    _wgrad_kernel[(n_exp, 2 * hidden // TILE, dim // TILE)](
+        gqt, gst, xqt, xst, lay.pstart, lay.pend, dw1, dw3, n_pad, 2 * hidden, dim, hidden
+    )
+    _wgrad_kernel[(n_exp, dim // TILE, hidden // TILE)](
+        dyqt, dyst, hqt, hst, lay.pstart, lay.pend, dw2, dw2, n_pad, dim, hidden, dim
+    )
+    return dx, dw1, dw2, dw3
+
+
+# ---- custom ops and autograd ---------------------------------------------------------------------------------
+# Opaque to torch.compile; no `from __future__ import annotations` here (torch.library reads the annotations).
+
+
+@torch.library.custom_op("titan_dsv3::fp8_grouped_swiglu_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
+) -> list[torch.Tensor]:
+    return list(_swiglu_fwd(x, counts_E, w1, w2, w3))
+
+
+@_fwd_op.register_fake
+def _(x, counts_E, w1, w2, w3):
+    n_rows, dim = x.shape
+    n_exp, hidden, _ = w1.shape
+    n_pad = _padded_rows(n_rows, n_exp)
+
+    def fp8(*s):
+        return x.new_empty(*s, dtype=torch.float8_e4m3fn)
+
+    def f32(*s):
+        return x.new_empty(*s, dtype=torch.float32)
+
+    return [
+        x.new_empty(n_rows, dim), fp8(dim, n_pad), f32(dim, n_pad // TILE), x.new_empty(n_pad, 2 * hidden),
+        fp8(n_exp, dim, 2 * hidden), f32(n_exp, 2 * hidden // TILE, dim // TILE),
+        fp8(n_exp, hidden, dim), f32(n_exp, dim // TILE, hidden // TILE),
+    ]  # fmt: skip
+
+
+@torch.library.custom_op("titan_dsv3::fp8_grouped_swiglu_bwd", mutates_args=())
+def _bwd_op(
+    dy: torch.Tensor, counts_E: torch.Tensor, xqt: torch.Tensor, xst: torch.Tensor, h13: torch.Tensor,
+    w13tq: torch.Tensor, w13s: torch.Tensor, w2tq: torch.Tensor, w2s: torch.Tensor, w_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype)
+
+
+@_bwd_op.register_fake
+def _(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
+    n_exp, hidden, dim = w2tq.shape
+    dw1 = dy.new_empty(n_exp, hidden, dim, dtype=w_dtype)
+    return dy.new_empty(dy.shape), dw1, dy.new_empty(n_exp, dim, hidden, dtype=w_dtype), torch.empty_like(dw1)
+
+
+def _setup_context(ctx, inputs, output):
+    x, counts_E, w1, w2, w3 = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(counts_E, *output[1:])
+    ctx.w_dtype = w1.dtype
+
+
+def _backward(ctx, grads):
+    counts_E, *saved = ctx.saved_tensors
+    dx, dw1, dw2, dw3 = _bwd_op(grads[0], counts_E, *saved, ctx.w_dtype)  # grads[0]: of y; the rest unused
+    return dx, None, dw1, dw2, dw3
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fp8_grouped_swiglu(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """SwiGLU experts w2(silu(w1 x) * w3 x) over token groups (x sorted by expert, counts on device), in FP8.
+
+    Same contract as models.moe.grouped_swiglu; differentiable in x and the three weights.
+    """
+    return _fwd_op(x_ND, counts_E, w1_EID, w2_EDI, w3_EID)[0]
+
+
+# ---- reference -----------------------------------------------------------------------------------------------
+
+
+def _qdq(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Quantise-dequantise with one scale over `dims` of t (fp32 math, torch's round-to-nearest cast)."""
+    scale = t.abs().amax(dim=dims, keepdim=True).clamp(min=_EPS) / FP8_MAX
+    return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def _qdq_rows(t: torch.Tensor) -> torch.Tensor:  # (n, C): 1 x 128 tiles
+    return _qdq(t.float().unflatten(1, (-1, TILE)), (2,)).flatten(1)
+
+
+def _qdq_tokens(t: torch.Tensor) -> torch.Tensor:  # (n, C): 128 x 1 tiles from the group's first row
+    n = t.shape[0]
+    padded = torch.nn.functional.pad(t.float(), (0, 0, 0, -n % TILE))
+    return _qdq(padded.unflatten(0, (-1, TILE)), (1,)).flatten(0, 1)[:n]
+
+
+def _qdq_blocks(w: torch.Tensor) -> torch.Tensor:  # (R, C): 128 x 128 blocks
+    r, c = w.shape
+    return _qdq(w.float().reshape(r // TILE, TILE, c // TILE, TILE), (1, 3)).reshape(r, c)
+
+
+def fp8_grouped_swiglu_reference(x_ND, counts_E, w1_EID, w2_EDI, w3_EID, dy_ND=None):
+    """The same computation in dequantised fp32 torch math, one expert at a time (host sync on the counts).
+
+    Returns y, or (y, dx, dw1, dw2, dw3) when dy is given, quantising where the kernels do: x, h, dy, dh1 | dh3
+    per 1x128 (and per 128x1 for the weight gradients), weights per 128x128; h1, h3 rounded to x's dtype for
+    the backward as the kernels store them (h for the w2 gradient is recomputed from those, as in the kernels).
+    """
+    outs = {k: [] for k in ("y", "dx", "dw1", "dw2", "dw3")}
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        x = x_ND[start : start + n].float()
+        if n == 0:  # an empty group: nothing out, zero weight gradients
+            for k, w in (("dw1", w1_EID), ("dw2", w2_EDI), ("dw3", w3_EID)):
+                outs[k].append(torch.zeros(w.shape[1:], device=w.device))
+            continue
+        w1, w2, w3 = (_qdq_blocks(w[e]) for w in (w1_EID, w2_EDI, w3_EID))
+        xq = _qdq_rows(x)
+        h1, h3 = xq @ w1.T, xq @ w3.T
+        h = torch.nn.functional.silu(h1) * h3
+        outs["y"].append(_qdq_rows(h) @ w2.T)
+        if dy_ND is not None:
+            dy = dy_ND[start : start + n].float()
+            dh = _qdq_rows(dy) @ w2
+            h1, h3 = h1.to(x_ND.dtype).float(), h3.to(x_ND.dtype).float()  # as stored for the backward
+            sig = torch.sigmoid(h1)
+            h = h1 * sig * h3
+            dh13 = torch.cat([dh * h3 * sig * (1 + h1 * (1 - sig)), dh * h1 * sig], dim=1)
+            outs["dx"].append(_qdq_rows(dh13) @ torch.cat([w1, w3], dim=0))
+            dw13 = _qdq_tokens(dh13).T @ _qdq_tokens(x)
+            outs["dw1"].append(dw13[: w1.shape[0]])
+            outs["dw3"].append(dw13[w1.shape[0] :])
+            outs["dw2"].append(_qdq_tokens(dy).T @ _qdq_tokens(h))
+        start += n
+    y = torch.cat(outs["y"]).to(x_ND.dtype) if outs["y"] else x_ND.new_zeros(0, w2_EDI.shape[1])
+    if dy_ND is None:
+        return y
+    dx = torch.cat(outs["dx"]).to(x_ND.dtype) if outs["dx"] else torch.zeros_like(x_ND)
+    dws = [torch.stack(outs[k]).to(w1_EID.dtype) for k in ("dw1", "dw2", "dw3")]
+    return (y, dx, *dws)
+
+
+def grouped_swiglu_flops(n_rows: int, dim: int, hidden: int, backward: bool = True) -> float:
+    """Matmul FLOPs of the expert FFN: 3 GEMMs forward, 6 backward."""
+    return 2.0 * n_rows * dim * hidden * (9 if backward else 3)

@@ -1,0 +1,609 @@
+"""Fused multi-head latent attention (MLA) for DeepSeek-V3 shapes: forward and backward in Triton.
+
+Scores are q_nope . k_nope + q_pe . k_pe, with the RoPE key k_pe one vector per token shared by every head
+(bsz, seqlen, 1, rope): the kernels read it from that one copy, never from a per-head expansion, and the backward
+returns its gradient summed over heads. Causal, optionally also within documents of a packed row (doc_ids).
+Flash-attention style: the forward keeps a running max and sum (base-2 exponentials, the scale folded into
+log2(e)) and saves the log-sum-exp per row; the backward recomputes the probabilities block by block in two
+kernels, dk/dv per key block and dq per query block (one fused kernel needed more registers than either: spills
+on sm_90); no atomics, results are deterministic. Longest causal loops start first.
+
+Scope and limits:
+- q_nope, k_nope: (bsz, seqlen, heads, nope); q_pe: (bsz, seqlen, heads, rope); k_pe: (bsz, seqlen, 1 or heads,
+  rope); v: (bsz, seqlen, heads, v_dim). Head dims powers of two (>= 16 on GPU: tensor-core tiles); nope 128,
+  rope 64, v 128 for DeepSeek-V2/V3. Any strides with a contiguous last dim (views of the projections are fine).
+- doc_ids (bsz, seqlen) integer, non-decreasing along each row (documents packed one after another, as the
+  data loader writes them); a position attends only to earlier positions with the same id.
+- fp16 / bf16 on CUDA (fp32 accumulation, probabilities cast to the input dtype before the PV product, as every
+  flash kernel does); fp32 works too (tf32 dots on GPU, exact under TRITON_INTERPRET=1, which the CPU tests use).
+- The softmax scale is the caller's (it includes the YaRN mscale). Dropout, bias and sliding windows: not here.
+Autotuning is keyed on the head dims and the masking mode, not on seqlen: the first call at a given head shape
+picks the config for all later calls.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+# Masked scores: finite, so a row whose first key block is fully masked keeps a finite running max; its bogus
+# sum is multiplied by exp2(-1e30 - real max) = 0 at the diagonal block, which every row reaches.
+_MASKED = tl.constexpr(-1.0e30)
+
+
+# ---- forward -------------------------------------------------------------------------------------------------
+
+
+# fmt: off
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, qn, qp, kn_base, kp_base, v_base, skn_s, skp_s, sv_s,
+    offs_m, dstart_m, lo, hi, seqlen, qk_scale,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+):
+    offs_dn = tl.arange(0, DN)
+    offs_dr = tl.arange(0, DR)
+    offs_dv = tl.arange(0, DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seqlen
+        knT = tl.load(kn_base + offs_n[None, :] * skn_s + offs_dn[:, None], mask=n_ok[None, :], other=0.0)
+        kpT = tl.load(kp_base + offs_n[None, :] * skp_s + offs_dr[:, None], mask=n_ok[None, :], other=0.0)
+        s = tl.dot(qn, knT)
+        s = tl.dot(qp, kpT, s) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        if CAUSAL:
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, _MASKED)
+        if HAS_DOC:
+            s = tl.where(offs_n[None, :] >= dstart_m[:, None], s, _MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * sv_s + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+# fmt: on
+
+
+def _fwd_configs():
+    if _INTERPRET:  # two key blocks per diagonal query block, as on GPU
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # (query block, key block, warps, stages); the key block divides the query block. Compiled for sm_90
+    # (triton 3.6): 223-255 registers, no spill without documents (8 bytes with); 128 rows at 4 warps spill.
+    shapes = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# fmt: off
+@triton.autotune(configs=_fwd_configs(), key=["DN", "DR", "DV", "HAS_DOC"])
+@triton.jit(do_not_specialize=["seqlen", "n_heads"])
+def _mla_fwd_kernel(
+    qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, o_ptr, lse_ptr, dstart_ptr,
+    sqn_b, sqn_s, sqn_h, sqp_b, sqp_s, sqp_h, skn_b, skn_s, skn_h, skp_b, skp_s, skp_h,
+    sv_b, sv_s, sv_h, so_b, so_s, so_h,
+    seqlen, n_heads, qk_scale,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, HAS_DOC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Heads vary fastest and query blocks run last-to-first: the longest causal rows start first.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen
+    offs_dn = tl.arange(0, DN)
+    offs_dr = tl.arange(0, DR)
+    offs_dv = tl.arange(0, DV)
+
+    qn_base = qn_ptr + off_b * sqn_b + off_h * sqn_h
+    qp_base = qp_ptr + off_b * sqp_b + off_h * sqp_h
+    qn = tl.load(qn_base + offs_m[:, None] * sqn_s + offs_dn[None, :], mask=m_ok[:, None], other=0.0)
+    qp = tl.load(qp_base + offs_m[:, None] * sqp_s + offs_dr[None, :], mask=m_ok[:, None], other=0.0)
+    kn_base = kn_ptr + off_b * skn_b + off_h * skn_h
+    kp_base = kp_ptr + off_b * skp_b + off_h * skp_h  # skp_h = 0: one rope key for all heads
+    v_base = v_ptr + off_b * sv_b + off_h * sv_h
+
+    if HAS_DOC:
+        dstart_m = tl.load(dstart_ptr + off_b * seqlen + offs_m, mask=m_ok, other=0)
+        lo = (tl.load(dstart_ptr + off_b * seqlen + start_m) // BLOCK_N) * BLOCK_N
+    else:
+        dstart_m = offs_m
+        lo = 0
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    # key blocks left of the diagonal need no causal mask; then the diagonal block(s)
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, qn, qp, kn_base, kp_base, v_base, skn_s, skp_s, sv_s, offs_m, dstart_m,
+        lo, start_m, seqlen, qk_scale, DN, DR, DV, BLOCK_N, False, HAS_DOC,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, qn, qp, kn_base, kp_base, v_base, skn_s, skp_s, sv_s, offs_m, dstart_m,
+        start_m, tl.minimum(start_m + BLOCK_M, seqlen), seqlen, qk_scale, DN, DR, DV, BLOCK_N, True, HAS_DOC,
+    )
+    acc = acc / l_i[:, None]
+    o_base = o_ptr + off_b * so_b + off_h * so_h
+    tl.store(o_base + offs_m[:, None] * so_s + offs_dv[None, :], acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * seqlen + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+
+
+# ---- backward ------------------------------------------------------------------------------------------------
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _bwd_preprocess_kernel(
+    o_ptr, do_ptr, delta_ptr, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, seqlen, n_heads,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(o * do), the softmax-backward term shared by every key of a row."""
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen
+    offs_dv = tl.arange(0, DV)
+    o = tl.load(o_ptr + off_b * so_b + off_h * so_h + offs_m[:, None] * so_s + offs_dv[None, :], mask=m_ok[:, None])
+    do = tl.load(
+        do_ptr + off_b * sdo_b + off_h * sdo_h + offs_m[:, None] * sdo_s + offs_dv[None, :], mask=m_ok[:, None]
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * seqlen + offs_m, delta, mask=m_ok)
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _bwd_dkdv_inner(
+    dkn, dkp, dv, kn, kp, v, qn_base, qp_base, do_base, lse_base, delta_base, dstart_base,
+    sqn_s, sqp_s, sdo_s, offs_n, lo, hi, seqlen, qk_scale,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+):
+    """Accumulate dk, dv of one key block over query blocks [lo, hi); everything transposed (keys x queries)."""
+    offs_dn = tl.arange(0, DN)
+    offs_dr = tl.arange(0, DR)
+    offs_dv = tl.arange(0, DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seqlen
+        qnT = tl.load(qn_base + offs_m[None, :] * sqn_s + offs_dn[:, None], mask=m_ok[None, :], other=0.0)
+        qpT = tl.load(qp_base + offs_m[None, :] * sqp_s + offs_dr[:, None], mask=m_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))  # rows past the end: p = 0
+        sT = tl.dot(kn, qnT)
+        sT = tl.dot(kp, qpT, sT)  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT * qk_scale - lse[None, :])
+        if CAUSAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        if HAS_DOC:
+            dstart = tl.load(dstart_base + offs_m, mask=m_ok, other=0)
+            pT = tl.where(offs_n[:, None] >= dstart[None, :], pT, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdo_s + offs_dv[None, :], mask=m_ok[:, None], other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = (pT * (dpT - delta[None, :])).to(qnT.dtype)
+        dkn = tl.dot(dsT, tl.trans(qnT), dkn)
+        dkp = tl.dot(dsT, tl.trans(qpT), dkp)
+    return dkn, dkp, dv
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _bwd_dq_inner(
+    dqn, dqp, qn, qp, do, lse, delta, kn_base, kp_base, v_base, skn_s, skp_s, sv_s,
+    offs_m, dstart_m, lo, hi, seqlen, qk_scale,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+):
+    """Accumulate dq of one query block over key blocks [lo, hi)."""
+    offs_dn = tl.arange(0, DN)
+    offs_dr = tl.arange(0, DR)
+    offs_dv = tl.arange(0, DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seqlen
+        knT = tl.load(kn_base + offs_n[None, :] * skn_s + offs_dn[:, None], mask=n_ok[None, :], other=0.0)
+        kpT = tl.load(kp_base + offs_n[None, :] * skp_s + offs_dr[:, None], mask=n_ok[None, :], other=0.0)
+        vT = tl.load(v_base + offs_n[None, :] * sv_s + offs_dv[:, None], mask=n_ok[None, :], other=0.0)
+        s = tl.dot(qn, knT)
+        s = tl.dot(qp, kpT, s)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if CAUSAL:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        if HAS_DOC:
+            p = tl.where(offs_n[None, :] >= dstart_m[:, None], p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = (p * (dp - delta[:, None])).to(knT.dtype)
+        dqn = tl.dot(ds, tl.trans(knT), dqn)
+        dqp = tl.dot(ds, tl.trans(kpT), dqp)
+    return dqn, dqp
+
+# fmt: on
+
+
+def _bwd_configs(shapes, interpret_shape):
+    """(BLOCK_M, BLOCK_N, warps, stages) -> configs; one small one under the interpreter."""
+    if _INTERPRET:
+        shapes = [(*interpret_shape, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# (query block, key block, warps, stages). The loop's block must divide the fixed one (diagonal blocks). dk + dv
+# take 320 fp32 accumulator columns per key row, so the key block stays at 64-128 rows. Compiled for sm_90 with
+# triton 3.6: none of these spills (32 x 64 dk/dv: 204 registers; 32 x 128 spilled and is left out).
+_DKDV_SHAPES = [(32, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2), (64, 64, 8, 2)]
+_DQ_SHAPES = [(128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
+
+
+# fmt: off
+@triton.autotune(configs=_bwd_configs(_DKDV_SHAPES, (16, 32)), key=["DN", "DR", "DV", "HAS_DOC"])
+@triton.jit(do_not_specialize=["seqlen", "n_heads"])
+def _mla_bwd_dkdv_kernel(
+    qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dstart_ptr, dend_ptr,
+    dkn_ptr, dkp_ptr, dv_ptr,
+    sqn_b, sqn_s, sqn_h, sqp_b, sqp_s, sqp_h, skn_b, skn_s, skn_h, skp_b, skp_s, skp_h,
+    sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
+    seqlen, n_heads, sm_scale, qk_scale,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, HAS_DOC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk_nope, dk_pe (per head, fp32), dv of one key block, looping over the query blocks that see it.
+    Outputs contiguous (bsz, seqlen, heads, dim). Key block 0 has the longest loop and starts first."""
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    start = tl.program_id(1) * BLOCK_N
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seqlen
+    offs_dn = tl.arange(0, DN)
+    offs_dr = tl.arange(0, DR)
+    offs_dv = tl.arange(0, DV)
+    kn_base = kn_ptr + off_b * skn_b + off_h * skn_h
+    kp_base = kp_ptr + off_b * skp_b + off_h * skp_h
+    v_base = v_ptr + off_b * sv_b + off_h * sv_h
+    kn = tl.load(kn_base + offs_n[:, None] * skn_s + offs_dn[None, :], mask=n_ok[:, None], other=0.0)
+    kp = tl.load(kp_base + offs_n[:, None] * skp_s + offs_dr[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * sv_s + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
+    qn_base = qn_ptr + off_b * sqn_b + off_h * sqn_h
+    qp_base = qp_ptr + off_b * sqp_b + off_h * sqp_h
+    do_base = do_ptr + off_b * sdo_b + off_h * sdo_h
+    lse_base = lse_ptr + pid_bh.to(tl.int64) * seqlen
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * seqlen
+    dstart_base = dstart_ptr + off_b * seqlen
+    dkn = tl.zeros([BLOCK_N, DN], tl.float32)
+    dkp = tl.zeros([BLOCK_N, DR], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], tl.float32)
+    end = tl.minimum(start + BLOCK_N, seqlen)
+    if HAS_DOC:  # queries after the last key's document cannot see this block
+        hi = tl.load(dend_ptr + off_b * seqlen + end - 1)
+    else:
+        hi = seqlen
+    # the diagonal query blocks (causal mask), then the ones fully below it
+    dkn, dkp, dv = _bwd_dkdv_inner(
+        dkn, dkp, dv, kn, kp, v, qn_base, qp_base, do_base, lse_base, delta_base, dstart_base,
+        sqn_s, sqp_s, sdo_s, offs_n, start, tl.minimum(end, hi), seqlen, qk_scale,
+        DN, DR, DV, BLOCK_M, True, HAS_DOC,
+    )
+    dkn, dkp, dv = _bwd_dkdv_inner(
+        dkn, dkp, dv, kn, kp, v, qn_base, qp_base, do_base, lse_base, delta_base, dstart_base,
+        sqn_s, sqp_s, sdo_s, offs_n, end, hi, seqlen, qk_scale,
+        DN, DR, DV, BLOCK_M, False, HAS_DOC,
+    )
+    row = (off_b * seqlen + offs_n) * n_heads.to(tl.int64) + off_h  # row of (bsz, seqlen, heads, .)
+    tl.store(dkn_ptr + row[:, None] * DN + offs_dn[None, :], (dkn * sm_scale).to(dkn_ptr.dtype.element_ty),
+             mask=n_ok[:, None])
+    tl.store(dkp_ptr + row[:, None] * DR + offs_dr[None, :], dkp * sm_scale, mask=n_ok[:, None])
+    tl.store(dv_ptr + row[:, None] * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.autotune(configs=_bwd_configs(_DQ_SHAPES, (32, 16)), key=["DN", "DR", "DV", "HAS_DOC"])
+@triton.jit(do_not_specialize=["seqlen", "n_heads"])
+def _mla_bwd_dq_kernel(
+    qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr,
+    sqn_b, sqn_s, sqn_h, sqp_b, sqp_s, sqp_h, skn_b, skn_s, skn_h, skp_b, skp_s, skp_h,
+    sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
+    seqlen, n_heads, sm_scale, qk_scale,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, HAS_DOC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq_nope, dq_pe of one query block, looping over the key blocks it sees; the last block starts first."""
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    start = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen
+    offs_dn = tl.arange(0, DN)
+    offs_dr = tl.arange(0, DR)
+    offs_dv = tl.arange(0, DV)
+    qn_base = qn_ptr + off_b * sqn_b + off_h * sqn_h
+    qp_base = qp_ptr + off_b * sqp_b + off_h * sqp_h
+    do_base = do_ptr + off_b * sdo_b + off_h * sdo_h
+    qn = tl.load(qn_base + offs_m[:, None] * sqn_s + offs_dn[None, :], mask=m_ok[:, None], other=0.0)
+    qp = tl.load(qp_base + offs_m[:, None] * sqp_s + offs_dr[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdo_s + offs_dv[None, :], mask=m_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * seqlen + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * seqlen + offs_m, mask=m_ok, other=0.0)
+    kn_base = kn_ptr + off_b * skn_b + off_h * skn_h
+    kp_base = kp_ptr + off_b * skp_b + off_h * skp_h
+    v_base = v_ptr + off_b * sv_b + off_h * sv_h
+    if HAS_DOC:
+        dstart_m = tl.load(dstart_ptr + off_b * seqlen + offs_m, mask=m_ok, other=0)
+        lo = (tl.load(dstart_ptr + off_b * seqlen + start) // BLOCK_N) * BLOCK_N
+    else:
+        dstart_m = offs_m
+        lo = 0
+    dqn = tl.zeros([BLOCK_M, DN], tl.float32)
+    dqp = tl.zeros([BLOCK_M, DR], tl.float32)
+    # key blocks left of the diagonal, then the diagonal ones (causal mask)
+    dqn, dqp = _bwd_dq_inner(
+        dqn, dqp, qn, qp, do, lse, delta, kn_base, kp_base, v_base, skn_s, skp_s, sv_s, offs_m, dstart_m,
+        lo, start, seqlen, qk_scale, DN, DR, DV, BLOCK_N, False, HAS_DOC,
+    )
+    dqn, dqp = _bwd_dq_inner(
+        dqn, dqp, qn, qp, do, lse, delta, kn_base, kp_base, v_base, skn_s, skp_s, sv_s, offs_m, dstart_m,
+        start, tl.minimum(start + BLOCK_M, seqlen), seqlen, qk_scale, DN, DR, DV, BLOCK_N, True, HAS_DOC,
+    )
+    row = (off_b * seqlen + offs_m) * n_heads.to(tl.int64) + off_h
+    tl.store(dqn_ptr + row[:, None] * DN + offs_dn[None, :], (dqn * sm_scale).to(dqn_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+    tl.store(dqp_ptr + row[:, None] * DR + offs_dr[None, :], (dqp * sm_scale).to(dqp_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+# fmt: on
+
+
+# ---- launchers -----------------------------------------------------------------------------------------------
+
+
+def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First position and one-past-last position of each position's document, (bsz, seqlen) int32 each."""
+    bsz, seqlen = doc_ids.shape
+    pos = torch.arange(seqlen, device=doc_ids.device, dtype=torch.int32).expand(bsz, seqlen)
+    change = doc_ids[:, 1:] != doc_ids[:, :-1]  # (bsz, seqlen - 1): a new document starts at i + 1
+    starts_here = torch.cat([torch.ones_like(change[:, :1]), change], dim=1)
+    ends_here = torch.cat([change, torch.ones_like(change[:, :1])], dim=1)
+    start = torch.where(starts_here, pos, 0).cummax(dim=1).values
+    end = torch.where(ends_here, pos + 1, seqlen).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
+    on_device = q_nope.is_cuda or _INTERPRET
+    if not on_device:
+        raise ValueError(
+            "mla_attention runs on CUDA (or under TRITON_INTERPRET=1); use mla_attention_reference"
+        )
+    bsz, seqlen, heads, nope = q_nope.shape
+    rope = q_pe.shape[-1]
+    if q_pe.shape[:3] != (bsz, seqlen, heads) or k_nope.shape != q_nope.shape:
+        raise ValueError(
+            f"shapes q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)}, k_nope {tuple(k_nope.shape)}"
+        )
+    if k_pe.shape not in ((bsz, seqlen, 1, rope), (bsz, seqlen, heads, rope)):
+        raise ValueError(f"k_pe {tuple(k_pe.shape)}: expected ({bsz}, {seqlen}, 1 or {heads}, {rope})")
+    if v.shape[:3] != (bsz, seqlen, heads):
+        raise ValueError(f"v {tuple(v.shape)} does not match q {tuple(q_nope.shape)}")
+    for name, d in (("nope", nope), ("rope", rope), ("v", v.shape[-1])):
+        if d & (d - 1) or (d < 16 and not _INTERPRET):
+            raise ValueError(f"{name} head dim {d}: the kernel needs a power of two >= 16")
+    if len({t.dtype for t in (q_nope, q_pe, k_nope, k_pe, v)}) != 1:
+        raise ValueError("q, k, v must share one dtype")
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seq, head) strides of a (bsz, seqlen, heads, dim) tensor; a broadcast head has stride 0."""
+    return t.stride(0), t.stride(1), (t.stride(2) if t.shape[2] > 1 else 0)
+
+
+def _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale):
+    """Launcher: returns out (bsz, seqlen, heads, v_dim) and the base-2 log-sum-exp (bsz, heads, seqlen) fp32."""
+    q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
+    _check(q_nope, q_pe, k_nope, k_pe, v)
+    bsz, seqlen, heads, nope = q_nope.shape
+    out = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
+    lse = torch.empty(bsz, heads, seqlen, device=v.device, dtype=torch.float32)
+    if doc_ids is not None:
+        dstart, _ = _doc_bounds(doc_ids)
+    else:
+        dstart = lse  # unused
+    grid = lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))  # noqa: E731
+    _mla_fwd_kernel[grid](
+        q_nope, q_pe, k_nope, k_pe, v, out, lse, dstart,
+        *_strides(q_nope), *_strides(q_pe), *_strides(k_nope), *_strides(k_pe), *_strides(v), *_strides(out),
+        seqlen, heads, scale * _LOG2E,
+        DN=nope, DR=q_pe.shape[-1], DV=v.shape[-1], HAS_DOC=doc_ids is not None,
+    )  # fmt: skip
+    return out, lse
+
+
+def _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale):
+    """Launcher: returns dq_nope, dq_pe, dk_nope, dk_pe (summed over heads when shared), dv."""
+    do = _last_dim_contiguous(do)
+    q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
+    bsz, seqlen, heads, nope = q_nope.shape
+    rope, dim_v = q_pe.shape[-1], v.shape[-1]
+    delta = torch.empty_like(lse)
+    _bwd_preprocess_kernel[(bsz * heads, triton.cdiv(seqlen, 64))](
+        out, do, delta, *_strides(out), *_strides(do), seqlen, heads, DV=dim_v, BLOCK_M=64
+    )
+    dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
+    dq_pe = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=q_pe.dtype)
+    dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
+    dk_pe_heads = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=torch.float32)
+    dv = torch.empty(bsz, seqlen, heads, dim_v, device=v.device, dtype=v.dtype)
+    if doc_ids is not None:
+        dstart, dend = _doc_bounds(doc_ids)
+    else:
+        dstart = dend = lse  # unused
+    strides = (
+        *_strides(q_nope),
+        *_strides(q_pe),
+        *_strides(k_nope),
+        *_strides(k_pe),
+        *_strides(v),
+        *_strides(do),
+    )
+    consts = dict(DN=nope, DR=rope, DV=dim_v, HAS_DOC=doc_ids is not None)
+    _mla_bwd_dkdv_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_N"]))](
+        q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv,
+        *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
+    )  # fmt: skip
+    _mla_bwd_dq_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))](
+        q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dq_nope, dq_pe,
+        *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
+    )  # fmt: skip
+    if k_pe.shape[2] == 1:
+        dk_pe = dk_pe_heads.sum(dim=2, keepdim=True).to(k_pe.dtype)
+    else:
+        dk_pe = dk_pe_heads.to(k_pe.dtype)
+    return dq_nope, dq_pe, dk_nope, dk_pe, dv
+
+
+# ---- custom op and autograd ----------------------------------------------------------------------------------
+# Opaque to torch.compile (traced around through the fakes); no `from __future__ import annotations` in this
+# file, because torch.library reads the signatures' annotations to build the op schema.
+
+
+@torch.library.custom_op("titan_dsv3::mla_attention_fwd", mutates_args=())
+def _mla_fwd_op(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale)
+
+
+@_mla_fwd_op.register_fake
+def _(q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale):
+    bsz, seqlen, heads, _ = q_nope.shape
+    out = v.new_empty(bsz, seqlen, heads, v.shape[-1])
+    return out, q_nope.new_empty(bsz, heads, seqlen, dtype=torch.float32)
+
+
+@torch.library.custom_op("titan_dsv3::mla_attention_bwd", mutates_args=())
+def _mla_bwd_op(
+    do: torch.Tensor,
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale)
+
+
+@_mla_bwd_op.register_fake
+def _(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale):
+    def fresh(t):
+        return t.new_empty(t.shape)
+
+    return fresh(q_nope), fresh(q_pe), fresh(k_nope), fresh(k_pe), fresh(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids)
+    ctx.scale = scale
+
+
+def _backward(ctx, d_out, _d_lse):
+    q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids = ctx.saved_tensors
+    grads = _mla_bwd_op(d_out, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, ctx.scale)
+    return (*grads, None, None)
+
+
+_mla_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _split_pow2(d: int) -> int:
+    """Split point of a per-head qk dim into two power-of-two parts (192 -> 128 + 64)."""
+    first = 1 << (d.bit_length() - 1)
+    return first // 2 if first == d else first
+
+
+def _as_parts(q, k, k_pe, q_pe):
+    if k_pe is None:  # full per-head k: any power-of-two split computes the same dot product
+        nope = _split_pow2(k.shape[-1])
+        k, k_pe = k[..., :nope], k[..., nope:]
+    if q_pe is None:
+        q, q_pe = q[..., : k.shape[-1]], q[..., k.shape[-1] :]
+    return q, q_pe, k, k_pe
+
+
+def mla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    doc_ids: torch.Tensor | None = None,
+    k_pe: torch.Tensor | None = None,
+    q_pe: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (document-masked when doc_ids is given) attention; returns (bsz, seqlen, heads, v_dim).
+
+    With k_pe (bsz, seqlen, 1, rope): k is k_nope (bsz, seqlen, heads, nope) and q is either the full
+    (.., nope + rope) query or, with q_pe given, q_nope. Without k_pe: q, k are full per-head (.., qk_dim).
+    """
+    q_nope, q_pe, k_nope, k_pe = _as_parts(q, k, k_pe, q_pe)
+    if doc_ids is not None and doc_ids.dtype != torch.int32:
+        doc_ids = doc_ids.to(torch.int32)
+    out, _ = _mla_fwd_op(q_nope, q_pe, k_nope, k_pe, v, doc_ids, float(scale))
+    return out
+
+
+def mla_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    doc_ids: torch.Tensor | None = None,
+    k_pe: torch.Tensor | None = None,
+    q_pe: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same attention in plain torch, in the inputs' dtype (pass float64 tensors for a reference)."""
+    q_nope, q_pe, k_nope, k_pe = _as_parts(q, k, k_pe, q_pe)
+    heads = q_nope.shape[2]
+    q = torch.cat([q_nope, q_pe], dim=-1)  # (bsz, seqlen, heads, qk_dim)
+    k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
+    seqlen = q.shape[1]
+    scores = torch.einsum("bmhd,bnhd->bhmn", q, k) * scale
+    keep = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+    if doc_ids is not None:
+        keep = keep & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # (bsz, 1, seqlen, seqlen)
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhmn,bnhd->bmhd", probs, v)
+
+
+def attention_flops(
+    bsz: int, seqlen: int, heads: int, qk_dim: int, v_dim: int, backward: bool = True
+) -> float:
+    """Matmul FLOPs of causal attention (half the square): 2 GEMMs forward, 5 backward (one recomputes QK)."""
+    pairs = bsz * heads * seqlen * seqlen / 2
+    fwd = 2 * pairs * (qk_dim + v_dim)
+    return fwd + (2 * pairs * (2 * qk_dim + 2 * v_dim + qk_dim) if backward else 0.0)

@@ -1,0 +1,142 @@
+"""Fused MLA attention (Triton, interpreted on CPU) against the float64 torch reference, forward and backward.
+
+Inputs are fp32: the interpreter's bf16 dot is not faithful (../shared/CPU_TESTING.md), and with fp32 the kernel's
+only difference from the reference is summation order, so the tolerance is tight (2e-5 of each tensor's largest
+value, or absolute when that is below 1). The bf16 run at training shapes is tests/gpu/test_mla_attention_gpu.py.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from titan_dsv3.kernels.mla_attention import _doc_bounds, mla_attention, mla_attention_reference  # noqa: E402
+
+NOPE, ROPE, DV = 128, 64, 128
+
+
+def _inputs(bsz, seqlen, heads, shared=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q = r(bsz, seqlen, heads, NOPE + ROPE)
+    k_nope = r(bsz, seqlen, heads, NOPE)
+    k_pe = r(bsz, seqlen, 1 if shared else heads, ROPE)
+    v = r(bsz, seqlen, heads, DV)
+    return [t.to(dtype).requires_grad_() for t in (q, k_nope, k_pe, v)]
+
+
+def _close(got, want, rel):
+    # relative to the tensor's largest value, and absolute for tensors near zero (dq at seqlen 1 is exactly 0)
+    err = (got.double() - want).abs().max().item()
+    bound = rel * max(want.abs().max().item(), 1.0)
+    assert err <= bound, f"max error {err:.3e} > {bound:.3e}"
+
+
+def _run(bsz, seqlen, heads, doc_ids=None, shared=True, dtype=torch.float32, rel=2e-5, seed=0):
+    scale = (NOPE + ROPE) ** -0.5 * 1.3  # an mscale-like factor: the kernel must use the caller's scale
+    q, k_nope, k_pe, v = _inputs(bsz, seqlen, heads, shared, dtype, seed)
+    out = mla_attention(q, k_nope, v, scale=scale, doc_ids=doc_ids, k_pe=k_pe)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k_nope, k_pe, v)]
+    ref = mla_attention_reference(
+        ref_in[0], ref_in[1], ref_in[3], scale=scale, doc_ids=doc_ids, k_pe=ref_in[2]
+    )
+    assert out.shape == (bsz, seqlen, heads, DV) and out.dtype == dtype
+    _close(out, ref, rel)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out.backward(dout.to(dtype))
+    ref.backward(dout)
+    for name, got, want in zip(("dq", "dk_nope", "dk_pe", "dv"), (q, k_nope, k_pe, v), ref_in):
+        assert got.grad.shape == want.shape, name
+        _close(got.grad, want.grad, rel)
+
+
+@pytest.mark.parametrize("bsz,seqlen,heads", [(1, 1, 1), (1, 7, 2), (1, 33, 2), (2, 17, 1), (1, 64, 1)])
+def test_causal_matches_reference(bsz, seqlen, heads):
+    _run(bsz, seqlen, heads)
+
+
+@pytest.mark.parametrize(
+    "lengths", [[5, 12, 16], [1, 1, 31], [33], [20, 1, 3, 9]], ids=["three", "short-first", "one", "four"]
+)
+def test_document_mask_matches_reference(lengths):
+    doc_ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])[None]
+    _run(1, doc_ids.shape[1], 2, doc_ids=doc_ids, seed=len(lengths))
+
+
+def test_per_head_rope_key():
+    """Without a shared k_pe the kernel takes full per-head keys (as the SDPA path builds them)."""
+    _run(1, 19, 2, shared=False)
+
+
+def test_fp16_inputs():
+    _run(1, 24, 1, dtype=torch.float16, rel=4e-3)
+
+
+def test_doc_bounds():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 2, 3, 3, 3]], dtype=torch.int32)
+    start, end = _doc_bounds(doc_ids)
+    assert start.tolist() == [[0, 0, 2, 2, 2, 5], [0, 1, 2, 3, 3, 3]]
+    assert end.tolist() == [[2, 2, 5, 5, 5, 6], [1, 2, 3, 6, 6, 6]]
+
+
+def test_traced_by_compile():
+    """torch.compile traces around the custom op (fakes give the shapes) with no graph break, fwd and bwd."""
+    q, k_nope, k_pe, v = _inputs(1, 9, 1)
+
+    def f(q, k_nope, k_pe, v):
+        return mla_attention(q, k_nope, v, scale=0.1, k_pe=k_pe).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k_nope, k_pe, v)
+    grads = torch.autograd.grad(loss, (q, k_pe))
+    ref_loss = f(q, k_nope, k_pe, v)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k_pe))
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_mla_module_triton_equals_sdpa(with_docs):
+    """MLA with attn_impl 'triton' (shared k_pe passed apart) equals the SDPA path in output and gradients."""
+    from titan_dsv3.models import ModelArgs
+    from titan_dsv3.models.attention import MLA
+    from titan_dsv3.models.rope import rope_cos_sin
+
+    dims = dict(
+        dim=32,
+        n_heads=2,
+        q_lora_rank=0,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=32,
+        original_seq_len=16,
+        rope_factor=2.0,
+        mscale=0.7,
+        mscale_all_dim=0.7,
+    )
+    mods = {}
+    for impl in ("sdpa", "triton"):
+        torch.manual_seed(3)
+        m = MLA(ModelArgs(attn_impl=impl, **dims))
+        m.init_weights(0.2)
+        mods[impl] = m
+    cos_sin = rope_cos_sin(ModelArgs(**dims), 32)
+    x = torch.randn(1, 21, 32)
+    doc_ids = torch.tensor([[0] * 6 + [1] * 10 + [2] * 5], dtype=torch.int32) if with_docs else None
+    out_t = mods["triton"](x, cos_sin, doc_ids)
+    if with_docs:  # the SDPA path has no document mask: compare document by document
+        out_s = torch.cat([mods["sdpa"](x[:, a:b], cos_sin) for a, b in ((0, 6), (6, 16), (16, 21))], dim=1)
+    else:
+        out_s = mods["sdpa"](x, cos_sin)
+    _close(out_t, out_s.double(), 1e-5)
+    out_t.square().sum().backward()
+    out_s.square().sum().backward()
+    for a, b in zip(
+        mods["triton"].parameters(), mods["sdpa"].parameters()
+    ):  # fp32 both: summation order only
+        _close(a.grad, b.grad.double(), 1e-5)

@@ -1,0 +1,81 @@
+"""FP8 training: dense linears through torchao's float8 linears, routed experts through our FP8 grouped GEMM.
+
+Call apply_float8(model, job_config.float8) on the model built on the meta device, before parallelisation (FSDP
+float8 all-gather needs the converted modules before fully_shard). Both conversions keep parameter names and the
+state dict unchanged, so checkpoints load either way.
+
+Dense linears (float8.enable): torchao Float8LinearConfig from the recipe name; tensorwise scales each tensor
+once (1.53x on large MLP shapes on H100, ../shared/GPU.md), rowwise per row (1.22x, better accuracy). Linears
+with a dimension under min_dim gain nothing (the casts cost more than the faster GEMM saves), and those named in
+filter_fqns (the output head by default) stay in high precision.
+
+Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose forward
+runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling). The
+off-the-shelf rowwise FP8 grouped GEMM is slower than bf16 on H100 (0.77x eager, GPU.md); ours fuses the
+quantisation into the GEMMs' neighbours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from titan_dsv3.config.job_config import Float8
+from titan_dsv3.models.moe import GroupedExperts
+
+logger = logging.getLogger(__name__)
+
+
+def _linear_filter(cfg: Float8):
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear):
+            return False
+        if any(name in fqn for name in cfg.filter_fqns):
+            return False
+        dims = (module.in_features, module.out_features)
+        # fp8 GEMMs need both dims divisible by 16; below min_dim the casts cost more than they save
+        return min(dims) >= cfg.min_dim and all(d % 16 == 0 for d in dims)
+
+    return keep
+
+
+class FP8GroupedExperts(GroupedExperts):
+    """Routed experts with FP8 grouped GEMMs (kernels/fp8_grouped_gemm.py); same parameters and state dict."""
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        from titan_dsv3.kernels.fp8_grouped_gemm import fp8_grouped_swiglu
+
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
+        # expert parallelism hands in distributed tensors: compute with the local shard of the experts
+        w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
+        return fp8_grouped_swiglu(x_ND, counts_E, w1, w2, w3)
+
+
+def apply_float8(model: nn.Module, cfg: Float8) -> None:
+    """Convert model in place as cfg asks (nothing when both float8.enable and float8.moe_experts are off)."""
+    if cfg.enable:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        config = Float8LinearConfig.from_recipe_name(cfg.recipe)
+        if cfg.fsdp_float8_all_gather:
+            config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+        convert_to_float8_training(model, config=config, module_filter_fn=_linear_filter(cfg))
+        n = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+        logger.info("float8: %d linears converted (%s, min_dim %d)", n, cfg.recipe, cfg.min_dim)
+    if cfg.moe_experts:
+        swapped = 0
+        for module in model.modules():
+            if type(module) is GroupedExperts:
+                _, hidden, dim = module.w1.shape
+                if dim % 128 or hidden % 128:
+                    raise ValueError(
+                        f"float8.moe_experts: dim {dim} and hidden {hidden} must be multiples of 128"
+                    )
+                module.__class__ = FP8GroupedExperts
+                swapped += 1
+        logger.info("float8: %d routed-expert modules run FP8 grouped GEMMs", swapped)
