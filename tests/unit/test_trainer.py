@@ -1,6 +1,7 @@
 """Trainer: loss normalisation under gradient accumulation, the NaN policy, metrics output."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -177,3 +178,27 @@ def test_bf16_weights_refused_combinations(tiny, extra, needle):
 
     with pytest.raises(ConfigError, match=needle):
         parse_args(tiny(**{"training.mixed_precision": "bf16_weights", **extra}))
+
+
+def test_validation_logs_held_out_loss(tiny, tmp_path):
+    run = {
+        "training.steps": "4",
+        "validation.enable": "true",
+        "validation.freq": "2",
+        "validation.steps": "2",
+        "data.embedded_max_bytes": "1500000",
+    }  # enough documents for the 1-in-20 held-out split
+    assert main(tiny(**run)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    assert all(abs(r["val_ppl"] - math.exp(r["val_loss"])) < 1e-6 * r["val_ppl"] for r in val)
+    assert val[-1]["val_loss"] < math.log(2048) + 0.5
+
+
+def test_profiler_writes_traces(tiny, tmp_path):
+    run = {"training.steps": "2", "profiling.enable_profiling": "true", "profiling.profile_freq": "2"}
+    assert main(tiny(**run)) == 0
+    traces = list((tmp_path / "run" / "profile_traces").glob("iteration_*/rank0_trace.json"))
+    assert [t.parent.name for t in traces] == ["iteration_2"]
+    assert json.loads(traces[0].read_text())["traceEvents"]
