@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from titan_dsv3.config.job_config import Float8
-from titan_dsv3.models.moe import GroupedExperts
+from titan_dsv3.models.moe import GroupedExperts, _local_shard
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class FP8GroupedExperts(GroupedExperts):
         if torch.is_autocast_enabled(device_type):
             x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
         # expert parallelism hands in distributed tensors: compute with the local shard of the experts
-        w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = (_local_shard(w) for w in (self.w1, self.w2, self.w3))
         return fp8_grouped_swiglu(x_ND, counts_E, w1, w2, w3)
 
 

@@ -9,7 +9,6 @@ import pytest
 from tests.distributed.common import layout_args
 from titan_dsv3.config import ConfigError, parse_args, resolve_model_args
 from titan_dsv3.parallel.dims import ParallelDims
-from titan_dsv3.parallel.pipeline import split_layers, stage_ids
 
 P = "--parallelism."
 
@@ -96,6 +95,10 @@ def test_degrees_and_coordinates(tmp_path):
 
 
 def test_pipeline_split():
+    # imported here: torch.distributed.pipelining imports triton, which must not happen before
+    # tests/kernels/conftest.py sets TRITON_INTERPRET at collection
+    from titan_dsv3.parallel.pipeline import split_layers, stage_ids
+
     # the MTP module counts as a block of the last stage
     assert split_layers(4, 1, 2) == [[0, 1, 2], [3]]
     assert split_layers(4, 0, 4) == [[0], [1], [2], [3]]

@@ -90,7 +90,8 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
 def _local_shard(w: torch.Tensor) -> torch.Tensor:
     """Expert parallelism hands this module a slice of the experts as a distributed tensor: compute with its
     local shard (a plain tensor passes through)."""
-    return w.to_local() if hasattr(w, "to_local") else w
+    # asked of the class: under torch.compile, hasattr on the tensor itself does not see DTensor's methods
+    return w.to_local() if hasattr(type(w), "to_local") else w
 
 
 class GroupedExperts(nn.Module):
