@@ -27,6 +27,8 @@ done
 python3 -m titan_dsv3.config --world-size "$NGPU" "${overrides[@]}" "$@" || exit $?
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
+# The caching allocator reserved 33-44% above the peak under FSDP without expandable segments (22-27% with).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/titan_dsv3_inductor}
 exec torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
   --local-ranks-filter "$LOG_RANK" \
