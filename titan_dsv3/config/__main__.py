@@ -1,6 +1,6 @@
 """Validate a run's configuration without building anything: exit 0 when valid, 2 with one line when not.
 
-    python -m titan_dsv3.config --world-size 4 --job.config_file train_configs/debug_model.toml [overrides]
+python -m titan_dsv3.config --world-size 4 --job.config_file train_configs/debug_model.toml [overrides]
 """
 
 import sys

@@ -27,12 +27,11 @@ class Job:
 # A field left None comes from the preset; without a preset every field must be set.
 Model = make_dataclass(
     "Model",
-    [("preset", str, field(default=""))] + [(f.name, f"{f.type} | None", field(default=None)) for f in fields(ModelArgs)],
+    [("preset", str, field(default=""))]
+    + [(f.name, f"{f.type} | None", field(default=None)) for f in fields(ModelArgs)],
 )
 Model.__doc__ = "The [model] section: preset + ModelArgs fields."
-MODEL_PRESET_DOC = (
-    "A TOML file (path, or name in train_configs/) whose [model] section gives the sizes; fields set here override it."
-)
+MODEL_PRESET_DOC = "A TOML file (path, or name in train_configs/) whose [model] section gives the sizes; fields set here override it."
 
 
 @dataclass

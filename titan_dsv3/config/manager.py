@@ -6,9 +6,7 @@ the fix; ``main`` turns it into exit status 2 without a traceback.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import os
 import sys
 import typing
@@ -16,33 +14,13 @@ from pathlib import Path
 
 from titan_dsv3.config import job_config
 from titan_dsv3.config.job_config import MODEL_PRESET_DOC, JobConfig
+from titan_dsv3.config.sections import ConfigError, field_docs, set_dotted, split_cli
+from titan_dsv3.config.sections import apply_toml as _apply_toml
+from titan_dsv3.config.sections import load_toml as _load_toml
 from titan_dsv3.models import args as model_args_module
 from titan_dsv3.models.args import ModelArgs
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 TRAIN_CONFIGS = Path(__file__).resolve().parents[2] / "train_configs"
-
-
-class ConfigError(ValueError):
-    """A configuration problem; str(e) is the one line shown to the user."""
-
-
-# ---- reading ---------------------------------------------------------------------------------------------------
-
-
-def load_toml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"job.config_file: {path} does not exist; pass an existing TOML file")
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"job.config_file: {path} is not valid TOML ({e}); fix the file") from None
 
 
 def _sections(cfg: JobConfig) -> dict[str, object]:
@@ -53,101 +31,12 @@ def _hints(section: object) -> dict[str, object]:
     return typing.get_type_hints(type(section))
 
 
-def _coerce(value, hint, key: str):
-    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
-    args = typing.get_args(hint)
-    if type(None) in args:  # X | None
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        hint = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. [\"a\", \"b\"] or a,b")
-        return [_coerce(v, item, key) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}; quote it")
-    raise ConfigError(f"{key}: unsupported field type {hint}")
-
-
-def _set(cfg: JobConfig, dotted: str, value, source: str) -> None:
-    if "." not in dotted:
-        raise ConfigError(f"{source}: '{dotted}' is not of the form section.key; see --help")
-    section_name, key = dotted.split(".", 1)
-    sections = _sections(cfg)
-    if section_name not in sections:
-        raise ConfigError(f"{source}: unknown section [{section_name}]; valid: {', '.join(sections)}")
-    section = sections[section_name]
-    hints = _hints(section)
-    if key not in hints:
-        raise ConfigError(
-            f"{source}: unknown key {section_name}.{key}; valid keys of [{section_name}]: {', '.join(hints)}"
-        )
-    setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
+def load_toml(path: str | Path) -> dict:
+    return _load_toml(path, "job.config_file")
 
 
 def apply_toml(cfg: JobConfig, data: dict, source: str) -> None:
-    for section_name, table in data.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: top-level key '{section_name}' must be a [section] table")
-        for key, value in table.items():
-            _set(cfg, f"{section_name}.{key}", value, source)
-
-
-def _split_cli(argv: list[str]) -> list[tuple[str, object]]:
-    """['--a.b', '1', '--c.d=2', '--flag'] -> [('a.b', '1'), ('c.d', '2'), ('flag', True)]."""
-    pairs, i = [], 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--"):
-            raise ConfigError(f"command line: unexpected '{tok}'; options look like --section.key value")
-        name = tok[2:]
-        if "=" in name:
-            name, value = name.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-            i += 2
-        else:
-            value = True  # a bare flag means true
-            i += 1
-        pairs.append((name, value))
-    return pairs
+    _apply_toml(_sections(cfg), data, source)
 
 
 def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> JobConfig:
@@ -157,14 +46,14 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         print(help_text())
         raise SystemExit(0)
     cfg = JobConfig()
-    pairs = _split_cli(argv)
+    pairs = split_cli(argv)
     for name, value in pairs:
         if name == "job.config_file":
             cfg.job.config_file = str(value)
     if cfg.job.config_file:
         apply_toml(cfg, load_toml(cfg.job.config_file), cfg.job.config_file)
     for name, value in pairs:
-        _set(cfg, name, value, f"--{name}")
+        set_dotted(_sections(cfg), name, value, f"--{name}")
     validate(cfg, world_size)
     return cfg
 
@@ -290,7 +179,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             f"data.path: {d.path} has no manifest.json; point it at a folder written by tools.prepare_data"
         )
     if d.tokenizer and not Path(d.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer: {d.tokenizer} does not exist; give a tokenizer.json or leave it empty")
+        raise ConfigError(
+            f"data.tokenizer: {d.tokenizer} does not exist; give a tokenizer.json or leave it empty"
+        )
     _positive("data.embedded_max_bytes", d.embedded_max_bytes)
     _check_backends(cfg, margs)
     try:
@@ -315,7 +206,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
                 "training.mixed_precision = bf16_weights would accumulate gradients in bf16 over micro-batches; "
                 "use bf16 with gradient accumulation, or global_batch_size = local_batch_size x data-parallel degree"
             )
-    if t.global_batch_size != -1 and (t.global_batch_size <= 0 or t.global_batch_size % (t.local_batch_size * dp)):
+    if t.global_batch_size != -1 and (
+        t.global_batch_size <= 0 or t.global_batch_size % (t.local_batch_size * dp)
+    ):
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size} is not a positive multiple of local_batch_size x "
             f"data-parallel degree = {t.local_batch_size} x {dp}; change one of them"
@@ -327,12 +220,16 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
 
     cuda = torch.cuda.is_available()
     if margs.attn_impl == "flex" and not cuda:
-        raise ConfigError("model.attn_impl = 'flex' trains only on CUDA (FlexAttention has no CPU backward); use sdpa")
+        raise ConfigError(
+            "model.attn_impl = 'flex' trains only on CUDA (FlexAttention has no CPU backward); use sdpa"
+        )
     if margs.attn_impl == "triton":
         try:
             import titan_dsv3.kernels.mla_attention  # noqa: F401
         except ImportError as e:
-            raise ConfigError(f"model.attn_impl = 'triton' needs the fused MLA kernel, which failed to import: {e}") from None
+            raise ConfigError(
+                f"model.attn_impl = 'triton' needs the fused MLA kernel, which failed to import: {e}"
+            ) from None
     f8 = cfg.float8
     if f8.fsdp_float8_all_gather and f8.recipe != "tensorwise":
         raise ConfigError("float8.fsdp_float8_all_gather works with recipe = tensorwise only")
@@ -349,18 +246,6 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
 # ---- help ------------------------------------------------------------------------------------------------------
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string right after a field) of a dataclass, read from its source."""
-    tree = ast.parse(inspect.getsource(cls))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = nxt.value.value.strip()
-    return docs
-
-
 def help_text() -> str:
     cfg = JobConfig()
     lines = [
@@ -368,10 +253,10 @@ def help_text() -> str:
         "Precedence: defaults < TOML file < command line.",
         "",
     ]
-    model_docs = _field_docs(model_args_module.ModelArgs)
+    model_docs = field_docs(model_args_module.ModelArgs)
     for name, section in _sections(cfg).items():
         lines.append(f"[{name}]")
-        docs = model_docs if name == "model" else _field_docs(getattr(job_config, type(section).__name__))
+        docs = model_docs if name == "model" else field_docs(getattr(job_config, type(section).__name__))
         if name == "model":
             docs = {"preset": MODEL_PRESET_DOC, **docs}
         for key, hint in _hints(section).items():

@@ -6,27 +6,28 @@ Unknown keys, wrong types and impossible values raise ConfigError, whose one-lin
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from titan_dsv3.config.sections import ConfigError, apply_toml, field_docs, set_dotted
+from titan_dsv3.config.sections import load_toml as _load_toml
+
+__all__ = [
+    "ConfigError",
+    "PrepareConfig",
+    "build_config",
+    "field_docs",
+    "help_options",
+    "load_toml",
+    "set_value",
+]
 
 STAGES = ("clean", "exact_dedup", "near_dedup", "filter", "language", "tokenize")
 # Stages that need every document before deciding (the pipeline waits for all workers at each of these).
 GLOBAL_STAGES = ("exact_dedup", "near_dedup")
 FORMATS = ("auto", "jsonl", "parquet", "arrow", "text")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; str(e) is the one line shown to the user (exit status 2)."""
 
 
 @dataclass
@@ -185,73 +186,12 @@ def sections(cfg: PrepareConfig) -> dict[str, object]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
-def _coerce(value: object, hint: object, key: str) -> object:
-    """A TOML value or a command-line string converted to the field's type, or ConfigError."""
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
-        if not isinstance(value, list):
-            raise ConfigError(
-                f'{key}: expected a list, got {value!r}; write ["a", "b"] in TOML or a,b on the command line'
-            )
-        return [_coerce(v, item, key) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f'{key}: expected a string, got {value!r}; quote it ("...")')
-    raise ConfigError(f"{key}: unsupported field type {hint}")  # pragma: no cover
-
-
 def set_value(cfg: PrepareConfig, dotted: str, value: object, source: str) -> None:
-    if "." not in dotted:
-        raise ConfigError(f"{source}: '{dotted}' is not of the form section.key; see --help")
-    section_name, key = dotted.split(".", 1)
-    secs = sections(cfg)
-    if section_name not in secs:
-        raise ConfigError(f"{source}: unknown section [{section_name}]; valid sections: {', '.join(secs)}")
-    section = secs[section_name]
-    hints = typing.get_type_hints(type(section))
-    if key not in hints:
-        raise ConfigError(
-            f"{source}: unknown key {section_name}.{key}; valid keys of [{section_name}]: {', '.join(hints)}"
-        )
-    setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
+    set_dotted(sections(cfg), dotted, value, source)
 
 
 def load_toml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: {path} does not exist; pass an existing TOML file")
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config: {path} is not valid TOML ({e}); fix the file") from None
+    return _load_toml(path, "--config")
 
 
 def build_config(
@@ -260,12 +200,7 @@ def build_config(
     """Defaults < the TOML file < ``(section.key, value)`` overrides, then validation."""
     cfg = PrepareConfig()
     if toml_path:
-        source = str(toml_path)
-        for section_name, table in load_toml(toml_path).items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{source}: top-level key '{section_name}' must be a [section] table")
-            for key, value in table.items():
-                set_value(cfg, f"{section_name}.{key}", value, source)
+        apply_toml(sections(cfg), load_toml(toml_path), str(toml_path))
     for dotted, value in overrides:
         set_value(cfg, dotted, value, f"--{dotted}")
     validate(cfg)
@@ -358,21 +293,6 @@ def validate(cfg: PrepareConfig) -> None:
 
 
 # ---- help ------------------------------------------------------------------------------------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string right after a field) of a dataclass, read from its source."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if (
-                isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = nxt.value.value.strip()
-    return docs
 
 
 def help_options() -> str:
