@@ -21,6 +21,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2_sqrt):
+    """One decoupled-weight-decay Adam step in fp32 registers; returns the new (p, m, v)."""
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    denom = tl.sqrt(v) / bias_corr2_sqrt + eps
+    p = p - (lr / bias_corr1) * (m / denom)
+    return p, m, v
+
+
+@triton.jit
 def _adamw_bf16_fwd_kernel(
     p_ptr,
     g_ptr,
@@ -43,11 +54,7 @@ def _adamw_bf16_fwd_kernel(
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) / tl.load(grad_scale_ptr)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    p = p * (1.0 - lr * weight_decay)
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
-    denom = tl.sqrt(v) / bias_corr2_sqrt + eps
-    p = p - (lr / bias_corr1) * (m / denom)
+    p, m, v = _adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2_sqrt)
     tl.store(p_ptr + offs, p, mask=mask)
     tl.store(m_ptr + offs, m.to(tl.bfloat16), mask=mask)
     tl.store(v_ptr + offs, v.to(tl.bfloat16), mask=mask)
@@ -122,11 +129,7 @@ def _adamw_bf16_master_kernel(
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) / tl.load(grad_scale_ptr)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    p = p * (1.0 - lr * weight_decay)
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
-    denom = tl.sqrt(v) / bias_corr2_sqrt + eps
-    p = p - (lr / bias_corr1) * (m / denom)
+    p, m, v = _adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2_sqrt)
     tl.store(master_ptr + offs, p, mask=mask)
     tl.store(w_ptr + offs, p.to(tl.bfloat16), mask=mask)
     tl.store(m_ptr + offs, m.to(tl.bfloat16), mask=mask)
