@@ -22,6 +22,11 @@ from titan_dsv3.models.rope import apply_rope, softmax_scale
 LATENT_NORM_EPS = 1e-6
 
 
+def init_normal_(w: torch.Tensor, std: float) -> None:
+    """Normal(0, std) truncated at 3 std: the initialisation of every weight matrix (DeepSeek-V3: std 0.006)."""
+    nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, scaled by a learned weight in the input dtype."""
 
@@ -145,7 +150,7 @@ class MLA(nn.Module):
         for name in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
             lin = getattr(self, name, None)
             if lin is not None:
-                nn.init.trunc_normal_(lin.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+                init_normal_(lin.weight, std)
         for norm in (getattr(self, "q_norm", None), self.kv_norm):
             if norm is not None:
                 norm.reset_parameters()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from titan_dsv3.models.args import ModelArgs
-from titan_dsv3.models.attention import MLA, RMSNorm
+from titan_dsv3.models.attention import MLA, RMSNorm, init_normal_
 from titan_dsv3.models.masks import document_causal_mask
 from titan_dsv3.models.moe import FeedForward, MoE
 from titan_dsv3.models.rope import rope_cos_sin
@@ -62,7 +62,7 @@ class MTPModule(nn.Module):
     def init_weights(self, std: float) -> None:
         for norm in (self.enorm, self.hnorm, self.norm):
             norm.reset_parameters()
-        nn.init.trunc_normal_(self.eh_proj.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        init_normal_(self.eh_proj.weight, std)
         self.block.init_weights(std)
 
 
@@ -158,13 +158,13 @@ class DeepSeekV3Model(nn.Module):
         std = self.args.init_std
         self.init_rope(buffer_device)
         if self.tok_embeddings is not None:
-            nn.init.trunc_normal_(self.tok_embeddings.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            init_normal_(self.tok_embeddings.weight, std)
         for layer in self.layers.values():
             layer.init_weights(std)
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            init_normal_(self.output.weight, std)
         if self.mtp is not None:
             for module in self.mtp.values():
                 module.init_weights(std)

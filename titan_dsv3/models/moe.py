@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan_dsv3.models.args import ModelArgs
+from titan_dsv3.models.attention import init_normal_
 
 
 class FeedForward(nn.Module):
@@ -29,7 +30,7 @@ class FeedForward(nn.Module):
 
     def init_weights(self, std: float) -> None:
         for lin in (self.w1, self.w2, self.w3):
-            nn.init.trunc_normal_(lin.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            init_normal_(lin.weight, std)
 
 
 class Router(nn.Module):
@@ -74,7 +75,7 @@ class Router(nn.Module):
         return weights_TK * self.route_scale, ids_TK, scores_TE
 
     def init_weights(self, std: float) -> None:
-        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        init_normal_(self.weight, std)
         self.expert_bias.zero_()
 
 
@@ -115,7 +116,7 @@ class GroupedExperts(nn.Module):
 
     def init_weights(self, std: float) -> None:
         for w in (self.w1, self.w2, self.w3):
-            nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            init_normal_(w, std)
 
 
 def grouped_swiglu(x_ND, counts_E, w1_EID, w2_EDI, w3_EID) -> torch.Tensor:
