@@ -60,6 +60,11 @@ def _adamw_bf16_fwd_kernel(
     tl.store(v_ptr + offs, v.to(tl.bfloat16), mask=mask)
 
 
+def _step_scalars(lr, beta1, beta2, eps, weight_decay, step) -> tuple:
+    """The kernels' scalar arguments: hyperparameters and the bias corrections of Adam step `step` (1-based)."""
+    return lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
+
+
 def adamw_bf16_step(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
     """Launcher: update p (fp32), m and v (bf16) in place from g / grad_scale (a 0-dim fp32 device tensor: read
     on the device, no host sync) for Adam step number `step` (1-based)."""
@@ -80,13 +85,7 @@ def adamw_bf16_step(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_dec
         m,
         v,
         n,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        1.0 - beta1**step,
-        (1.0 - beta2**step) ** 0.5,
+        *_step_scalars(lr, beta1, beta2, eps, weight_decay, step),
         grad_scale,
         BLOCK=block,
         num_warps=8,
@@ -157,13 +156,7 @@ def adamw_bf16_master_step(
         m,
         v,
         n,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        1.0 - beta1**step,
-        (1.0 - beta2**step) ** 0.5,
+        *_step_scalars(lr, beta1, beta2, eps, weight_decay, step),
         grad_scale,
         BLOCK=block,
         num_warps=8,

@@ -57,3 +57,38 @@ def tiny_args(tmp_path, **overrides) -> list[str]:
     }
     base.update(overrides)
     return args + [f"--{k}={v}" for k, v in base.items()]
+
+
+def tiny_model_args(**kw):
+    """A 3-layer MoE ModelArgs (q low-rank, YaRN x4, MTP 1, wide init) for model-level comparisons."""
+    from titan_dsv3.models import ModelArgs
+
+    base = dict(
+        vocab_size=128,
+        dim=64,
+        inter_dim=96,
+        moe_inter_dim=32,
+        n_layers=3,
+        n_dense_layers=1,
+        n_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=2,
+        n_limited_groups=1,
+        route_scale=2.5,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=64,
+        original_seq_len=16,
+        rope_factor=4.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+        mtp_depth=1,
+        init_std=0.1,
+    )
+    base.update(kw)
+    return ModelArgs(**base)
