@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from titan_dsv3.models.args import ModelArgs
+from titan_dsv3.parallel.dims import ParallelDims
 
 GiB = 2**30
 # Constants measured with benchmarks/bench_memory.py and torch 2.11 (2026-11-22). One H100 80GB: the CUDA context is
@@ -83,22 +84,12 @@ class Layout:
     def world_size(self) -> int:
         return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
 
-    @property
-    def fsdp(self) -> int:
-        return self.dp_shard * self.cp
-
-    @property
-    def efsdp(self) -> int:
-        return self.dp_shard * self.cp * self.tp // self.ep
-
-    @property
-    def uses_fsdp(self) -> bool:
-        """As ParallelDims.uses_fsdp: sharded data ranks, TP, or experts data-parallel over several ranks."""
-        return (
-            self.dp_replicate * self.fsdp > 1
-            or self.tp > 1
-            or ((self.ep > 1 or self.tp > 1) and self.efsdp > 1)
-        )
+    # the derived degrees are ParallelDims' own (they read only the fields both classes have)
+    fsdp = ParallelDims.fsdp
+    efsdp = ParallelDims.efsdp
+    fsdp_enabled = ParallelDims.fsdp_enabled
+    separate_experts = ParallelDims.separate_experts
+    uses_fsdp = ParallelDims.uses_fsdp
 
     def describe(self) -> str:
         parts = [
