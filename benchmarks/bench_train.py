@@ -214,7 +214,7 @@ def main() -> int:
         f"device {dev}, torch {torch.__version__}, extra {a.extra}"
     )
     print(
-        f"{'system':<22}{'tok/s':>10}{'ms/step':>10}{'MFU%':>8}{'MFUc%':>8}{'peak GiB':>10}{'1st step s':>12}"
+        f"{'system':<22}{'tok/s/GPU':>10}{'ms/step':>10}{'MFU%':>8}{'MFUc%':>8}{'peak GiB':>10}{'1st step s':>12}"
     )
     for label, r in rows:
         tps = r.get("tokens_per_step", tokens) / r.get("world_size", 1) / r["sec_per_step"]
