@@ -6,6 +6,8 @@ torchrun --nproc_per_node N -m titan_dsv3.train --job.config_file train_configs/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import resource
@@ -64,6 +66,12 @@ class Trainer:
         self.cfg = cfg
         self.init_distributed()
         self.model_args = resolve_model_args(cfg)
+        if self.rank == cfg.metrics.log_rank:
+            if cfg.job.description:
+                print(cfg.job.description, flush=True)
+            if cfg.job.print_config:
+                resolved = {**dataclasses.asdict(cfg), "model": self.model_args.to_dict()}
+                print(json.dumps(resolved, indent=2, default=str), flush=True)
         self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.dp_rank = self.dims.dp_rank(self.rank)
         if self.dims.pp > 1 and cfg.validation.enable:

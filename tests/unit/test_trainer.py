@@ -202,3 +202,11 @@ def test_profiler_writes_traces(tiny, tmp_path):
     traces = list((tmp_path / "run" / "profile_traces").glob("iteration_*/rank0_trace.json"))
     assert [t.parent.name for t in traces] == ["iteration_2"]
     assert json.loads(traces[0].read_text())["traceEvents"]
+
+
+def test_description_and_print_config(tiny, capsys):
+    make_trainer(tiny(**{"job.description": "tiny run for a test", "job.print_config": "true"}))
+    out = capsys.readouterr().out
+    assert "tiny run for a test" in out
+    printed = json.loads(out[out.index("{") :])
+    assert printed["model"]["dim"] == 32 and printed["training"]["seq_len"] == 32
