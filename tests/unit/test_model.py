@@ -314,3 +314,31 @@ def test_active_params_with_all_experts_active():
     moe_blocks = fewer.n_moe_layers + fewer.mtp_depth
     missing = moe_blocks * (fewer.n_routed_experts - fewer.n_activated_experts) * per_expert
     assert fewer.num_params() - fewer.num_params(active=True) == missing
+
+
+@torch.no_grad()
+def test_flex_document_mask_isolates_documents():
+    """attn_impl = flex: one document equals causal SDPA; with two packed documents, the second one's outputs do not
+    depend on the first one's tokens (forward only: FlexAttention has no CPU backward)."""
+    from tiny import tiny_model_args
+
+    from titan_dsv3.models import DeepSeekV3Model
+
+    torch.manual_seed(0)
+    sdpa = DeepSeekV3Model(tiny_model_args(mtp_depth=0, rope_factor=1.0, original_seq_len=64))
+    sdpa.init_weights()
+    flex = DeepSeekV3Model(
+        tiny_model_args(mtp_depth=0, rope_factor=1.0, original_seq_len=64, attn_impl="flex")
+    )
+    flex.load_state_dict(sdpa.state_dict())
+    flex.init_rope()
+    tokens = torch.randint(1, 128, (2, 32))
+    one_doc = torch.zeros(2, 32, dtype=torch.int32)
+    torch.testing.assert_close(flex(tokens, doc_ids=one_doc), sdpa(tokens), rtol=1e-5, atol=1e-5)
+
+    docs = torch.cat([torch.zeros(2, 12, dtype=torch.int32), torch.ones(2, 20, dtype=torch.int32)], dim=1)
+    other = tokens.clone()
+    other[:, :12] = torch.randint(1, 128, (2, 12))
+    a, b = flex(tokens, doc_ids=docs), flex(other, doc_ids=docs)
+    torch.testing.assert_close(a[:, 12:], b[:, 12:], rtol=1e-5, atol=1e-5)
+    assert (a[:, :12] - b[:, :12]).abs().max() > 1e-3  # the first document did change
