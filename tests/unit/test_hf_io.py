@@ -73,47 +73,25 @@ def test_router_mapping():
         )
     )
     assert greedy.n_expert_groups == 1  # greedy top-k ignores the groups
-    v3 = args_from_hf_config(
-        dict(
-            CFG,
-            model_type="deepseek_v3",
-            n_routed_experts=16,
-            num_experts_per_tok=4,
-            n_group=4,
-            topk_group=2,
-            q_lora_rank=None,
-            first_k_dense_replace=1,
-            num_nextn_predict_layers=1,
-            rope_theta=5e4,
-            rope_scaling=dict(
-                type="yarn", factor=40, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0
-            ),
-        )
+    v3_routing = dict(
+        CFG,
+        model_type="deepseek_v3",
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        q_lora_rank=None,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
     )
+    yarn = dict(factor=40, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0)
+    v3 = args_from_hf_config(dict(v3_routing, rope_theta=5e4, rope_scaling=dict(type="yarn", **yarn)))
     assert (v3.score_func, v3.group_score, v3.route_norm, v3.q_lora_rank) == ("sigmoid", "top2_sum", True, 0)
     assert (v3.rope_factor, v3.original_seq_len, v3.rope_theta, v3.max_seq_len) == (40.0, 16, 5e4, 64)
     assert (v3.n_dense_layers, v3.mtp_depth) == (1, 1)
     # transformers 5 keeps the same numbers under rope_parameters
     v3b = args_from_hf_config(
-        dict(
-            CFG,
-            model_type="deepseek_v3",
-            n_routed_experts=16,
-            num_experts_per_tok=4,
-            n_group=4,
-            topk_group=2,
-            q_lora_rank=None,
-            first_k_dense_replace=1,
-            num_nextn_predict_layers=1,
-            rope_parameters=dict(
-                rope_type="yarn",
-                rope_theta=5e4,
-                factor=40,
-                original_max_position_embeddings=16,
-                mscale=1.0,
-                mscale_all_dim=1.0,
-            ),
-        )
+        dict(v3_routing, rope_parameters=dict(rope_type="yarn", rope_theta=5e4, **yarn))
     )
     assert v3b == v3
 
