@@ -240,9 +240,10 @@ def _bwd_configs(shapes, interpret_shape):
 
 
 # (query block, key block, warps, stages). The loop's block must divide the fixed one (diagonal blocks). dk + dv
-# take 320 fp32 accumulator columns per key row, so the key block stays at 64-128 rows. Compiled for sm_90 with
-# triton 3.6: none of these spills (32 x 64 dk/dv: 204 registers; 32 x 128 spilled and is left out).
-_DKDV_SHAPES = [(32, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2), (64, 64, 8, 2)]
+# take 320 fp32 accumulator columns per key row. Measured on H200 (B2 H16 S4096, benchmarks/RESULTS.md): causal
+# 64 x 128 w8 s2 0.93 ms, 32 x 64 w4 s3 1.08, 32 x 128 w8 s2 1.15, 16 x 128 w8 s2 1.70; with documents 32 x 64 w4
+# s2 0.31 ms. 64 x 128 w8 s3 is the untried neighbour of the causal winner (more smem, 3-stage q/do pipeline).
+_DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 8, 2)]
 _DQ_SHAPES = [(128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
 
 

@@ -519,10 +519,12 @@ class Trainer:
             s["balance_loss"] = float(torch.stack(bal).mean())
         return s
 
-    def close(self) -> None:
+    def close(self, keep_process_group: bool = False) -> None:
+        """Flush checkpoints and metrics; end the process group unless another Trainer in this process follows
+        (re-creating a NCCL group under torchrun after destroying one reads the first group's stale rendezvous)."""
         self.checkpointer.close()
         self.metrics.close()
-        if dist.is_initialized():
+        if dist.is_initialized() and not keep_process_group:
             dist.barrier()
             dist.destroy_process_group()
 
