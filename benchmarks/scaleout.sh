@@ -1,0 +1,86 @@
+#!/bin/bash
+# The multi-GPU runs the scale-out and parallelism issues ask for, as named sections, each under a time limit,
+# logs in $OUT (default /tmp/scaleout), a table of the printed figures at the end.
+#
+#   NGPU=4 bash benchmarks/scaleout.sh weak 16b        # about 8 min on 4 x H200
+#   NGPU=4 bash benchmarks/scaleout.sh pp cp           # about 6 min
+#   NGPU=2 bash benchmarks/scaleout.sh weak            # the same sections on fewer GPUs
+#   WORKLOAD_SMALL=tiny NGPU=2 bash benchmarks/scaleout.sh weak   # the plumbing on CPU (gloo), seconds
+#
+# Sections:
+#   weak  bench6 work per GPU (4 x 4096 tokens) on 1, 2, ..., NGPU GPUs with FSDP + EP (EP = GPUs): weak scaling
+#   16b   the 16B shape (27 layers) with FSDP NGPU + EP NGPU, 4 x 4096 a GPU, AC every 2nd block
+#   pp    the 16B shape with PP 2 x (FSDP NGPU/2 + EP NGPU/2), 1F1B, 8 micro-batches of 1 x 4096
+#   cp    the 16B shape at 64K context with CP NGPU (+ EP NGPU), one sequence, full AC
+# Each bench_train run prints tok/s/GPU, MFU and the largest rank's peak memory.
+set -u
+NGPU=${NGPU:-4}
+OUT=${OUT:-/tmp/scaleout}
+SMALL=${WORKLOAD_SMALL:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+cd "$(dirname "$0")/.."
+
+# compiled, bf16 Adam moments, fp32 masters under FSDP: the settings of the 2 x H200 figures in RESULTS.md
+BASE="--compile.enable=true --optimizer.state_dtype=bfloat16"
+[ -n "$SMALL" ] && BASE=""
+
+bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS OVERRIDES...
+    local name=$1 nproc=$2 limit=$3 workload=$4 steps=$5
+    shift 5
+    local cmd=(benchmarks/bench_train.py --workload "${SMALL:-$workload}" --steps "$steps" --warmup 3 --no-eager
+        --variant "$name=$BASE $*")
+    echo "--- $name: $nproc process(es), limit ${limit}s"
+    if [ "$nproc" = 1 ]; then
+        CUDA_VISIBLE_DEVICES=0 timeout "$limit" python3 "${cmd[@]}" >"$OUT/$name.log" 2>&1
+    else
+        timeout "$limit" torchrun --nproc_per_node "$nproc" --rdzv_backend=c10d --rdzv_endpoint=localhost:0 \
+            "${cmd[@]}" >"$OUT/$name.log" 2>&1
+    fi
+    echo "    exit $? ($(grep -c . "$OUT/$name.log") log lines)"
+}
+
+for section in "$@"; do
+    case $section in
+    weak)
+        bench weak_1gpu 1 180 bench6 20
+        n=2
+        while [ "$n" -le "$NGPU" ]; do
+            bench "weak_${n}gpu" "$n" 240 bench6 20 --parallelism.expert_parallel_degree=$n
+            n=$((n * 2))
+        done
+        ;;
+    16b)
+        bench "16b_fsdp${NGPU}_ep${NGPU}" "$NGPU" 300 deepseek16b 10 \
+            --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 \
+            --activation_checkpoint.mode=selective --activation_checkpoint.selective_option=2
+        ;;
+    pp)
+        h=$((NGPU / 2))
+        bench "16b_pp2_ep${h}" "$NGPU" 300 deepseek16b 10 \
+            --parallelism.pipeline_parallel_degree=2 --parallelism.expert_parallel_degree=$h \
+            --parallelism.pipeline_parallel_schedule=1F1B --parallelism.pipeline_parallel_microbatches=8 \
+            --training.local_batch_size=8 --activation_checkpoint.mode=selective \
+            --activation_checkpoint.selective_option=2
+        ;;
+    cp)
+        # the sequence-wise balance loss cannot see a whole sequence under CP: aux-loss-free balancing instead
+        bench "16b_64k_cp${NGPU}" "$NGPU" 300 deepseek16b_64k 6 \
+            --parallelism.data_parallel_shard_degree=1 --parallelism.context_parallel_degree=$NGPU \
+            --parallelism.expert_parallel_degree=$NGPU --activation_checkpoint.mode=full \
+            --moe.balance_loss_alpha=0 --moe.bias_update_speed=0.001
+        ;;
+    *)
+        echo "unknown section $section (weak, 16b, pp, cp)" >&2
+        exit 2
+        ;;
+    esac
+done
+
+echo
+echo "run                     tok/s/GPU   ms/step    MFU%   MFUc%  peak GiB  1st step s    loss"
+for f in "$OUT"/*.log; do
+    row=$(grep -E "^(weak|16b)_" "$f" | tail -1)
+    [ -n "$row" ] && echo "$row" || echo "$(basename "$f" .log): no figures (see $f)"
+done
