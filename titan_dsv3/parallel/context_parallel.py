@@ -29,6 +29,10 @@ from torch.nn.attention import SDPBackend
 from titan_dsv3.models import attention
 from titan_dsv3.optim import losses
 
+# newer torch (2.13 here) names the autograd all-gather all_gather_single_autograd and warns on the old name;
+# the old name stays the fallback for torch versions without the new one
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
 
 def mtp_next_ids(inputs: torch.Tensor, depth: int) -> torch.Tensor:
     """(bsz, seqlen, depth): for MTP depth k, the id k positions ahead (wrapping; those targets are ignored)."""
@@ -70,8 +74,8 @@ def _allgather_sdpa(mesh: DeviceMesh, q_pos: torch.Tensor, kv_pos: torch.Tensor)
         if attn_mask is not None or not is_causal:
             raise NotImplementedError("context parallelism supports causal SDPA without a mask")
         # (bsz, heads, local seq, d) -> (bsz, heads, seq, d), in the rank order of kv_pos
-        k_all = funcol.all_gather_tensor_autograd(k.contiguous(), gather_dim=2, group=group)
-        v_all = funcol.all_gather_tensor_autograd(v.contiguous(), gather_dim=2, group=group)
+        k_all = _all_gather_autograd(k.contiguous(), gather_dim=2, group=group)
+        v_all = _all_gather_autograd(v.contiguous(), gather_dim=2, group=group)
         return sdpa(q, k_all, v_all, attn_mask=mask, dropout_p=dropout_p, scale=scale, **kwargs)
 
     F.scaled_dot_product_attention = cp_sdpa
