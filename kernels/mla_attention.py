@@ -37,6 +37,20 @@ _MASKED = tl.constexpr(-1.0e30)
 # ---- forward -------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _key_block_scores(
+    qn, qp, kn_base, kp_base, skn_s, skp_s, offs_n, n_ok, DN: tl.constexpr, DR: tl.constexpr
+):
+    """q.k of a query block with one key block (BLOCK_M, BLOCK_N), unscaled; also the key block's nope part and
+    the rope key shared by all heads, loaded transposed as (DN, BLOCK_N) and (DR, BLOCK_N) for the dq products."""
+    offs_dn = tl.arange(0, DN)
+    offs_dr = tl.arange(0, DR)
+    knT = tl.load(kn_base + offs_n[None, :] * skn_s + offs_dn[:, None], mask=n_ok[None, :], other=0.0)
+    kpT = tl.load(kp_base + offs_n[None, :] * skp_s + offs_dr[:, None], mask=n_ok[None, :], other=0.0)
+    s = tl.dot(qn, knT)
+    return tl.dot(qp, kpT, s), knT, kpT
+
+
 # fmt: off
 @triton.jit
 def _fwd_inner(
@@ -45,16 +59,12 @@ def _fwd_inner(
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
-    offs_dn = tl.arange(0, DN)
-    offs_dr = tl.arange(0, DR)
     offs_dv = tl.arange(0, DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen
-        knT = tl.load(kn_base + offs_n[None, :] * skn_s + offs_dn[:, None], mask=n_ok[None, :], other=0.0)
-        kpT = tl.load(kp_base + offs_n[None, :] * skp_s + offs_dr[:, None], mask=n_ok[None, :], other=0.0)
-        s = tl.dot(qn, knT)
-        s = tl.dot(qp, kpT, s) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        s, _, _ = _key_block_scores(qn, qp, kn_base, kp_base, skn_s, skp_s, offs_n, n_ok, DN, DR)
+        s = s * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         if CAUSAL:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, _MASKED)
         if HAS_DOC:
@@ -207,17 +217,12 @@ def _bwd_dq_inner(
     CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
     """Accumulate dq of one query block over key blocks [lo, hi)."""
-    offs_dn = tl.arange(0, DN)
-    offs_dr = tl.arange(0, DR)
     offs_dv = tl.arange(0, DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen
-        knT = tl.load(kn_base + offs_n[None, :] * skn_s + offs_dn[:, None], mask=n_ok[None, :], other=0.0)
-        kpT = tl.load(kp_base + offs_n[None, :] * skp_s + offs_dr[:, None], mask=n_ok[None, :], other=0.0)
+        s, knT, kpT = _key_block_scores(qn, qp, kn_base, kp_base, skn_s, skp_s, offs_n, n_ok, DN, DR)
         vT = tl.load(v_base + offs_n[None, :] * sv_s + offs_dv[:, None], mask=n_ok[None, :], other=0.0)
-        s = tl.dot(qn, knT)
-        s = tl.dot(qp, kpT, s)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if CAUSAL:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
