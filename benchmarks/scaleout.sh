@@ -6,6 +6,7 @@
 #   NGPU=4 bash benchmarks/scaleout.sh pp cp           # about 6 min
 #   NGPU=2 bash benchmarks/scaleout.sh weak            # the same sections on fewer GPUs
 #   WORKLOAD_SMALL=tiny NGPU=2 bash benchmarks/scaleout.sh weak   # the plumbing on CPU (gloo), seconds
+#   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.ops.txt and a gzipped rank-0 trace
 #
 # Sections:
 #   weak  bench6 work per GPU (4 x 4096 tokens) on 1, 2, ..., NGPU GPUs with FSDP + EP (EP = GPUs): weak scaling
@@ -31,6 +32,7 @@ bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS OVERRIDES...
     shift 5
     local cmd=(benchmarks/bench_train.py --workload "${SMALL:-$workload}" --steps "$steps" --warmup 3 --no-eager
         --variant "$name=$BASE $*")
+    [ "${PROFILE:-0}" = 1 ] && cmd+=(--profile "/tmp/scaleout_prof/$name")
     echo "--- $name: $nproc process(es), limit ${limit}s"
     if [ "$nproc" = 1 ]; then
         CUDA_VISIBLE_DEVICES=0 timeout "$limit" python3 "${cmd[@]}" >"$OUT/$name.log" 2>&1
@@ -39,6 +41,12 @@ bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS OVERRIDES...
             "${cmd[@]}" >"$OUT/$name.log" 2>&1
     fi
     echo "    exit $? ($(grep -c . "$OUT/$name.log") log lines)"
+    local prof
+    prof=$(find "/tmp/scaleout_prof/$name" -path "*rank0*" -name ops.txt 2>/dev/null | head -1)
+    if [ -n "$prof" ]; then  # the host-overhead question needs the trace; gzip keeps it under the 16 MB a file
+        cp "$prof" "$OUT/$name.ops.txt"
+        gzip -c "$(dirname "$prof")/trace.json" >"$OUT/$name.trace.json.gz"
+    fi
 }
 
 for section in "$@"; do
