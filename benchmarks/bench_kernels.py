@@ -314,7 +314,7 @@ def run_fp8(args) -> None:
     if args.profile:
         profile_split(fwd_bwd(ours, inputs, dy))
     autotune_picks(
-        fp8._gemm_swiglu_fwd_kernel, fp8._gemm_scatter_kernel, fp8._gemm_swiglu_bwd_kernel, fp8._wgrad_kernel
+        fp8._gemm_swiglu_fwd_kernel, fp8._gemm_scatter_kernel, fp8._swiglu_bwd_quant_kernel, fp8._wgrad_kernel
     )
 
 

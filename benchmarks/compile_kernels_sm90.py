@@ -90,7 +90,13 @@ def main() -> None:
     sweep(F._quant_weight_kernel, fp8_types, dict(EXACT=False))
     sweep(F._gemm_swiglu_fwd_kernel, {**fp8_types, "w_ptr": f8}, dict(EXACT=False))
     sweep(F._gemm_scatter_kernel, fp8_types, {})
-    sweep(F._gemm_swiglu_bwd_kernel, fp8_types, dict(EXACT=False))
+    for warps in (8, 16):
+        cfg = triton.Config({}, num_warps=warps, num_stages=1)
+        print(
+            f"{'_swiglu_bwd_quant_kernel':26s} {'EXACT=False':42s} w{warps} s1  "
+            f"{compile_report(F._swiglu_bwd_quant_kernel, {**fp8_types, 'dh_ptr': '*fp32'}, dict(EXACT=False), cfg.num_warps, 1)}",
+            flush=True,
+        )
     sweep(F._wgrad_kernel, fp8_types, {})
 
 

@@ -11,8 +11,10 @@ contraction has one scale. Pad rows are zeros; the outputs are written back to t
 Fused stages (each reads its input once):
 - activations -> fp8 row-scaled (for the next GEMM) and fp8 column-scaled transposed (saved for the weight grad);
 - GEMM1 x @ [w1; w3]^T -> epilogue: h1, h3 kept in x's dtype for the backward, h = silu(h1) * h3 quantised;
-- GEMM dh = dy @ w2 -> epilogue: SwiGLU backward, dh1 and dh3 quantised both ways, h recomputed from h1, h3 and
-  quantised per 128 tokens for the w2 gradient;
+- GEMM dh = dy @ w2 (fp32, P x I), then one elementwise pass: SwiGLU backward, dh1 and dh3 quantised both ways,
+  h recomputed from h1, h3 and quantised per 128 tokens for the w2 gradient. (As the GEMM's epilogue this pass
+  held 255 registers and spilled, and the GEMM ran at 99 TFLOP/s on H200; the split costs a 4-byte round trip
+  of dh through memory, P x I x 8 bytes, and a transient P x I fp32 buffer.);
 - weights -> fp8 blocks in both orientations (K-major operands for the forward and for the input-gradient GEMMs).
 Hopper's fp8 tensor cores take K-major operands only; each operand is stored that way once.
 
@@ -34,6 +36,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FP8_MAX = 448.0  # largest finite e4m3fn value
 TILE = 128  # scaling granularity and row-tile size
 _EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to zeros
+# the SwiGLU-backward quantisation pass: 5 live 128 x 128 fp32 tiles; with 8 warps they spill 656 B a thread on
+# sm_90, with 16 warps 136 B (compile_kernels_sm90.py)
+_EPILOGUE_WARPS = 16
 _FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same two, as the kernels see them
 _EPS_C = tl.constexpr(_EPS)
 
@@ -120,9 +125,8 @@ def _quant_weight_kernel(
 
 
 # ---- GEMMs ---------------------------------------------------------------------------------------------------
-# Configs were compiled for sm_90 with triton 3.6 (no GPU run yet): none spills inside its K loop; 128-row GEMM1
-# tiles, 256-wide output tiles and 4-warp variants did and were dropped. The SwiGLU-backward epilogue spills
-# (~1.3 KB a thread, after the loop).
+# Configs were compiled for sm_90 with triton 3.6 before the first GPU run: none spills inside its K loop; 128-row
+# GEMM1 tiles, 256-wide output tiles and 4-warp variants did and were dropped.
 
 
 # fmt: off
@@ -218,29 +222,20 @@ def _gemm_scatter_kernel(
     tl.store(out_ptr + src[:, None] * N_OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 4), (8, 3))] if not _INTERPRET
-    else [triton.Config({}, num_warps=4, num_stages=1)],
-    key=["K", "HIDDEN"],
-)
 @triton.jit(do_not_specialize=["n_experts"])
-def _gemm_swiglu_bwd_kernel(
-    a_ptr, sa_ptr, b_ptr, sb_ptr, tile_expert_ptr, h13_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr,
-    n_pad, n_experts, K, HIDDEN, sb_e, sb_n, sb_k, EXACT: tl.constexpr,
+def _swiglu_bwd_quant_kernel(
+    dh_ptr, h13_ptr, tile_expert_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, n_pad, n_experts,
+    HIDDEN, EXACT: tl.constexpr,
 ):
-    """dh = dy @ w2 for one (128-row, 128-hidden) tile, then the SwiGLU backward: dh1, dh3 quantised row-wise
-    into (P, 2I) and column-wise transposed into (2I, P); and h = silu(h1) * h3 (from the stored h1, h3)
-    column-quantised transposed into (I, P) for the w2 gradient."""
+    """SwiGLU backward of one (128-row, 128-hidden) tile from dh = dy @ w2 (P, I) fp32 and the stored h1 | h3:
+    dh1, dh3 quantised row-wise into (P, 2I) and column-wise transposed into (2I, P); h = silu(h1) * h3
+    recomputed and column-quantised transposed into (I, P) for the w2 gradient."""
     tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
-    if e >= n_experts:
+    if tl.load(tile_expert_ptr + tile) >= n_experts:
         return
     offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
     offs_n = tl.program_id(0) * 128 + tl.arange(0, 128)
-    dh, _ = _rows_mainloop(
-        a_ptr, sa_ptr, b_ptr, sb_ptr, offs_m, offs_n, e.to(tl.int64), K, HIDDEN, 0, sb_e, sb_n, sb_k,
-        False, 128, 128,
-    )
+    dh = tl.load(dh_ptr + offs_m[:, None] * HIDDEN + offs_n[None, :])
     h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
     h1 = tl.load(h13_ptrs).to(tl.float32)
     h3 = tl.load(h13_ptrs + HIDDEN).to(tl.float32)
@@ -417,10 +412,19 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(2 * hidden, n_pad // TILE, device=dev)
     hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(hidden, n_pad // TILE, device=dev)
     n_ib, n_db = hidden // TILE, dim // TILE
-    # B = w2^T (E, I, D); the scale of its block (i, d) is w2s[e, d, i]
-    _gemm_swiglu_bwd_kernel[(hidden // TILE, n_pad // TILE)](
-        dyq, dys, w2tq, w2s, lay.tile_expert, h13, gq, gs, gqt, gst, hqt, hst, n_pad, n_exp, dim, hidden,
-        n_db * n_ib, 1, n_ib, EXACT=_INTERPRET,
+    # dh = dy @ w2 into the padded rows (the identity as row map: pad rows of dy are zeros, so are theirs), in
+    # fp32 as the SwiGLU backward used it when it was the GEMM's epilogue. That fused epilogue ran the GEMM at
+    # 99 TFLOP/s on H200 (5.8 ms; the plain scatter GEMM of the same size: 1.5-1.9 ms). This split is expected
+    # at ~3 ms (GEMM + one elementwise pass over 1.8 GB); not measured yet.
+    # B = w2^T (E, I, D); the scale of its block (i, d) is w2s[e, d, i].
+    dh = _f32_empty(n_pad, hidden, device=dev)
+    rows = torch.arange(n_pad, device=dev, dtype=torch.int32)
+    _gemm_scatter_kernel[lambda meta: (triton.cdiv(hidden, meta["BLOCK_N"]), n_pad // TILE)](
+        dyq, dys, w2tq, w2s, lay.tile_expert, rows, dh, n_exp, dim, hidden, n_db * n_ib, 1, n_ib,
+    )  # fmt: skip
+    _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
+        dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, n_exp, hidden, EXACT=_INTERPRET,
+        num_warps=_EPILOGUE_WARPS,
     )  # fmt: skip
     dx = torch.empty(n_rows, dim, device=dev, dtype=dy.dtype)
     # B = [w1; w3]^T (E, D, 2I); the scale of its block (d, j) is w13s[e, j, d]
