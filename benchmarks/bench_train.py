@@ -7,6 +7,8 @@
 
 Prints tokens/s, MFU (torchtitan's convention: full S x S attention, and the causal-aware one), peak memory,
 and with --hf the same for transformers' DeepseekV3ForCausalLM (bf16 params and AdamW states) and the ratio.
+--profile also prints, for the first variant, where rank 0's GPU time goes in two profiled steps: busy vs the
+window, communication and the all-to-all time, each with the part no compute kernel hides (metrics/gpu_time.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from workloads import WORKLOADS, trainer_args  # noqa: E402
 
 from titan_dsv3.config import parse_args  # noqa: E402
+from titan_dsv3.metrics.gpu_time import gpu_time  # noqa: E402
 from titan_dsv3.metrics.logger import peak_flops  # noqa: E402
 from titan_dsv3.train import Trainer  # noqa: E402
 
@@ -94,8 +97,10 @@ def profile_steps(step_fn, folder: Path) -> str:
     prof.export_chrome_trace(str(folder / "trace.json"))
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40)
-    (folder / "ops.txt").write_text(table)
-    return str(folder)
+    split = gpu_time(prof.events())
+    summary = split.summary(steps=2) if split else "no device kernels"
+    (folder / "ops.txt").write_text(f"{summary}\n\n{table}")
+    return summary
 
 
 def hf_config(name: str):
@@ -199,6 +204,8 @@ def main() -> int:
         if rank == 0:
             tps = r["tokens_per_step"] / r["sec_per_step"] / r["world_size"]
             print(f"{label}: {tps:,.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB", flush=True)
+            if "profile" in r:  # rank 0's two profiled steps
+                print(f"{label}, profiled: {r['profile']}", flush=True)
     if a.hf and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         try:
             rows.append(("HF transformers", run_hf(a.workload, a.steps, a.warmup)))

@@ -24,6 +24,7 @@ from titan_dsv3.config.budget import steps_for_ratio
 from titan_dsv3.data.loader import PackedLoader, load_embedded, load_prepared
 from titan_dsv3.data.tokenizer import TextTokenizer
 from titan_dsv3.float8 import apply_float8
+from titan_dsv3.metrics.gpu_time import gpu_time
 from titan_dsv3.metrics.logger import MetricsLogger, moe_stats, peak_flops
 from titan_dsv3.models import DeepSeekV3Model
 from titan_dsv3.optim import losses
@@ -454,6 +455,9 @@ class Trainer:
 
         def on_trace_ready(prof):
             prof.export_chrome_trace(str(folder / f"rank{self.rank}_trace.json"))
+            split = gpu_time(prof.events())
+            if split is not None and self.rank == self.cfg.metrics.log_rank:
+                print(f"step {step} profiled: {split.summary()}", flush=True)
 
         return torch.profiler.profile(activities=acts, record_shapes=True, on_trace_ready=on_trace_ready)
 
