@@ -14,7 +14,7 @@ Fused stages (each reads its input once):
 - GEMM dh = dy @ w2 (fp32, P x I), then one elementwise pass: SwiGLU backward, dh1 and dh3 quantised both ways,
   h recomputed from h1, h3 and quantised per 128 tokens for the w2 gradient. (As the GEMM's epilogue this pass
   held 255 registers and spilled, and the GEMM ran at 99 TFLOP/s on H200; the split costs a 4-byte round trip
-  of dh through memory, P x I x 8 bytes, and a transient P x I fp32 buffer.);
+  of dh through memory, P x I x 8 bytes, and a transient P x I fp32 buffer);
 - weights -> fp8 blocks in both orientations (K-major operands for the forward and for the input-gradient GEMMs).
 Hopper's fp8 tensor cores take K-major operands only; each operand is stored that way once.
 
@@ -413,10 +413,8 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(hidden, n_pad // TILE, device=dev)
     n_ib, n_db = hidden // TILE, dim // TILE
     # dh = dy @ w2 into the padded rows (the identity as row map: pad rows of dy are zeros, so are theirs), in
-    # fp32 as the SwiGLU backward used it when it was the GEMM's epilogue. That fused epilogue ran the GEMM at
-    # 99 TFLOP/s on H200 (5.8 ms; the plain scatter GEMM of the same size: 1.5-1.9 ms). This split is expected
-    # at ~3 ms (GEMM + one elementwise pass over 1.8 GB); not measured yet.
-    # B = w2^T (E, I, D); the scale of its block (i, d) is w2s[e, d, i].
+    # fp32 as the fused epilogue used it; expected ~3 ms for GEMM + pass on bench6 shapes against the fused
+    # kernel's 5.8 ms (H200), not measured yet. B = w2^T (E, I, D); the scale of its block (i, d) is w2s[e, d, i].
     dh = _f32_empty(n_pad, hidden, device=dev)
     rows = torch.arange(n_pad, device=dev, dtype=torch.int32)
     _gemm_scatter_kernel[lambda meta: (triton.cdiv(hidden, meta["BLOCK_N"]), n_pad // TILE)](
