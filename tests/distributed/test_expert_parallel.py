@@ -1,5 +1,6 @@
-"""The EP token path alone: dispatch, grouped GEMM on local experts, combine, with empty experts and a rank that
-routes no tokens at all; outputs, input gradients and expert-weight gradients equal the unsharded experts'."""
+"""The EP token route alone: plan, dispatch, grouped GEMM on local experts, weighted combine, with empty experts,
+a rank that routes no tokens and a rank that receives none. Outputs and the gradients of the tokens, the gate
+weights and the expert weights equal route_locally on the unsharded experts; each token is sent once per rank."""
 
 from __future__ import annotations
 
@@ -10,52 +11,72 @@ from tests.distributed.launcher import run_ranks
 
 pytestmark = pytest.mark.slow
 
-E, D, I = 4, 8, 12  # noqa: E741  (grouped_mm wants rows of a multiple of 16 bytes)
+E, D, I, K = 4, 8, 12, 2  # noqa: E741  (grouped_mm wants rows of a multiple of 16 bytes)
 
 
-def ep_matches_reference(counts_by_rank: list[list[int]]) -> dict:
+def ep_matches_reference(ids_by_rank: list[list[list[int]]]) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from titan_dsv3.models.moe import GroupedExperts
-    from titan_dsv3.parallel.expert_parallel import ExpertParallel
+    from titan_dsv3.models.moe import GroupedExperts, route_locally
+    from titan_dsv3.parallel.expert_parallel import ExpertParallel, ranks_hit
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     ref = GroupedExperts(E, D, I)
     ref.init_weights(0.5)
-    ep = GroupedExperts(E, D, I)
-    ep.load_state_dict(ref.state_dict())
-    ExpertParallel(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))).apply(ep)
+    holder = torch.nn.Module()  # what ExpertParallel.apply needs of a MoE: .experts and .route_tokens
+    holder.experts = GroupedExperts(E, D, I)
+    holder.experts.load_state_dict(ref.state_dict())
+    ExpertParallel(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))).apply(holder)
 
-    counts = torch.tensor(counts_by_rank[rank])
+    ids = torch.tensor(ids_by_rank[rank], dtype=torch.int64).view(-1, K)
+    counts = torch.bincount(ids.flatten(), minlength=E)
     torch.manual_seed(1 + rank)
-    x = torch.randn(int(counts.sum()), D)  # token copies already sorted by expert
-    r = torch.randn(int(counts.sum()), D)
+    x = torch.randn(ids.shape[0], D)
+    w = torch.rand(ids.shape[0], K)
+    r = torch.randn(ids.shape[0], D)
     x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ref = ref(x_ref, counts)
-    y_ep = ep(x_ep, counts)
+    w_ref, w_ep = w.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = route_locally(ref, x_ref, w_ref, ids, counts)
+    y_ep = holder.route_tokens(holder.experts, x_ep, w_ep, ids, counts)
     (y_ref * r).sum().backward()
     (y_ep * r).sum().backward()
-    out = {"y": (y_ep - y_ref).abs().max().item() if len(x) else 0.0}
-    out["x_grad"] = (x_ep.grad - x_ref.grad).abs().max().item() if len(x) else 0.0
+    out = {}
+    if len(x):
+        out["y"] = (y_ep - y_ref).abs().max().item()
+        out["x_grad"] = (x_ep.grad - x_ref.grad).abs().max().item()
+        out["w_grad"] = (w_ep.grad - w_ref.grad).abs().max().item()
     local = E // world
     for name in ("w1", "w2", "w3"):
         full = getattr(ref, name).grad.clone()
         dist.all_reduce(full)  # the reference's weight gradient over every rank's tokens
-        shard = getattr(ep, name).grad.to_local()
+        shard = getattr(holder.experts, name).grad.to_local()
         out[name] = (shard - full[rank * local : (rank + 1) * local]).abs().max().item()
-    return out
+    rows = int(ranks_hit(ids, local, world).sum())
+    return {"errors": out, "rows_sent": rows, "copies": ids.numel()}
 
 
 @pytest.mark.parametrize(
-    "counts",
+    "ids",
     [
-        [[3, 0, 0, 2], [0, 1, 5, 0]],  # empty experts on both sides
-        [[2, 1, 0, 4], [0, 0, 0, 0]],  # rank 1 routes nothing (and still receives)
+        # rank 0: tokens routed within rank 0, across ranks, and twice to rank 1; expert 2 of rank 1 gets none
+        [[0, 1, 0, 3, 3, 1, 1, 3], [2, 3, 0, 2, 1, 2]],
+        [[0, 3, 3, 0, 1, 0], []],  # rank 1 routes nothing and still computes rank 0's copies
+        [[0, 1, 1, 0], [0, 1]],  # rank 1's experts receive nothing
     ],
 )
-def test_ep_dispatch_combine_matches_local_experts(counts):
-    for errors in run_ranks(ep_matches_reference, 2, counts):
-        assert max(errors.values()) < 1e-5, errors
+def test_ep_route_matches_local_route(ids):
+    for rank in run_ranks(ep_matches_reference, 2, ids):
+        assert max(rank["errors"].values()) < 1e-5, rank["errors"]
+        assert rank["rows_sent"] <= rank["copies"]
+
+
+def test_a_token_goes_once_to_each_rank():
+    from titan_dsv3.parallel.expert_parallel import ranks_hit
+
+    ids = torch.tensor([[0, 1], [0, 2], [3, 2], [1, 0]])  # 2 experts a rank
+    hit = ranks_hit(ids, n_local=2, ep=2)
+    assert hit.tolist() == [[True, False], [True, True], [False, True], [True, False]]
+    assert int(hit.sum()) == 5 < ids.numel()  # 5 rows instead of 8 copies

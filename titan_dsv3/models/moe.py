@@ -143,6 +143,16 @@ def looped_swiglu(x_ND, counts_E, w1_EID, w2_EDI, w3_EID) -> torch.Tensor:
     return out_ND
 
 
+def route_locally(experts, x_TD, weights_TK, ids_TK, counts_E) -> torch.Tensor:
+    """sum_k w_tk * expert_k(x_t) for every token, all experts on this device: the copies sorted by expert (token
+    order kept inside a group) through one grouped GEMM, back in (token, k) order, weighted and summed."""
+    topk, dim = ids_TK.shape[1], x_TD.shape[1]
+    order_N = ids_TK.flatten().argsort(stable=True)
+    y_ND = experts(x_TD[order_N // topk], counts_E)
+    y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(-1, topk, dim)
+    return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on x whose backward also sends a gradient of ``scale`` into aux_loss."""
 
@@ -180,6 +190,8 @@ class MoE(nn.Module):
         # Router entropy (mean over tokens, normalised to [0, 1]) is measured only when the trainer asks for it.
         self.record_stats = False
         self.last_router_entropy: torch.Tensor | None = None
+        # How token copies reach the experts and come back; expert parallelism puts its own in place.
+        self.route_tokens = route_locally
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, dim = x.shape
@@ -203,13 +215,7 @@ class MoE(nn.Module):
         if self.capacity_factor > 0:
             weights_TK = self._drop_over_capacity(weights_TK, ids_N, counts_E)
 
-        order_N = ids_N.argsort(stable=True)  # copies grouped by expert, token order kept inside a group
-        x_ND = x_TD[order_N // self.topk]
-        y_ND = self.experts(x_ND, counts_E)
-        y_sorted_back = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND)  # (N, D) in (token, k) order
-        y_TKD = y_sorted_back.view(-1, self.topk, dim)
-        out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)  # sum_k w_tk * y_tk
-
+        out_TD = self.route_tokens(self.experts, x_TD, weights_TK, ids_TK, counts_E)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         out = out_TD.view(bsz, seqlen, dim)
