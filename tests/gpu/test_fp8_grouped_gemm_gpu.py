@@ -3,7 +3,8 @@
 Against the dequantised reference: summation order, Hopper's fp8 MMA accumulating each 128-deep slice with
 reduced precision before the fp32 rescale (the reason for DeepSeek-V3's 128-element promotion), and one-step fp8
 rounding flips of h, dy and dh that those small differences cause: measured on H200 1.3e-3 to 5.5e-3 relative
-Frobenius error (the largest on dw1 with all 2,048 tokens in one expert); bound 1e-2. Against bf16 math: FP8 error, < 8% (see the CPU tests).
+Frobenius error (the largest on dw1 with all 2,048 tokens in one expert); bound 1e-2. Against bf16 math: FP8
+error, < 8% (see the CPU tests).
 """
 
 import pytest
