@@ -5,6 +5,7 @@
 #   NGPU=4 bash benchmarks/scaleout.sh weak 16b        # about 8 min on 4 x H200
 #   NGPU=4 bash benchmarks/scaleout.sh pp cp           # about 6 min
 #   NGPU=2 bash benchmarks/scaleout.sh weak            # the same sections on fewer GPUs
+#   NGPU=2 bash benchmarks/scaleout.sh tests kernels   # GPU tests and kernel benchmarks, about 8 min
 #   WORKLOAD_SMALL=tiny NGPU=2 bash benchmarks/scaleout.sh weak   # the plumbing on CPU (gloo), seconds
 #   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.ops.txt and a gzipped rank-0 trace
 #
@@ -13,6 +14,8 @@
 #   16b   the 16B shape (27 layers) with FSDP NGPU + EP NGPU, 4 x 4096 a GPU, AC every 2nd block
 #   pp    the 16B shape with PP 2 x (FSDP NGPU/2 + EP NGPU/2), 1F1B, 8 micro-batches of 1 x 4096
 #   cp    the 16B shape at 64K context with CP NGPU (+ EP NGPU), one sequence, full AC
+#   tests    python3 -m pytest tests/gpu (kernels on one GPU, the NCCL layouts on two)
+#   kernels  benchmarks/bench_kernels.py --only mla, then --only fp8, with --profile (one GPU)
 # Each bench_train run prints tok/s/GPU, MFU and the largest rank's peak memory.
 set -u
 NGPU=${NGPU:-4}
@@ -79,8 +82,21 @@ for section in "$@"; do
             --parallelism.expert_parallel_degree=$NGPU --activation_checkpoint.mode=full \
             --moe.balance_loss_alpha=0 --moe.bias_update_speed=0.001
         ;;
+    tests)
+        echo "--- tests/gpu, limit 480s"
+        timeout 480 python3 -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/gpu_tests.log" 2>&1
+        echo "    exit $?: $(tail -1 "$OUT/gpu_tests.log")"
+        ;;
+    kernels)
+        for k in mla fp8; do
+            echo "--- bench_kernels --only $k, limit 240s"
+            CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/bench_kernels.py --only $k --profile \
+                --json "$OUT/kernels_$k.json" >"$OUT/kernels_$k.txt" 2>&1
+            echo "    exit $?"
+        done
+        ;;
     *)
-        echo "unknown section $section (weak, 16b, pp, cp)" >&2
+        echo "unknown section $section (weak, 16b, pp, cp, tests, kernels)" >&2
         exit 2
         ;;
     esac
@@ -88,7 +104,8 @@ done
 
 echo
 echo "run                     tok/s/GPU   ms/step    MFU%   MFUc%  peak GiB  1st step s    loss"
-for f in "$OUT"/*.log; do
+for f in "$OUT"/weak_*.log "$OUT"/16b_*.log; do
+    [ -e "$f" ] || continue
     row=$(grep -E "^(weak|16b)_" "$f" | tail -1)
     [ -n "$row" ] && echo "$row" || echo "$(basename "$f" .log): no figures (see $f)"
 done
