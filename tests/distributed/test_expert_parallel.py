@@ -11,10 +11,10 @@ from tests.distributed.launcher import run_ranks
 
 pytestmark = pytest.mark.slow
 
-E, D, I, K = 4, 8, 12, 2  # noqa: E741  (grouped_mm wants rows of a multiple of 16 bytes)
+E, D, I = 4, 8, 12  # noqa: E741  (grouped_mm wants rows of a multiple of 16 bytes)
 
 
-def ep_matches_reference(ids_by_rank: list[list[list[int]]]) -> dict:
+def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -62,16 +62,17 @@ def ep_matches_reference(ids_by_rank: list[list[list[int]]]) -> dict:
 
 
 @pytest.mark.parametrize(
-    "ids",
+    "ids,k",
     [
         # rank 0: tokens routed within rank 0, across ranks, and twice to rank 1; expert 2 of rank 1 gets none
-        [[0, 1, 0, 3, 3, 1, 1, 3], [2, 3, 0, 2, 1, 2]],
-        [[0, 3, 3, 0, 1, 0], []],  # rank 1 routes nothing and still computes rank 0's copies
-        [[0, 1, 1, 0], [0, 1]],  # rank 1's experts receive nothing
+        ([[0, 1, 0, 3, 3, 1, 1, 3], [2, 3, 0, 2, 1, 2]], 2),
+        ([[0, 3, 3, 0, 1, 0], []], 2),  # rank 1 routes nothing and still computes rank 0's copies
+        ([[0, 1, 1, 0], [0, 1]], 2),  # rank 1's experts receive nothing
+        ([[0, 1, 3, 2, 3, 0, 1, 2, 0], [3, 2, 1, 0, 2, 3]], 3),  # top-3 of 2 experts a rank: full and partial rows
     ],
 )
-def test_ep_route_matches_local_route(ids):
-    for rank in run_ranks(ep_matches_reference, 2, ids):
+def test_ep_route_matches_local_route(ids, k):
+    for rank in run_ranks(ep_matches_reference, 2, ids, k):
         assert max(rank["errors"].values()) < 1e-5, rank["errors"]
         assert rank["rows_sent"] == rank["pairs"] <= rank["copies"]  # one row per token and rank, not per copy
 

@@ -88,14 +88,20 @@ class ExpertParallel:
         key_M = torch.where(local_RK >= 0, local_RK, n_local).flatten()  # copies of other ranks sort last
         order_M = torch.argsort(key_M, stable=True)[:n_copies]
         y_MD = experts(x_RD[order_M // topk], plan_in[:, 1:].sum(0))
-        # each received row's copies weighted and summed here, so one row per (token, rank) goes back. The
-        # (R, K, D) slots are transient: backward keeps only y_MD and the weights, as route_locally's bmm does
+        # each received row's copies weighted and summed here, so one row per (token, rank) goes back: a row holds
+        # at most min(K, El) of them; the (R, min(K, El), D) slots are transient, and backward keeps only y_MD and
+        # the weights, as route_locally's bmm does
         y_MD = y_MD * w_RK.flatten()[order_M].to(y_MD.dtype)[:, None]
-        slots = torch.zeros(n_rows * topk, y_MD.shape[1], dtype=y_MD.dtype, device=dev)
-        y_RD = slots.index_copy(0, order_M, y_MD).view(n_rows, topk, y_MD.shape[1]).sum(1)
-        y_PD = self._a2a(y_RD, in_splits, out_splits)
-        per_rank = torch.zeros(n_tok * ep, y_PD.shape[1], dtype=y_PD.dtype, device=dev)
-        return per_rank.index_copy(0, tok_P * ep + rank_P, y_PD).view(n_tok, ep, y_PD.shape[1]).sum(1)
+        dim, row_slots = y_MD.shape[1], min(topk, n_local)
+        slot_M = ((local_RK >= 0).cumsum(1) - 1).flatten()[order_M]  # place among its row's copies
+        slots = torch.zeros(n_rows * row_slots, dim, dtype=y_MD.dtype, device=dev)
+        slots = slots.index_copy(0, (order_M // topk) * row_slots + slot_M, y_MD)
+        y_PD = self._a2a(slots.view(n_rows, row_slots, dim).sum(1), in_splits, out_splits)
+        # a token gets back one row from each of at most min(K, ep) ranks: summed in rank order
+        tok_slots = min(topk, ep)
+        slot_P = (hit_TR.cumsum(1) - 1)[tok_P, rank_P]
+        per_tok = torch.zeros(n_tok * tok_slots, dim, dtype=y_PD.dtype, device=dev)
+        return per_tok.index_copy(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
 
 
 def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
