@@ -59,8 +59,6 @@ def report(name: str, fn, flops: float, err: str = "") -> float:
 
 def autotune_picks(*kernels) -> None:
     for k in kernels:
-        if not hasattr(k, "configs"):  # a plain @triton.jit kernel: no choice was made
-            continue
         timings = getattr(k, "configs_timings", None) or {}
         ranked = sorted(((v[0] if isinstance(v, list) else v, str(c)) for c, v in timings.items()))
         name = getattr(k.fn, "__name__", str(k.fn))

@@ -56,9 +56,11 @@ def compile_report(kernel, types: dict[str, str], consts: dict, num_warps: int, 
     )
 
 
-def sweep(kernel, types: dict[str, str], consts: dict) -> None:
+def sweep(kernel, types: dict[str, str], consts: dict, configs: list | None = None) -> None:
+    """Every autotune config of kernel, or `configs` (a plain @triton.jit kernel: 8 warps unless given)."""
     name = kernel.fn.__name__ if hasattr(kernel, "configs") else kernel.__name__
-    configs = kernel.configs if hasattr(kernel, "configs") else [triton.Config({}, num_warps=8, num_stages=1)]
+    if configs is None:
+        configs = kernel.configs if hasattr(kernel, "configs") else [triton.Config({}, num_warps=8, num_stages=1)]
     for cfg in configs:
         line = compile_report(kernel, types, {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
         label = " ".join(
@@ -90,13 +92,8 @@ def main() -> None:
     sweep(F._quant_weight_kernel, fp8_types, dict(EXACT=False))
     sweep(F._gemm_swiglu_fwd_kernel, {**fp8_types, "w_ptr": f8}, dict(EXACT=False))
     sweep(F._gemm_scatter_kernel, fp8_types, {})
-    for warps in (8, 16):
-        cfg = triton.Config({}, num_warps=warps, num_stages=1)
-        print(
-            f"{'_swiglu_bwd_quant_kernel':26s} {'EXACT=False':42s} w{warps} s1  "
-            f"{compile_report(F._swiglu_bwd_quant_kernel, {**fp8_types, 'dh_ptr': '*fp32'}, dict(EXACT=False), cfg.num_warps, 1)}",
-            flush=True,
-        )
+    warps = [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
+    sweep(F._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": "*fp32"}, dict(EXACT=False), warps)
     sweep(F._wgrad_kernel, fp8_types, {})
 
 

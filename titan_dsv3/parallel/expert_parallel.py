@@ -75,9 +75,10 @@ class ExpertParallel:
         # the (rank, token) pairs in rank order, then token order
         pair_P = torch.argsort((~hit_TR).T.flatten().to(torch.int8), stable=True)[: sum(in_splits)]
         rank_P, tok_P = pair_P // n_tok, pair_P % n_tok
-        here_PK = ids_TK[tok_P] // n_local == rank_P[:, None]
+        ids_PK = ids_TK[tok_P]
+        here_PK = ids_PK // n_local == rank_P[:, None]
         w_PK = torch.where(here_PK, weights_TK[tok_P], 0.0)
-        local_PK = torch.where(here_PK, ids_TK[tok_P] - rank_P[:, None] * n_local, -1)
+        local_PK = torch.where(here_PK, ids_PK - rank_P[:, None] * n_local, -1)
         x_RD = self._a2a(x_TD[tok_P], out_splits, in_splits)
         # weights and local ids travel together (ids < 2^24 are exact in fp32); only the weights carry gradient
         meta_RK = self._a2a(torch.cat([w_PK, local_PK.to(w_PK.dtype)], dim=1), out_splits, in_splits)
