@@ -14,11 +14,59 @@ from tests.distributed.test_reshard import train_to_end
 pytestmark = pytest.mark.slow
 
 
-def test_compiled_ep2_fsdp2_bf16(tmp_path):
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    common = {"compile.enable": "true", "training.mixed_precision": "bf16", "training.steps": "3"}
-    (single,) = run_ranks(train_to_end, 1, layout_args(str(tmp_path / "one"), **common), timeout=600)
-    ep = {**common, "parallelism.expert_parallel_degree": "2", "training.local_batch_size": "4"}
+COMMON = {"compile.enable": "true", "training.mixed_precision": "bf16", "training.steps": "3"}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Losses of the single-process compiled run."""
+    tmp = tmp_path_factory.mktemp("one")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp / "inductor"))
+    (losses,) = run_ranks(train_to_end, 1, layout_args(str(tmp), **COMMON), timeout=600)
+    return losses
+
+
+def test_compiled_ep2_fsdp2_bf16(single, tmp_path):
+    ep = {**COMMON, "parallelism.expert_parallel_degree": "2", "training.local_batch_size": "4"}
     ranks = run_ranks(train_to_end, 2, layout_args(str(tmp_path / "ep"), **ep), timeout=600)
     # bf16 compute: the layouts round differently, so agreement is to bf16 precision, not bit for bit
     assert ranks[0] == pytest.approx(single, rel=2e-3)
+
+
+def train_and_count_eager_expert_gemms(args: list[str]) -> tuple[list[float], int]:
+    """Losses of the run, and how many grouped GEMMs of its last step ran outside a compiled graph."""
+    import torch
+
+    from titan_dsv3.config import parse_args
+    from titan_dsv3.train import Trainer
+
+    trainer = Trainer(parse_args(args))
+    losses = [trainer.train_step()["loss"] for _ in range(trainer.total_steps - 1)]
+    with torch.profiler.profile() as prof:
+        losses.append(trainer.train_step()["loss"])
+    eager = 0
+    for ev in prof.events():
+        if ev.name != "aten::_grouped_mm":
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and "CompiledFxGraph" not in parent.name:
+            parent = parent.cpu_parent
+        eager += parent is None
+    return losses, eager
+
+
+def test_compiled_ep2_checkpointed_blocks_stay_compiled(single, tmp_path):
+    """EP's host read of split sizes breaks the graph; a checkpoint traced around it would run the block eagerly."""
+    ep = {
+        **COMMON,
+        "parallelism.expert_parallel_degree": "2",
+        "training.local_batch_size": "4",
+        "activation_checkpoint.mode": "selective",
+        "activation_checkpoint.selective_option": "2",  # blocks 0 and 2 checkpointed: one dense, one MoE
+    }
+    ranks = run_ranks(
+        train_and_count_eager_expert_gemms, 2, layout_args(str(tmp_path / "ep"), **ep), timeout=600
+    )
+    for losses, eager in ranks:
+        assert eager == 0
+        assert losses == pytest.approx(single, rel=2e-3)
