@@ -35,7 +35,8 @@ def apply_compile(model: nn.Module, breaks_graph: bool) -> None:
     breaks_graph: the blocks' forward has a graph break (the EP route reads its split sizes on the host). Dynamo
     cannot trace an activation checkpoint around a break and would run such a checkpointed block wholly eagerly
     (on the 16B shape, FSDP 2 + EP 2, every 2nd block checkpointed: 13 of 26 MoE blocks, forward and recompute).
-    There the checkpoint stays eager and the block inside it is compiled; its recompute calls the compiled code.
+    There the checkpoint stays eager and the block inside it is compiled, but for the route; its recompute calls
+    the compiled code.
     Selective-by-op checkpointing needs the traced checkpoint to match ops, so it keeps the outer compile.
     """
     blocks = list(model.layers.values()) if model.layers is not None else []
@@ -45,6 +46,11 @@ def apply_compile(model: nn.Module, breaks_graph: bool) -> None:
         inner = getattr(block, "_checkpoint_wrapped_module", None)
         if breaks_graph and inner is not None and not _checkpoints_by_op(block):
             inner.compile(fullgraph=False)
+            for moe in (m for m in inner.modules() if hasattr(m, "route_tokens")):
+                # torch 2.11 compiles the route's data-dependent shapes wrongly when a checkpoint recomputes
+                # them (0-row buffers in the grouped GEMM and the all-to-all's backward, 16B shape, 2 x H200):
+                # the route runs eagerly in a checkpointed block, everything around it is compiled
+                moe.route_tokens = torch.compiler.disable(moe.route_tokens)
         else:
             block.compile(fullgraph=False)
 
