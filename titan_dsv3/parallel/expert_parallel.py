@@ -96,13 +96,13 @@ class ExpertParallel:
         dim, row_slots = y_MD.shape[1], min(topk, n_local)
         slot_M = ((local_RK >= 0).cumsum(1) - 1).flatten()[order_M]  # place among its row's copies
         slots = torch.zeros(n_rows * row_slots, dim, dtype=y_MD.dtype, device=dev)
-        slots = slots.index_copy(0, (order_M // topk) * row_slots + slot_M, y_MD)
+        slots = slots.index_copy_(0, (order_M // topk) * row_slots + slot_M, y_MD)  # in place: no clone
         y_PD = self._a2a(slots.view(n_rows, row_slots, dim).sum(1), in_splits, out_splits)
         # a token gets back one row from each of at most min(K, ep) ranks: summed in rank order
         tok_slots = min(topk, ep)
         slot_P = (hit_TR.cumsum(1) - 1)[tok_P, rank_P]
         per_tok = torch.zeros(n_tok * tok_slots, dim, dtype=y_PD.dtype, device=dev)
-        return per_tok.index_copy(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
+        return per_tok.index_copy_(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
 
 
 def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
