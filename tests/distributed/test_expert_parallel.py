@@ -1,6 +1,7 @@
 """The EP token route alone: plan, dispatch, grouped GEMM on local experts, weighted combine, with empty experts,
 a rank that routes no tokens and a rank that receives none. Outputs and the gradients of the tokens, the gate
-weights and the expert weights equal route_locally on the unsharded experts; each token is sent once per rank."""
+weights and the expert weights equal route_locally on the unsharded experts (shared experts included, run while
+the host reads the split sizes); each token is sent once per rank."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from titan_dsv3.models.moe import GroupedExperts, route_locally
+    from titan_dsv3.models.moe import FeedForward, GroupedExperts, route_locally
     from titan_dsv3.parallel.expert_parallel import ExpertParallel, ranks_hit
 
     dist.init_process_group("gloo")
@@ -33,6 +34,13 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
     sent = []  # rows of each exchange this rank starts: tokens, their weights and ids, then the sums back
     exchange = holder.route_tokens._a2a
     holder.route_tokens._a2a = lambda t, *splits: sent.append(t.shape[0]) or exchange(t, *splits)
+    order = []  # the shared experts must run while the host read of the split sizes is in flight
+    start, finish = holder.route_tokens._start_host_read, holder.route_tokens._finish_host_read
+    holder.route_tokens._start_host_read = lambda t: order.append("start") or start(t)
+    holder.route_tokens._finish_host_read = lambda: order.append("finish") or finish()
+    shared = FeedForward(D, I)
+    shared.init_weights(0.5)
+    shared.register_forward_pre_hook(lambda *_: order.append("shared"))
 
     ids = torch.tensor(ids_by_rank[rank], dtype=torch.int64).view(-1, K)
     counts = torch.bincount(ids.flatten(), minlength=E)
@@ -42,8 +50,9 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
     r = torch.randn(ids.shape[0], D)
     x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
     w_ref, w_ep = w.clone().requires_grad_(), w.clone().requires_grad_()
-    y_ref = route_locally(ref, x_ref, w_ref, ids, counts)
-    y_ep = holder.route_tokens(holder.experts, x_ep, w_ep, ids, counts)
+    y_ref = route_locally(ref, x_ref, w_ref, ids, counts, shared)
+    order.clear()
+    y_ep = holder.route_tokens(holder.experts, x_ep, w_ep, ids, counts, shared)
     (y_ref * r).sum().backward()
     (y_ep * r).sum().backward()
     out = {}
@@ -58,7 +67,7 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
         shard = getattr(holder.experts, name).grad.to_local()
         out[name] = (shard - full[rank * local : (rank + 1) * local]).abs().max().item()
     pairs = int(ranks_hit(ids, local, world).sum())  # (token, rank) pairs
-    return {"errors": out, "rows_sent": sent[0], "pairs": pairs, "copies": ids.numel()}
+    return {"errors": out, "rows_sent": sent[0], "pairs": pairs, "copies": ids.numel(), "order": order}
 
 
 @pytest.mark.parametrize(
@@ -75,6 +84,7 @@ def test_ep_route_matches_local_route(ids, k):
     for rank in run_ranks(ep_matches_reference, 2, ids, k):
         assert max(rank["errors"].values()) < 1e-5, rank["errors"]
         assert rank["rows_sent"] == rank["pairs"] <= rank["copies"]  # one row per token and rank, not per copy
+        assert rank["order"] == ["start", "shared", "finish"]
 
 
 def test_a_token_goes_once_to_each_rank():

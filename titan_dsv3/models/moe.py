@@ -143,14 +143,16 @@ def looped_swiglu(x_ND, counts_E, w1_EID, w2_EDI, w3_EID) -> torch.Tensor:
     return out_ND
 
 
-def route_locally(experts, x_TD, weights_TK, ids_TK, counts_E) -> torch.Tensor:
+def route_locally(experts, x_TD, weights_TK, ids_TK, counts_E, shared=None) -> torch.Tensor:
     """sum_k w_tk * expert_k(x_t) for every token, all experts on this device: the copies sorted by expert (token
-    order kept inside a group) through one grouped GEMM, back in (token, k) order, weighted and summed."""
+    order kept inside a group) through one grouped GEMM, back in (token, k) order, weighted and summed; plus
+    shared(x_t) when shared experts are given (a route may run them where it would otherwise wait)."""
     topk, dim = ids_TK.shape[1], x_TD.shape[1]
     order_N = ids_TK.flatten().argsort(stable=True)
     y_ND = experts(x_TD[order_N // topk], counts_E)
     y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(-1, topk, dim)
-    return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+    out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+    return out_TD if shared is None else out_TD + shared(x_TD)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -215,9 +217,7 @@ class MoE(nn.Module):
         if self.capacity_factor > 0:
             weights_TK = self._drop_over_capacity(weights_TK, ids_N, counts_E)
 
-        out_TD = self.route_tokens(self.experts, x_TD, weights_TK, ids_TK, counts_E)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+        out_TD = self.route_tokens(self.experts, x_TD, weights_TK, ids_TK, counts_E, self.shared_experts)
         out = out_TD.view(bsz, seqlen, dim)
         if self.training and self.balance_loss_scale > 0:
             loss = self.sequence_balance_loss(scores_TE.view(bsz, seqlen, -1), ids_TK.view(bsz, seqlen, -1))
