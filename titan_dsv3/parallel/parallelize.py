@@ -4,6 +4,8 @@ Pipeline splitting (parallel/pipeline.py) happens before, on the whole model; ea
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -11,8 +13,10 @@ from torch.distributed.tensor import Shard
 
 from titan_dsv3.parallel.activation_checkpoint import apply_ac
 from titan_dsv3.parallel.dims import Meshes, ParallelDims
-from titan_dsv3.parallel.expert_parallel import apply_ep
+from titan_dsv3.parallel.expert_parallel import ExpertParallel, apply_ep
 from titan_dsv3.parallel.tensor_parallel import apply_tp
+
+logger = logging.getLogger(__name__)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -29,30 +33,44 @@ def _routed_experts(unit: nn.Module) -> nn.Module | None:
     return moe.experts if moe is not None else None
 
 
-def apply_compile(model: nn.Module, breaks_graph: bool) -> None:
+def apply_compile(model: nn.Module) -> None:
     """Compile each block in place (names and state-dict keys unchanged); same-shaped blocks share one graph.
 
-    breaks_graph: the blocks' forward has a graph break (the EP route reads its split sizes on the host). Dynamo
-    cannot trace an activation checkpoint around a break and would run such a checkpointed block wholly eagerly
-    (on the 16B shape, FSDP 2 + EP 2, every 2nd block checkpointed: 13 of 26 MoE blocks, forward and recompute).
-    There the checkpoint stays eager and the block inside it is compiled, but for the route; its recompute calls
-    the compiled code.
-    Selective-by-op checkpointing needs the traced checkpoint to match ops, so it keeps the outer compile.
+    A block whose MoE routes over EP ranks has a graph break (the route reads its split sizes on the host).
+    Dynamo cannot trace an activation checkpoint around a break and would run such a checkpointed block wholly
+    eagerly (on the 16B shape, FSDP 2 + EP 2, every 2nd block checkpointed: 13 of 26 MoE blocks, forward and
+    recompute). There the checkpoint stays eager and the block inside it is compiled, but for the route; its
+    recompute calls the compiled code. Selective-by-op checkpointing needs the traced checkpoint to match ops, so
+    it keeps the outer compile, and runs such blocks eagerly (a warning says so).
     """
     blocks = list(model.layers.values()) if model.layers is not None else []
     if getattr(model, "mtp", None) is not None:
         blocks += [m.block for m in model.mtp.values()]
+    eager_by_op = 0
     for block in blocks:
         inner = getattr(block, "_checkpoint_wrapped_module", None)
-        if breaks_graph and inner is not None and not _checkpoints_by_op(block):
+        routes = _ep_routed_moes(inner) if inner is not None else []
+        if routes and not _checkpoints_by_op(block):
             inner.compile(fullgraph=False)
-            for moe in (m for m in inner.modules() if hasattr(m, "route_tokens")):
+            for moe in routes:
                 # torch 2.11 compiles the route's data-dependent shapes wrongly when a checkpoint recomputes
                 # them (0-row buffers in the grouped GEMM and the all-to-all's backward, 16B shape, 2 x H200):
                 # the route runs eagerly in a checkpointed block, everything around it is compiled
                 moe.route_tokens = torch.compiler.disable(moe.route_tokens)
         else:
+            eager_by_op += bool(routes)
             block.compile(fullgraph=False)
+    if eager_by_op:
+        logger.warning(
+            "activation_checkpoint.selective_option = 'op' with expert parallelism: %d checkpointed blocks run "
+            "uncompiled (the EP route breaks the graph inside them); selective_option = an integer or mode = "
+            "'full' keeps them compiled",
+            eager_by_op,
+        )
+
+
+def _ep_routed_moes(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(getattr(m, "route_tokens", None), ExpertParallel)]
 
 
 def _checkpoints_by_op(wrapper: nn.Module) -> bool:
@@ -146,7 +164,7 @@ def parallelize_model(
     if cfg.activation_checkpoint.mode != "none":
         apply_ac(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
     if cfg.compile.enable and "model" in cfg.compile.components:
-        apply_compile(model, breaks_graph=dims.ep > 1)
+        apply_compile(model)
     if dims.uses_fsdp:
         reshard = reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, dims.pp)
         apply_fsdp(model, meshes, dims, param_dtype, reshard)
