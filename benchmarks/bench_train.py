@@ -206,6 +206,8 @@ def main() -> int:
             print(f"{label}: {tps:,.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB", flush=True)
             if "profile" in r:  # rank 0's two profiled steps
                 print(f"{label}, profiled: {r['profile']}", flush=True)
+        elif "profile" in r:  # every rank's: a rank that waits in the all-to-all shows which one was late
+            print(f"{label}, profiled on rank {rank}: {r['profile']}", flush=True)
     if a.hf and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         try:
             rows.append(("HF transformers", run_hf(a.workload, a.steps, a.warmup)))

@@ -7,7 +7,8 @@
 #   NGPU=2 bash benchmarks/scaleout.sh weak            # the same sections on fewer GPUs
 #   NGPU=2 bash benchmarks/scaleout.sh tests kernels   # GPU tests and kernel benchmarks, about 8 min
 #   WORKLOAD_SMALL=tiny NGPU=2 bash benchmarks/scaleout.sh weak   # the plumbing on CPU (gloo), seconds
-#   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.ops.txt and a gzipped rank-0 trace
+#   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.rank<r>.ops.txt and gzipped traces of
+#                        rank 0 and the last rank
 #
 # Sections:
 #   weak  bench6 work per GPU (4 x 4096 tokens) on 1, 2, ..., NGPU GPUs with FSDP + EP (EP = GPUs): weak scaling
@@ -44,12 +45,17 @@ bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS OVERRIDES...
             "${cmd[@]}" >"$OUT/$name.log" 2>&1
     fi
     echo "    exit $? ($(grep -c . "$OUT/$name.log") log lines)"
-    local prof
-    prof=$(find "/tmp/scaleout_prof/$name" -path "*rank0*" -name ops.txt 2>/dev/null | head -1)
-    if [ -n "$prof" ]; then  # the host-overhead question needs the trace; gzip keeps it under the 16 MB a file
-        cp "$prof" "$OUT/$name.ops.txt"
-        gzip -c "$(dirname "$prof")/trace.json" >"$OUT/$name.trace.json.gz"
-    fi
+    local prof r
+    # rank 0's and the last rank's tables and traces (gzip keeps a trace under the 16 MB a file): a rank that waits
+    # in the expert all-to-all shows the other was late
+    for r in 0 $((nproc - 1)); do
+        prof=$(find "/tmp/scaleout_prof/$name" -path "*rank$r/*" -name ops.txt 2>/dev/null | head -1)
+        if [ -n "$prof" ]; then
+            cp "$prof" "$OUT/$name.rank$r.ops.txt"
+            gzip -c "$(dirname "$prof")/trace.json" >"$OUT/$name.rank$r.trace.json.gz"
+        fi
+        [ "$nproc" = 1 ] && break
+    done
 }
 
 for section in "$@"; do
@@ -106,6 +112,6 @@ echo
 echo "run                     tok/s/GPU   ms/step    MFU%   MFUc%  peak GiB  1st step s    loss"
 for f in "$OUT"/weak_*.log "$OUT"/16b_*.log; do
     [ -e "$f" ] || continue
-    row=$(grep -E "^(weak|16b)_" "$f" | tail -1)
+    row=$(grep -E "^(weak|16b)_[A-Za-z0-9_]+ +[0-9,]+ " "$f" | tail -1)  # the table row, not the profile lines
     [ -n "$row" ] && echo "$row" || echo "$(basename "$f" .log): no figures (see $f)"
 done
