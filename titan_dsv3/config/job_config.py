@@ -160,7 +160,9 @@ class ActivationCheckpoint:
     mode: str = "none"
     """none | full | selective."""
     selective_option: str = "op"
-    """selective only: 'op' (save matmul outputs, recompute the rest) or an integer n (checkpoint every n-th block)."""
+    """selective only: 'op' (save matmul outputs, recompute the rest) or an integer n (checkpoint every n-th block).
+    With expert parallelism and compile, 'op' leaves the checkpointed MoE blocks uncompiled; an integer or 'full'
+    keeps them compiled (parallel/parallelize.py: apply_compile)."""
 
 
 @dataclass
