@@ -26,7 +26,7 @@ from workloads import WORKLOADS, trainer_args  # noqa: E402
 
 from titan_dsv3.config import parse_args  # noqa: E402
 from titan_dsv3.metrics.gpu_time import gpu_time  # noqa: E402
-from titan_dsv3.metrics.logger import peak_flops  # noqa: E402
+from titan_dsv3.metrics.logger import moe_stats, peak_flops  # noqa: E402
 from titan_dsv3.train import Trainer  # noqa: E402
 
 
@@ -67,6 +67,10 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
     out = {"sec_per_step": per_step, "first_step_s": first, "loss": sum(tail) / len(tail)}
     out["tokens_per_step"] = trainer.loader.tokens_per_step
     out["world_size"] = trainer.world_size
+    if trainer.dims.ep > 1:  # the busiest EP rank's routed copies over the mean, last timed step, mean of layers
+        loads = [v for k, v in moe_stats(trainer.moes, trainer._last_counts, trainer.dims.ep).items()
+                 if k.endswith("ep_rank_max_over_mean_load")]  # fmt: skip
+        out["ep_rank_load"] = sum(loads) / len(loads) if loads else float("nan")
     if profile:
         out["profile"] = profile_steps(trainer.train_step, Path(profile) / name / f"rank{trainer.rank}")
     peak = torch.tensor(
@@ -204,6 +208,8 @@ def main() -> int:
         if rank == 0:
             tps = r["tokens_per_step"] / r["sec_per_step"] / r["world_size"]
             print(f"{label}: {tps:,.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB", flush=True)
+            if "ep_rank_load" in r:
+                print(f"{label}: busiest EP rank's load over the mean {r['ep_rank_load']:.3f}", flush=True)
             if "profile" in r:  # rank 0's two profiled steps
                 print(f"{label}, profiled: {r['profile']}", flush=True)
         elif "profile" in r:  # every rank's: a rank that waits in the all-to-all shows which one was late

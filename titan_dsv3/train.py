@@ -519,7 +519,7 @@ class Trainer:
             )
             s["mfu_causal_pct"] = s["mfu_pct"] * self.flops_per_token_causal / self.flops_per_token
         s["memory_gib"] = self.memory_gib()
-        s.update(moe_stats(self.moes, self._last_counts))
+        s.update(moe_stats(self.moes, self._last_counts, self.dims.ep))
         bal = [m.last_balance_loss for m in self.moes if m.last_balance_loss is not None]
         if bal:
             s["balance_loss"] = float(torch.stack(bal).mean())

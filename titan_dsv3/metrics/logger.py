@@ -41,8 +41,10 @@ def format_eta(seconds: float) -> str:
 
 
 @torch.no_grad()
-def moe_stats(moes: list[MoE], counts_LE: torch.Tensor | None) -> dict[str, float]:
-    """Per MoE layer: load entropy, expert utilisation, max/mean load and the bias range."""
+def moe_stats(moes: list[MoE], counts_LE: torch.Tensor | None, ep: int = 1) -> dict[str, float]:
+    """Per MoE layer: load entropy, expert utilisation, max/mean load and the bias range; with expert
+    parallelism (ep > 1) also the busiest EP rank's copies over the mean rank's: the others wait for it in the
+    all-to-all."""
     out: dict[str, float] = {}
     if counts_LE is None:
         return out
@@ -56,6 +58,9 @@ def moe_stats(moes: list[MoE], counts_LE: torch.Tensor | None) -> dict[str, floa
         out[f"moe/{i}/load_entropy"] = entropy / math.log(len(c))  # 1 = perfectly uniform
         out[f"moe/{i}/utilisation"] = (c > 0).double().mean().item()
         out[f"moe/{i}/max_over_mean_load"] = (c.max() / c.mean()).item()
+        if ep > 1:  # experts are split over EP ranks in order
+            per_rank = c.view(ep, -1).sum(1)
+            out[f"moe/{i}/ep_rank_max_over_mean_load"] = (per_rank.max() / per_rank.mean()).item()
         if m.last_router_entropy is not None:
             out[f"moe/{i}/router_entropy"] = float(m.last_router_entropy)
         bias = m.gate.expert_bias
