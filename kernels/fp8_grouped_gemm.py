@@ -496,13 +496,16 @@ def _(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
 def _setup_context(ctx, inputs, output):
     x, counts_E, w1, w2, w3 = inputs
     ctx.mark_non_differentiable(*output[1:])
+    # the saved outputs never get a gradient: without this autograd hands backward zero-filled ones, about 700 MB
+    # of fp8 and bf16 fills on bench6 shapes (0.41 ms of the FFN's 13.7 on H200)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(counts_E, *output[1:])
     ctx.w_dtype = w1.dtype
 
 
 def _backward(ctx, grads):
     counts_E, *saved = ctx.saved_tensors
-    dx, dw1, dw2, dw3 = _bwd_op(grads[0], counts_E, *saved, ctx.w_dtype)  # grads[0]: of y; the rest unused
+    dx, dw1, dw2, dw3 = _bwd_op(grads[0], counts_E, *saved, ctx.w_dtype)  # grads[0]: of y; the rest None
     return dx, None, dw1, dw2, dw3
 
 
