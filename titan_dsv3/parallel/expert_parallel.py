@@ -47,7 +47,9 @@ class ExpertParallel:
         self.mesh = mesh
         self.group = mesh.get_group()
         self.ep = mesh.size()
-        self._pending = None  # the host read in flight: (host tensor, CUDA event or None)
+        # the host read in flight, (host tensor, CUDA event or None): kept here rather than returned, so the code
+        # compiled between _start_host_read and _finish_host_read never holds the event
+        self._pending = None
 
     def apply(self, moe: nn.Module) -> None:
         experts = moe.experts

@@ -33,15 +33,15 @@ def _routed_experts(unit: nn.Module) -> nn.Module | None:
     return moe.experts if moe is not None else None
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, checkpoint_by_op: bool) -> None:
     """Compile each block in place (names and state-dict keys unchanged); same-shaped blocks share one graph.
 
     A block whose MoE routes over EP ranks has a graph break (the route reads its split sizes on the host).
     Dynamo cannot trace an activation checkpoint around a break and would run such a checkpointed block wholly
     eagerly (on the 16B shape, FSDP 2 + EP 2, every 2nd block checkpointed: 13 of 26 MoE blocks, forward and
     recompute). There the checkpoint stays eager and the block inside it is compiled, but for the route; its
-    recompute calls the compiled code. Selective-by-op checkpointing needs the traced checkpoint to match ops, so
-    it keeps the outer compile, and runs such blocks eagerly (a warning says so).
+    recompute calls the compiled code. Selective-by-op checkpointing (checkpoint_by_op) needs the traced checkpoint
+    to match ops, so it keeps the outer compile, and runs such blocks eagerly (a warning says so).
     """
     blocks = list(model.layers.values()) if model.layers is not None else []
     if getattr(model, "mtp", None) is not None:
@@ -50,7 +50,7 @@ def apply_compile(model: nn.Module) -> None:
     for block in blocks:
         inner = getattr(block, "_checkpoint_wrapped_module", None)
         routes = _ep_routed_moes(inner) if inner is not None else []
-        if routes and not _checkpoints_by_op(block):
+        if routes and not checkpoint_by_op:
             inner.compile(fullgraph=False)
             for moe in routes:
                 # torch 2.11 compiles the route's data-dependent shapes wrongly when a checkpoint recomputes
@@ -71,10 +71,6 @@ def apply_compile(model: nn.Module) -> None:
 
 def _ep_routed_moes(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(getattr(m, "route_tokens", None), ExpertParallel)]
-
-
-def _checkpoints_by_op(wrapper: nn.Module) -> bool:
-    return "context_fn" in getattr(wrapper.checkpoint_fn, "keywords", {})
 
 
 def apply_cp(model: nn.Module) -> None:
@@ -161,10 +157,11 @@ def parallelize_model(
         apply_ep(model, meshes.ep)
     if dims.cp > 1:
         apply_cp(model)
-    if cfg.activation_checkpoint.mode != "none":
-        apply_ac(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_option)
+    ac = cfg.activation_checkpoint
+    if ac.mode != "none":
+        apply_ac(model, ac.mode, ac.selective_option)
     if cfg.compile.enable and "model" in cfg.compile.components:
-        apply_compile(model)
+        apply_compile(model, checkpoint_by_op=ac.mode == "selective" and ac.selective_option == "op")
     if dims.uses_fsdp:
         reshard = reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, dims.pp)
         apply_fsdp(model, meshes, dims, param_dtype, reshard)
