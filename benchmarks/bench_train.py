@@ -60,17 +60,21 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     losses: list[float] = []
-    train_step = trainer.train_step
-    per_step, first = time_steps(lambda: losses.append(train_step()["loss"]), warmup, steps)
+    ep_loads: list[float] = []  # the busiest EP rank's load over the mean, every step: does balancing converge?
+
+    def step(t=trainer):  # bound here: trainer is deleted before the function returns
+        losses.append(t.train_step()["loss"])
+        if t.dims.ep > 1:
+            ep_loads.append(ep_rank_load(t))
+
+    per_step, first = time_steps(step, warmup, steps)
     # mean of the last 10 timed steps: one step's loss is too noisy to compare precisions by
     tail = losses[-min(10, steps) :]
     out = {"sec_per_step": per_step, "first_step_s": first, "loss": sum(tail) / len(tail)}
     out["tokens_per_step"] = trainer.loader.tokens_per_step
     out["world_size"] = trainer.world_size
-    if trainer.dims.ep > 1:  # the busiest EP rank's routed copies over the mean, last timed step, mean of layers
-        loads = [v for k, v in moe_stats(trainer.moes, trainer._last_counts, trainer.dims.ep).items()
-                 if k.endswith("ep_rank_max_over_mean_load")]  # fmt: skip
-        out["ep_rank_load"] = sum(loads) / len(loads) if loads else float("nan")
+    if ep_loads:
+        out["ep_rank_load"] = ep_loads
     if profile:
         out["profile"] = profile_steps(trainer.train_step, Path(profile) / name / f"rank{trainer.rank}")
     peak = torch.tensor(
@@ -87,6 +91,13 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
+
+
+def ep_rank_load(trainer) -> float:
+    """The busiest EP rank's routed copies over the mean rank's in the last step, mean over MoE layers."""
+    loads = [v for k, v in moe_stats(trainer.moes, trainer._last_counts, trainer.dims.ep).items()
+             if k.endswith("ep_rank_max_over_mean_load")]  # fmt: skip
+    return sum(loads) / len(loads) if loads else float("nan")
 
 
 def profile_steps(step_fn, folder: Path) -> str:
@@ -208,8 +219,11 @@ def main() -> int:
         if rank == 0:
             tps = r["tokens_per_step"] / r["sec_per_step"] / r["world_size"]
             print(f"{label}: {tps:,.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB", flush=True)
-            if "ep_rank_load" in r:
-                print(f"{label}: busiest EP rank's load over the mean {r['ep_rank_load']:.3f}", flush=True)
+            if "ep_rank_load" in r:  # first, a few in between, last
+                loads = r["ep_rank_load"]
+                at = sorted({1, 2, 5, *range(10, len(loads), 10), len(loads)} & set(range(1, len(loads) + 1)))
+                trail = ", ".join(f"{i}: {loads[i - 1]:.3f}" for i in at)
+                print(f"{label}: busiest EP rank's load over the mean, by step: {trail}", flush=True)
             if "profile" in r:  # rank 0's two profiled steps
                 print(f"{label}, profiled: {r['profile']}", flush=True)
         elif "profile" in r:  # every rank's: a rank that waits in the all-to-all shows which one was late

@@ -75,3 +75,33 @@ def test_compiled_ep2_checkpointed_blocks_stay_compiled(single, tmp_path):
     for losses, eager in ranks:
         assert eager == 0
         assert losses == pytest.approx(single, rel=2e-3)
+
+
+def train_with_an_idle_rank(args: list[str]) -> list[float]:
+    """Steps 4 and 5 send every copy to rank 0's experts (biases +-100): rank 1 receives no rows, sends none back,
+    and its experts get empty groups. Real routing does this at some step (at EP 64 a rank often gets nothing
+    from a peer); a compiled route then failed (a 16B run on 2 GPUs, and this test on torch 2.11-2.13)."""
+    import torch
+
+    from titan_dsv3.config import parse_args
+    from titan_dsv3.train import Trainer
+
+    trainer = Trainer(parse_args(args))
+    losses = []
+    for i in range(trainer.total_steps):
+        if i in (3, 5):  # the 4 experts: 0, 1 on rank 0; 2, 3 on rank 1
+            bias = [100.0, 100.0, -100.0, -100.0] if i == 3 else [0.0] * 4
+            for moe in trainer.moes:
+                moe.gate.expert_bias.copy_(torch.tensor(bias))
+        losses.append(trainer.train_step()["loss"])
+    return losses
+
+
+def test_compiled_ep2_survives_a_rank_with_no_rows(tmp_path):
+    idle = {**EP, "training.steps": "6", "moe.bias_update_speed": "0"}
+    eager = run_ranks(
+        train_with_an_idle_rank, 2, layout_args(str(tmp_path / "e"), **{**idle, "compile.enable": "false"})
+    )
+    compiled = run_ranks(train_with_an_idle_rank, 2, layout_args(str(tmp_path / "c"), **idle), timeout=600)
+    for e, c in zip(eager, compiled):
+        assert c == pytest.approx(e, rel=2e-3)

@@ -79,6 +79,11 @@ class ExpertParallel:
             done.synchronize()  # this copy only, not the work queued after it
         return host.tolist()
 
+    # Never traced: every size after the host read is data-dependent. torch 2.11 compiles them wrongly once a
+    # split or an expert's group comes to 0 rows, which real routing does (a 16B run failed to compile its
+    # backward at step ~20; tests/distributed/test_compile_ep.py builds the case on CPU). Dynamo also guarded on
+    # the sizes and recompiled the route as they moved. The block around the route stays compiled.
+    @torch.compiler.disable
     def __call__(self, experts, x_TD, weights_TK, ids_TK, counts_E, shared=None) -> torch.Tensor:
         """The same result as route_locally on the full set of experts: sum_k w_tk * expert_k(x_t) (+ shared)."""
         n_tok, topk = ids_TK.shape
