@@ -72,68 +72,81 @@ class ExpertParallel:
             self._pending = (t, None)
 
     @torch.compiler.disable
-    def _finish_host_read(self) -> list[int]:
+    def _finish_host_read(self) -> tuple[list[int], list[int], int]:
+        """The sizes the exchange needs, read on the host: rows I send each rank, rows each rank sends me, and
+        the copies I compute. Only these reach compiled code: the per-expert counts would become symbols that
+        dynamo specialises and recompiles on whenever one is 0 or 1 (common), 2 x ep + 1 ints do not."""
         host, done = self._pending
         self._pending = None
         if done is not None:
             done.synchronize()  # this copy only, not the work queued after it
-        return host.tolist()
+        sizes, ep = host.tolist(), self.ep
+        row = (len(sizes) - ep) // ep  # per source rank: its row count, then its copies for each local expert
+        plan = [sizes[ep + s * row : ep + (s + 1) * row] for s in range(ep)]
+        return sizes[:ep], [p[0] for p in plan], sum(sum(p[1:]) for p in plan)
 
-    # Never traced: every size after the host read is data-dependent. torch 2.11 compiles them wrongly once a
-    # split or an expert's group comes to 0 rows, which real routing does (a 16B run failed to compile its
-    # backward at step ~20; tests/distributed/test_compile_ep.py builds the case on CPU). Dynamo also guarded on
-    # the sizes and recompiled the route as they moved. The block around the route stays compiled.
-    @torch.compiler.disable
     def __call__(self, experts, x_TD, weights_TK, ids_TK, counts_E, shared=None) -> torch.Tensor:
         """The same result as route_locally on the full set of experts: sum_k w_tk * expert_k(x_t) (+ shared)."""
-        n_tok, topk = ids_TK.shape
-        ep, n_local, dev = self.ep, counts_E.numel() // self.ep, x_TD.device
+        ep, n_local = self.ep, counts_E.numel() // self.ep
         hit_TR = ranks_hit(ids_TK, n_local, ep)
         send_R = hit_TR.sum(0)
         # to each peer: the rows I send it, then the copies I route to each of its experts
         plan_out = torch.cat([send_R.view(ep, 1), counts_E.view(ep, n_local).to(send_R.dtype)], dim=1)
         plan_in = _wait(funcol.all_to_all_single(plan_out.flatten(), None, None, self.group))
         plan_in = plan_in.view(ep, 1 + n_local)
-        self._start_host_read(torch.cat([send_R, plan_in.flatten()]))  # the one device->host read of the layer
+        self._start_host_read(
+            torch.cat([send_R, plan_in.flatten()])
+        )  # the one device->host read of the layer
         shared_TD = shared(x_TD) if shared is not None else None  # queued behind the read: runs while we wait
-        sizes = self._finish_host_read()
-        in_splits = sizes[:ep]
-        plan = [sizes[ep + s * (1 + n_local) : ep + (s + 1) * (1 + n_local)] for s in range(ep)]
-        out_splits = [row[0] for row in plan]
-        n_copies = sum(sum(row[1:]) for row in plan)
-
-        # the (rank, token) pairs in rank order, then token order
-        pair_P = torch.argsort((~hit_TR).T.flatten().to(torch.int8), stable=True)[: sum(in_splits)]
-        rank_P, tok_P = pair_P // n_tok, pair_P % n_tok
-        ids_PK = ids_TK[tok_P]
-        here_PK = ids_PK // n_local == rank_P[:, None]
-        w_PK = torch.where(here_PK, weights_TK[tok_P], 0.0)
-        local_PK = torch.where(here_PK, ids_PK - rank_P[:, None] * n_local, -1)
-        x_RD = self._a2a(x_TD[tok_P], out_splits, in_splits)
-        # weights and local ids travel together (ids < 2^24 are exact in fp32); only the weights carry gradient
-        meta_RK = self._a2a(torch.cat([w_PK, local_PK.to(w_PK.dtype)], dim=1), out_splits, in_splits)
-        w_RK, local_RK = meta_RK[:, :topk], meta_RK[:, topk:].detach().long()
-
-        # the received copies grouped by local expert (then source rank, then row), through the grouped GEMM
-        n_rows = x_RD.shape[0]
-        key_M = torch.where(local_RK >= 0, local_RK, n_local).flatten()  # copies of other ranks sort last
-        order_M = torch.argsort(key_M, stable=True)[:n_copies]
-        y_MD = experts(x_RD[order_M // topk], plan_in[:, 1:].sum(0))
-        # each received row's copies weighted and summed here, so one row per (token, rank) goes back: a row holds
-        # at most min(K, El) of them; the (R, min(K, El), D) slots are transient, and backward keeps only y_MD and
-        # the weights, as route_locally's bmm does
-        y_MD = y_MD * w_RK.flatten()[order_M].to(y_MD.dtype)[:, None]
-        dim, row_slots = y_MD.shape[1], min(topk, n_local)
-        slot_M = ((local_RK >= 0).cumsum(1) - 1).flatten()[order_M]  # place among its row's copies
-        slots = torch.zeros(n_rows * row_slots, dim, dtype=y_MD.dtype, device=dev)
-        slots = slots.index_copy_(0, (order_M // topk) * row_slots + slot_M, y_MD)  # in place: no clone
-        y_PD = self._a2a(slots.view(n_rows, row_slots, dim).sum(1), in_splits, out_splits)
-        # a token gets back one row from each of at most min(K, ep) ranks: summed in rank order
-        tok_slots = min(topk, ep)
-        slot_P = (hit_TR.cumsum(1) - 1)[tok_P, rank_P]
-        per_tok = torch.zeros(n_tok * tok_slots, dim, dtype=y_PD.dtype, device=dev)
-        out_TD = per_tok.index_copy_(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
+        in_splits, out_splits, n_copies = self._finish_host_read()
+        # A size of 0 or 1 is specialised by dynamo, and torch 2.11-2.13 compile 0-row exchanges and grouped
+        # GEMMs wrongly (tests/distributed/test_compile_ep.py): such a layer exchanges eagerly. It takes a rank
+        # that gets almost no tokens, as in a collapsed router; at 16B a split is ~16K rows.
+        exchange = _exchange_eager if min(*in_splits, *out_splits, n_copies) < 2 else _exchange
+        out_TD = exchange(
+            self, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies
+        )
         return out_TD if shared_TD is None else out_TD + shared_TD
+
+
+def _exchange(ep_route, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies):
+    """Dispatch, compute and combine (module docstring) with the split sizes known on the host."""
+    (n_tok, topk), n_local, dev = ids_TK.shape, plan_in.shape[1] - 1, x_TD.device
+    a2a = ep_route._a2a
+    # the (rank, token) pairs in rank order, then token order
+    pair_P = torch.argsort((~hit_TR).T.flatten().to(torch.int8), stable=True)[: sum(in_splits)]
+    rank_P, tok_P = pair_P // n_tok, pair_P % n_tok
+    ids_PK = ids_TK[tok_P]
+    here_PK = ids_PK // n_local == rank_P[:, None]
+    w_PK = torch.where(here_PK, weights_TK[tok_P], 0.0)
+    local_PK = torch.where(here_PK, ids_PK - rank_P[:, None] * n_local, -1)
+    x_RD = a2a(x_TD[tok_P], out_splits, in_splits)
+    # weights and local ids travel together (ids < 2^24 are exact in fp32); only the weights carry gradient
+    meta_RK = a2a(torch.cat([w_PK, local_PK.to(w_PK.dtype)], dim=1), out_splits, in_splits)
+    w_RK, local_RK = meta_RK[:, :topk], meta_RK[:, topk:].detach().long()
+
+    # the received copies grouped by local expert (then source rank, then row), through the grouped GEMM
+    n_rows = x_RD.shape[0]
+    key_M = torch.where(local_RK >= 0, local_RK, n_local).flatten()  # copies of other ranks sort last
+    order_M = torch.argsort(key_M, stable=True)[:n_copies]
+    y_MD = experts(x_RD[order_M // topk], plan_in[:, 1:].sum(0))
+    # each received row's copies weighted and summed here, so one row per (token, rank) goes back: a row holds
+    # at most min(K, El) of them; the (R, min(K, El), D) slots are transient, and backward keeps only y_MD and
+    # the weights, as route_locally's bmm does
+    y_MD = y_MD * w_RK.flatten()[order_M].to(y_MD.dtype)[:, None]
+    dim, row_slots = y_MD.shape[1], min(topk, n_local)
+    slot_M = ((local_RK >= 0).cumsum(1) - 1).flatten()[order_M]  # place among its row's copies
+    slots = torch.zeros(n_rows * row_slots, dim, dtype=y_MD.dtype, device=dev)
+    slots = slots.index_copy_(0, (order_M // topk) * row_slots + slot_M, y_MD)  # in place: no clone
+    y_PD = a2a(slots.view(n_rows, row_slots, dim).sum(1), in_splits, out_splits)
+    # a token gets back one row from each of at most min(K, ep) ranks: summed in rank order
+    tok_slots = min(topk, ep_route.ep)
+    slot_P = (hit_TR.cumsum(1) - 1)[tok_P, rank_P]
+    per_tok = torch.zeros(n_tok * tok_slots, dim, dtype=y_PD.dtype, device=dev)
+    return per_tok.index_copy_(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
+
+
+_exchange_eager = torch.compiler.disable(_exchange)
 
 
 def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
