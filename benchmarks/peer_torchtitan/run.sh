@@ -6,8 +6,10 @@
 #
 # Environment (defaults):
 #   NGPU=4          processes (GPUs); FSDP degree = EP degree = NGPU
-#   STEPS=15        training steps, every one logged (log_freq 1)
-#   WARMUP=5        steps left out of the summary's means (step 1 holds the compile)
+#   STEPS=50        training steps, every one logged (log_freq 1)
+#   WARMUP=40       steps left out of the summary's means: step 1 holds the compile, and both frameworks' bias
+#                   balancing evens the experts out over the first tens of steps (scaleout.sh's 16b section also
+#                   times steps 41-50)
 #   ATTN=sdpa       sdpa: flavor "16B_sdpa" = torchtitan's "16B" with SDPA + causal mask, the attention our
 #                   `deepseek16b` workload runs (tt_peer_flavors.py); flex: the published "16B" flavor untouched
 #                   (FlexAttention, per-document mask)
@@ -29,8 +31,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 cd "$ROOT"
 
 NGPU=${NGPU:-4}
-STEPS=${STEPS:-15}
-WARMUP=${WARMUP:-5}
+STEPS=${STEPS:-50}
+WARMUP=${WARMUP:-40}
 ATTN=${ATTN:-sdpa}
 AC=${AC:-selective}
 AC_OPT=${AC_OPT:-op}
