@@ -39,8 +39,9 @@ def apply_compile(model: nn.Module, checkpoint_by_op: bool) -> None:
     A block whose MoE routes over EP ranks has a graph break (the route reads its split sizes on the host).
     Dynamo cannot trace an activation checkpoint around a break and would run such a checkpointed block wholly
     eagerly (on the 16B shape, FSDP 2 + EP 2, every 2nd block checkpointed: 13 of 26 MoE blocks, forward and
-    recompute). There the checkpoint stays eager and the block inside it is compiled, but for the route; its
-    recompute calls the compiled code. Selective-by-op checkpointing (checkpoint_by_op) needs the traced checkpoint
+    recompute). There the checkpoint stays eager and the block inside it is compiled, the route included (which
+    keeps only its split sizes as host ints: ExpertParallel._finish_host_read); its recompute calls the compiled
+    code. Selective-by-op checkpointing (checkpoint_by_op) needs the traced checkpoint
     to match ops, so it keeps the outer compile, and runs such blocks eagerly (a warning says so).
     """
     blocks = list(model.layers.values()) if model.layers is not None else []
@@ -52,11 +53,6 @@ def apply_compile(model: nn.Module, checkpoint_by_op: bool) -> None:
         routes = _ep_routed_moes(inner) if inner is not None else []
         if routes and not checkpoint_by_op:
             inner.compile(fullgraph=False)
-            for moe in routes:
-                # torch 2.11 compiles the route's data-dependent shapes wrongly when a checkpoint recomputes
-                # them (0-row buffers in the grouped GEMM and the all-to-all's backward, 16B shape, 2 x H200):
-                # the route runs eagerly in a checkpointed block, everything around it is compiled
-                moe.route_tokens = torch.compiler.disable(moe.route_tokens)
         else:
             eager_by_op += bool(routes)
             block.compile(fullgraph=False)
