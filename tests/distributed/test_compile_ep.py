@@ -26,8 +26,9 @@ def single(tmp_path_factory):
     return losses
 
 
-def train_and_count_eager_attention(args: list[str]) -> tuple[list[float], int]:
-    """Losses of the run, and how many attention calls of its last step ran outside a compiled graph."""
+def train_and_count_eager(args: list[str]) -> tuple[list[float], int, int]:
+    """Losses of the run, and how many attention calls and grouped GEMMs of its last step ran outside a compiled
+    graph."""
     import torch
 
     from titan_dsv3.config import parse_args
@@ -37,43 +38,40 @@ def train_and_count_eager_attention(args: list[str]) -> tuple[list[float], int]:
     losses = [trainer.train_step()["loss"] for _ in range(trainer.total_steps - 1)]
     with torch.profiler.profile() as prof:
         losses.append(trainer.train_step()["loss"])
-    eager = 0
+    eager = {"aten::scaled_dot_product_attention": 0, "aten::_grouped_mm": 0}
     for ev in prof.events():
-        if ev.name != "aten::scaled_dot_product_attention":
+        if ev.name not in eager:
             continue
         parent = ev.cpu_parent
         while parent is not None and "CompiledFxGraph" not in parent.name:
             parent = parent.cpu_parent
-        eager += parent is None
-    return losses, eager
+        eager[ev.name] += parent is None
+    return losses, *eager.values()
 
 
 EP = {**COMMON, "parallelism.expert_parallel_degree": "2", "training.local_batch_size": "4"}
 
 
 def test_compiled_ep2_fsdp2_bf16(single, tmp_path):
-    ranks = run_ranks(
-        train_and_count_eager_attention, 2, layout_args(str(tmp_path / "ep"), **EP), timeout=600
-    )
-    for losses, eager in ranks:
-        assert eager == 0
+    ranks = run_ranks(train_and_count_eager, 2, layout_args(str(tmp_path / "ep"), **EP), timeout=600)
+    for losses, eager_attention, eager_gemms in ranks:
+        assert eager_attention == 0 and eager_gemms == 0
         # bf16 compute: the layouts round differently, so agreement is to bf16 precision, not bit for bit
         assert losses == pytest.approx(single, rel=2e-3)
 
 
 def test_compiled_ep2_checkpointed_blocks_stay_compiled(single, tmp_path):
     """EP's host read of split sizes breaks the graph; a checkpoint traced around it would run the whole block
-    eagerly. Compiled inside the checkpoint (but for the route), its attention stays compiled."""
+    eagerly. Compiled inside the checkpoint, its attention and the route's expert GEMMs stay compiled, in forward,
+    recompute and backward."""
     ac = {
         **EP,
         "activation_checkpoint.mode": "selective",
         "activation_checkpoint.selective_option": "2",  # blocks 0 and 2 checkpointed: one dense, one MoE
     }
-    ranks = run_ranks(
-        train_and_count_eager_attention, 2, layout_args(str(tmp_path / "ac"), **ac), timeout=600
-    )
-    for losses, eager in ranks:
-        assert eager == 0
+    ranks = run_ranks(train_and_count_eager, 2, layout_args(str(tmp_path / "ac"), **ac), timeout=600)
+    for losses, eager_attention, eager_gemms in ranks:
+        assert eager_attention == 0 and eager_gemms == 0
         assert losses == pytest.approx(single, rel=2e-3)
 
 
