@@ -1,0 +1,39 @@
+"""FSDP of the routed experts over a 1-rank mesh (EP takes every data rank): the gradient sum is the identity, and
+the reduction must not divide by 1 through a temporary as torch's 1-rank path does when a divide factor is set
+(on the 16B shape, FSDP 2 + EP 2: 14.4 ms a step, benchmarks/RESULTS.md). The layout tests check the numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.common import layout_args
+from tests.distributed.launcher import run_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def divisions_in_post_backward(args: list[str]) -> int:
+    """aten::div calls inside FSDP's post-backward reduction in the second step."""
+    import torch
+
+    from titan_dsv3.config import parse_args
+    from titan_dsv3.train import Trainer
+
+    trainer = Trainer(parse_args(args))
+    trainer.train_step()
+    with torch.profiler.profile() as prof:
+        trainer.train_step()
+    n = 0
+    for ev in prof.events():
+        if ev.name != "aten::div":
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not parent.name.startswith("FSDP::post_backward_reduce"):
+            parent = parent.cpu_parent
+        n += parent is not None
+    return n
+
+
+def test_experts_on_a_one_rank_mesh_reduce_without_dividing(tmp_path):
+    ep2 = {"parallelism.expert_parallel_degree": "2", "training.local_batch_size": "4"}  # efsdp = 2 / 2 = 1
+    assert run_ranks(divisions_in_post_backward, 2, layout_args(str(tmp_path), **ep2)) == [0, 0]
