@@ -77,8 +77,8 @@ def test_compiled_ep2_checkpointed_blocks_stay_compiled(single, tmp_path):
 
 def train_with_an_idle_rank(args: list[str]) -> list[float]:
     """Steps 4 and 5 send every copy to rank 0's experts (biases +-100): rank 1 receives no rows, sends none back,
-    and its experts get empty groups, as with a collapsed router. A compiled exchange of 0 rows failed to run on
-    torch 2.11-2.13 (0-row grouped GEMM in backward); such a layer must exchange eagerly."""
+    and its experts get empty groups, as with a collapsed router. Compiled, the 0-row grouped GEMM's backward
+    failed (torch 2.13); such a layer must exchange eagerly."""
     import torch
 
     from titan_dsv3.config import parse_args

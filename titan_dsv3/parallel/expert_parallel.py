@@ -94,14 +94,14 @@ class ExpertParallel:
         plan_out = torch.cat([send_R.view(ep, 1), counts_E.view(ep, n_local).to(send_R.dtype)], dim=1)
         plan_in = _wait(funcol.all_to_all_single(plan_out.flatten(), None, None, self.group))
         plan_in = plan_in.view(ep, 1 + n_local)
-        self._start_host_read(
-            torch.cat([send_R, plan_in.flatten()])
-        )  # the one device->host read of the layer
+        # the one device->host read of the layer
+        self._start_host_read(torch.cat([send_R, plan_in.flatten()]))
         shared_TD = shared(x_TD) if shared is not None else None  # queued behind the read: runs while we wait
         in_splits, out_splits, n_copies = self._finish_host_read()
-        # A size of 0 or 1 is specialised by dynamo, and torch 2.11-2.13 compile 0-row exchanges and grouped
-        # GEMMs wrongly (tests/distributed/test_compile_ep.py): such a layer exchanges eagerly. It takes a rank
-        # that gets almost no tokens, as in a collapsed router; at 16B a split is ~16K rows.
+        # Dynamo specialises a size of 0 or 1, and 0-row graphs fail: a compiled 0-row grouped GEMM's backward on
+        # CPU (torch 2.13, tests/distributed/test_compile_ep.py), an exchange lowered as 0 rows on GPU (torch
+        # 2.11). Such a layer exchanges eagerly. It takes a layer that sends a rank (almost) nothing; a split is
+        # ~16K rows at 16B, yet a 50-step 16B run on 2 GPUs took this path at least once.
         exchange = _exchange_eager if min(*in_splits, *out_splits, n_copies) < 2 else _exchange
         out_TD = exchange(
             self, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies

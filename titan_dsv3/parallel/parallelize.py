@@ -41,8 +41,8 @@ def apply_compile(model: nn.Module, checkpoint_by_op: bool) -> None:
     eagerly (on the 16B shape, FSDP 2 + EP 2, every 2nd block checkpointed: 13 of 26 MoE blocks, forward and
     recompute). There the checkpoint stays eager and the block inside it is compiled, the route included (which
     keeps only its split sizes as host ints: ExpertParallel._finish_host_read); its recompute calls the compiled
-    code. Selective-by-op checkpointing (checkpoint_by_op) needs the traced checkpoint
-    to match ops, so it keeps the outer compile, and runs such blocks eagerly (a warning says so).
+    code. Selective-by-op checkpointing (checkpoint_by_op) needs the traced checkpoint to match ops, so it keeps
+    the outer compile, and runs such blocks eagerly (a warning says so).
     """
     blocks = list(model.layers.values()) if model.layers is not None else []
     if getattr(model, "mtp", None) is not None:
