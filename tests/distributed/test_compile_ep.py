@@ -75,6 +75,20 @@ def test_compiled_ep2_checkpointed_blocks_stay_compiled(single, tmp_path):
         assert losses == pytest.approx(single, rel=2e-3)
 
 
+def test_compiled_pp2_ep2_checkpointed_blocks(single, tmp_path):
+    """The same compiled route inside pipeline stages (4 micro-batches a step, every 2nd block checkpointed)."""
+    pp = {
+        **EP,
+        "parallelism.pipeline_parallel_degree": "2",
+        "parallelism.pipeline_parallel_microbatches": "4",
+        "activation_checkpoint.mode": "selective",
+        "activation_checkpoint.selective_option": "2",
+    }
+    ranks = run_ranks(train_to_end, 4, layout_args(str(tmp_path / "pp"), **pp), timeout=900)
+    for losses in ranks:
+        assert losses == pytest.approx(single, rel=2e-3)
+
+
 def train_with_an_idle_rank(args: list[str]) -> list[float]:
     """Steps 4 and 5 send every copy to rank 0's experts (biases +-100): rank 1 receives no rows, sends none back,
     and its experts get empty groups, as with a collapsed router. Compiled, the 0-row grouped GEMM's backward
