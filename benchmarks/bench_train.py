@@ -60,12 +60,14 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     losses: list[float] = []
-    ep_loads: list[float] = []  # the busiest EP rank's load over the mean, every step: does balancing converge?
+    # every step's expert counts (a fresh device tensor each step), kept to see whether balancing converges;
+    # read back after the timed loop, not inside it
+    counts: list[torch.Tensor] = []
 
     def step(t=trainer):  # bound here: trainer is deleted before the function returns
         losses.append(t.train_step()["loss"])
         if t.dims.ep > 1:
-            ep_loads.append(ep_rank_load(t))
+            counts.append(t._last_counts)
 
     per_step, first = time_steps(step, warmup, steps)
     # mean of the last 10 timed steps: one step's loss is too noisy to compare precisions by
@@ -73,8 +75,8 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
     out = {"sec_per_step": per_step, "first_step_s": first, "loss": sum(tail) / len(tail)}
     out["tokens_per_step"] = trainer.loader.tokens_per_step
     out["world_size"] = trainer.world_size
-    if ep_loads:
-        out["ep_rank_load"] = ep_loads
+    if counts:
+        out["ep_rank_load"] = [ep_rank_load(trainer, c) for c in counts]
     if profile:
         out["profile"] = profile_steps(trainer.train_step, Path(profile) / name / f"rank{trainer.rank}")
     peak = torch.tensor(
@@ -93,9 +95,9 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
     return out
 
 
-def ep_rank_load(trainer) -> float:
-    """The busiest EP rank's routed copies over the mean rank's in the last step, mean over MoE layers."""
-    loads = [v for k, v in moe_stats(trainer.moes, trainer._last_counts, trainer.dims.ep).items()
+def ep_rank_load(trainer, counts_LE: torch.Tensor) -> float:
+    """The busiest EP rank's routed copies over the mean rank's in one step's counts, mean over MoE layers."""
+    loads = [v for k, v in moe_stats(trainer.moes, counts_LE, trainer.dims.ep).items()
              if k.endswith("ep_rank_max_over_mean_load")]  # fmt: skip
     return sum(loads) / len(loads) if loads else float("nan")
 
