@@ -13,7 +13,7 @@ Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExp
 runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling). The
 off-the-shelf rowwise FP8 grouped GEMM is slower than bf16 on H100 (0.77x eager, GPU.md); ours fuses the
 quantisation into the GEMMs' neighbours, but its backward kernels are not fast yet: on H200 the expert FFN runs
-at 0.70x bf16 (torchao's rowwise: 0.85x compiled), so float8.moe_experts stays off by default (RESULTS.md).
+at 0.75x bf16 (torchao's rowwise: 0.86x compiled), so float8.moe_experts stays off by default (RESULTS.md).
 """
 
 from __future__ import annotations

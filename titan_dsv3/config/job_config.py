@@ -187,7 +187,7 @@ class Float8:
     """tensorwise only: FSDP all-gathers the converted linears' weights in float8 (half the bytes)."""
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.
-    Slower than bf16 for now: 0.70x on bench6's expert FFN (H200, benchmarks/RESULTS.md)."""
+    Slower than bf16 for now: 0.75x on bench6's expert FFN (H200, benchmarks/RESULTS.md)."""
 
 
 @dataclass
