@@ -50,6 +50,8 @@ def train_and_count_eager(args: list[str]) -> tuple[list[float], int, int]:
 
 
 EP = {**COMMON, "parallelism.expert_parallel_degree": "2", "training.local_batch_size": "4"}
+# blocks 0 and 2 checkpointed: one dense, one MoE
+AC2 = {"activation_checkpoint.mode": "selective", "activation_checkpoint.selective_option": "2"}
 
 
 def test_compiled_ep2_fsdp2_bf16(single, tmp_path):
@@ -64,11 +66,7 @@ def test_compiled_ep2_checkpointed_blocks_stay_compiled(single, tmp_path):
     """EP's host read of split sizes breaks the graph; a checkpoint traced around it would run the whole block
     eagerly. Compiled inside the checkpoint, its attention and the route's expert GEMMs stay compiled, in forward,
     recompute and backward."""
-    ac = {
-        **EP,
-        "activation_checkpoint.mode": "selective",
-        "activation_checkpoint.selective_option": "2",  # blocks 0 and 2 checkpointed: one dense, one MoE
-    }
+    ac = {**EP, **AC2}
     ranks = run_ranks(train_and_count_eager, 2, layout_args(str(tmp_path / "ac"), **ac), timeout=600)
     for losses, eager_attention, eager_gemms in ranks:
         assert eager_attention == 0 and eager_gemms == 0
@@ -79,10 +77,9 @@ def test_compiled_pp2_ep2_checkpointed_blocks(single, tmp_path):
     """The same compiled route inside pipeline stages (4 micro-batches a step, every 2nd block checkpointed)."""
     pp = {
         **EP,
+        **AC2,
         "parallelism.pipeline_parallel_degree": "2",
         "parallelism.pipeline_parallel_microbatches": "4",
-        "activation_checkpoint.mode": "selective",
-        "activation_checkpoint.selective_option": "2",
     }
     ranks = run_ranks(train_to_end, 4, layout_args(str(tmp_path / "pp"), **pp), timeout=900)
     for losses in ranks:
