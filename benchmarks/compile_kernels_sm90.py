@@ -1,6 +1,7 @@
 """Compile every autotune config of the MLA and FP8 kernels for sm_90 (H100) without a GPU, and print what the
 compiler made of each: registers a thread, spill (stack) bytes, shared memory, async copies (software
-pipelining) and whether the dots became wgmma.
+pipelining), whether the dots became wgmma, and whether ptxas serialised them (its C7511 note: each wgmma waited
+for before the next is issued, which cost the two-loop MLA dk/dv kernel about 15%).
 
     python benchmarks/compile_kernels_sm90.py            # with the installed triton (its bundled ptxas)
     PYTHONPATH=/path/to/triton-3.6 python benchmarks/compile_kernels_sm90.py   # the GPU machines' version
@@ -25,7 +26,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from titan_dsv3.kernels import fp8_grouped_gemm as F  # noqa: E402
 from titan_dsv3.kernels import mla_attention as M  # noqa: E402
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+CUOBJDUMP, PTXAS = os.path.join(_BIN, "cuobjdump"), os.path.join(_BIN, "ptxas")
 NOT_DIVISIBLE = {"seqlen", "n_heads", "n_experts"}
 
 
@@ -47,12 +49,21 @@ def compile_report(kernel, types: dict[str, str], consts: dict, num_warps: int, 
         f.write(k.asm["cubin"])
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(k.asm["ptx"])
+        f.flush()
+        info = subprocess.run(
+            [PTXAS, "-arch=sm_90a", "-v", "-o", os.devnull, f.name], capture_output=True, text=True
+        )
+    # C7511: ptxas waits for every wgmma before the next one (the tensor cores idle between them)
+    serial = "C7511" in info.stdout + info.stderr
     regs = re.search(r"REG:(\d+)", usage).group(1)
     stack = re.search(r"STACK:(\d+)", usage).group(1)
     ttgir = k.asm["ttgir"]
     return (
         f"regs {regs:>3}  spill {stack:>5} B  smem {k.metadata.shared // 1024:>3} KiB  "
         f"async copies {ttgir.count('async_copy_global_to_local'):>2}  wgmma {'warp_group_dot' in ttgir}"
+        f"{'  SERIALISED' if serial else ''}"
     )
 
 
@@ -60,7 +71,9 @@ def sweep(kernel, types: dict[str, str], consts: dict, configs: list | None = No
     """Every autotune config of kernel, or `configs` (a plain @triton.jit kernel: 8 warps unless given)."""
     name = kernel.fn.__name__ if hasattr(kernel, "configs") else kernel.__name__
     if configs is None:
-        configs = kernel.configs if hasattr(kernel, "configs") else [triton.Config({}, num_warps=8, num_stages=1)]
+        configs = (
+            kernel.configs if hasattr(kernel, "configs") else [triton.Config({}, num_warps=8, num_stages=1)]
+        )
     for cfg in configs:
         line = compile_report(kernel, types, {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
         label = " ".join(

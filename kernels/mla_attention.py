@@ -84,9 +84,10 @@ def _fwd_inner(
 def _fwd_configs():
     if _INTERPRET:  # two key blocks per diagonal query block, as on GPU
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # (query block, key block, warps, stages); the key block divides the query block. Compiled for sm_90
-    # (triton 3.6): 223-255 registers, no spill without documents (8 bytes with); 128 rows at 4 warps spill.
-    shapes = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)]
+    # (query block, key block, warps, stages); the key block divides the query block. Measured on H200 (B2 H16
+    # S4096, benchmarks/RESULTS.md): causal 128 x 64 w8 s3 0.39 ms, 128 x 128 w8 s2 0.42, 64 x 64 w4 s2 0.46;
+    # with documents 64 x 32 w4 s3 0.178 ms, 64 x 64 w4 s2 0.180 (4 warps and <= 104 KiB: two blocks a SM).
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -176,8 +177,7 @@ def _bwd_preprocess_kernel(
 def _bwd_dkdv_inner(
     dkn, dkp, dv, kn, kp, v, qn_base, qp_base, do_base, lse_base, delta_base, dstart_base,
     sqn_s, sqp_s, sdo_s, offs_n, lo, hi, seqlen, qk_scale,
-    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
     """Accumulate dk, dv of one key block over query blocks [lo, hi); everything transposed (keys x queries)."""
     offs_dn = tl.arange(0, DN)
@@ -192,8 +192,7 @@ def _bwd_dkdv_inner(
         sT = tl.dot(kn, qnT)
         sT = tl.dot(kp, qpT, sT)  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])
-        if CAUSAL:
-            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         if HAS_DOC:
             dstart = tl.load(dstart_base + offs_m, mask=m_ok, other=0)
             pT = tl.where(offs_n[:, None] >= dstart[None, :], pT, 0.0)
@@ -244,12 +243,15 @@ def _bwd_configs(shapes, interpret_shape):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# (query block, key block, warps, stages). The loop's block must divide the fixed one (diagonal blocks). dk + dv
-# take 320 fp32 accumulator columns per key row. Measured on H200 (B2 H16 S4096, benchmarks/RESULTS.md): causal
-# 64 x 128 w8 s2 0.93 ms, 32 x 64 w4 s3 1.08, 32 x 128 w8 s2 1.15, 16 x 128 w8 s2 1.70; with documents 32 x 64 w4
-# s2 0.31 ms. 64 x 128 w8 s3 is the untried neighbour of the causal winner (more smem, 3-stage q/do pipeline).
-_DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 8, 2)]
-_DQ_SHAPES = [(128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
+# (query block, key block, warps, stages). dk + dv take 320 fp32 accumulator columns per key row. Measured on H200
+# (B2 H16 S4096, benchmarks/RESULTS.md), one loop: causal 32 x 64 w4 s3 0.81 ms, 32 x 128 w8 s3 0.84, 32 x 64 w4
+# s2 0.86 (then 16 x 64 w4 s3 0.94, 64 x 128 w8 s2 1.07, 64 x 64 w8 s3 1.45, 32 x 64 w4 s4 1.33); with documents
+# 32 x 64 w4 s3 0.30 ms. The two-loop kernel's best was 64 x 128 w8 s2, 0.93 ms.
+_DKDV_SHAPES = [(32, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 2)]
+# dq: the key block divides the query block (the diagonal loop walks the query block's own keys). Measured: causal
+# 128 x 32 w8 s3 0.55 ms, 64 x 32 w4 s3 0.55, 64 x 32 w4 s2 0.65; with documents 64 x 32 w4 s3 0.19 ms, 128 x 32
+# w8 s3 0.22.
+_DQ_SHAPES = [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)]
 
 
 # fmt: off
@@ -295,16 +297,12 @@ def _mla_bwd_dkdv_kernel(
         hi = tl.load(dend_ptr + off_b * seqlen + end - 1)
     else:
         hi = seqlen
-    # the diagonal query blocks (causal mask), then the ones fully below it
+    # One loop with the causal mask on every query block. Split into the diagonal blocks and the ones below
+    # (as the forward and dq kernels are), ptxas serialised every wgmma of this kernel (C7511: the second
+    # loop's entry set accumulator registers while the first loop's last dots were in flight).
     dkn, dkp, dv = _bwd_dkdv_inner(
         dkn, dkp, dv, kn, kp, v, qn_base, qp_base, do_base, lse_base, delta_base, dstart_base,
-        sqn_s, sqp_s, sdo_s, offs_n, start, tl.minimum(end, hi), seqlen, qk_scale,
-        DN, DR, DV, BLOCK_M, True, HAS_DOC,
-    )
-    dkn, dkp, dv = _bwd_dkdv_inner(
-        dkn, dkp, dv, kn, kp, v, qn_base, qp_base, do_base, lse_base, delta_base, dstart_base,
-        sqn_s, sqp_s, sdo_s, offs_n, end, hi, seqlen, qk_scale,
-        DN, DR, DV, BLOCK_M, False, HAS_DOC,
+        sqn_s, sqp_s, sdo_s, offs_n, start, hi, seqlen, qk_scale, DN, DR, DV, BLOCK_M, HAS_DOC,
     )
     row = (off_b * seqlen + offs_n) * n_heads.to(tl.int64) + off_h  # row of (bsz, seqlen, heads, .)
     tl.store(dkn_ptr + row[:, None] * DN + offs_dn[None, :], (dkn * sm_scale).to(dkn_ptr.dtype.element_ty),
