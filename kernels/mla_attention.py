@@ -13,7 +13,8 @@ Scope and limits:
   rope); v: (bsz, seqlen, heads, v_dim). Head dims powers of two (>= 16 on GPU: tensor-core tiles); nope 128,
   rope 64, v 128 for DeepSeek-V2/V3. Any strides with a contiguous last dim (views of the projections are fine).
 - doc_ids (bsz, seqlen) integer, non-decreasing along each row (documents packed one after another, as the
-  data loader writes them); a position attends only to earlier positions with the same id.
+  data loader writes them); a position attends only to earlier positions with the same id. The kernels take
+  each position's document bounds (document_bounds), computed once a step by the model, or here per call.
 - fp16 / bf16 on CUDA (fp32 accumulation, probabilities cast to the input dtype before the PV product, as every
   flash kernel does); fp32 works too (tf32 dots on GPU, exact under TRITON_INTERPRET=1, which the CPU tests use).
 - The softmax scale is the caller's (it includes the YaRN mscale). Dropout, bias and sliding windows: not here.
@@ -370,8 +371,9 @@ def _mla_bwd_dq_kernel(
 # ---- launchers -----------------------------------------------------------------------------------------------
 
 
-def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First position and one-past-last position of each position's document, (bsz, seqlen) int32 each."""
+def document_bounds(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(2, bsz, seqlen) int32: the first position and one past the last position of each position's document.
+    A dozen small ops: a model computes it once a step and hands it to every layer (doc_bounds=)."""
     bsz, seqlen = doc_ids.shape
     pos = torch.arange(seqlen, device=doc_ids.device, dtype=torch.int32).expand(bsz, seqlen)
     change = doc_ids[:, 1:] != doc_ids[:, :-1]  # (bsz, seqlen - 1): a new document starts at i + 1
@@ -379,7 +381,7 @@ def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ends_here = torch.cat([change, torch.ones_like(change[:, :1])], dim=1)
     start = torch.where(starts_here, pos, 0).cummax(dim=1).values
     end = torch.where(ends_here, pos + 1, seqlen).flip(1).cummin(dim=1).values.flip(1)
-    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+    return torch.stack([start, end]).to(torch.int32)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -414,28 +416,25 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (t.stride(2) if t.shape[2] > 1 else 0)
 
 
-def _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale):
+def _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale):
     """Launcher: returns out (bsz, seqlen, heads, v_dim) and the base-2 log-sum-exp (bsz, heads, seqlen) fp32."""
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
     _check(q_nope, q_pe, k_nope, k_pe, v)
     bsz, seqlen, heads, nope = q_nope.shape
     out = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
     lse = torch.empty(bsz, heads, seqlen, device=v.device, dtype=torch.float32)
-    if doc_ids is not None:
-        dstart, _ = _doc_bounds(doc_ids)
-    else:
-        dstart = lse  # unused
+    dstart = doc_bounds[0] if doc_bounds is not None else lse  # lse: unused
     grid = lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))  # noqa: E731
     _mla_fwd_kernel[grid](
         q_nope, q_pe, k_nope, k_pe, v, out, lse, dstart,
         *_strides(q_nope), *_strides(q_pe), *_strides(k_nope), *_strides(k_pe), *_strides(v), *_strides(out),
         seqlen, heads, scale * _LOG2E,
-        DN=nope, DR=q_pe.shape[-1], DV=v.shape[-1], HAS_DOC=doc_ids is not None,
+        DN=nope, DR=q_pe.shape[-1], DV=v.shape[-1], HAS_DOC=doc_bounds is not None,
     )  # fmt: skip
     return out, lse
 
 
-def _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale):
+def _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale):
     """Launcher: returns dq_nope, dq_pe, dk_nope, dk_pe (summed over heads when shared), dv."""
     do = _last_dim_contiguous(do)
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
@@ -450,10 +449,7 @@ def _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale):
     dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
     dk_pe_heads = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=torch.float32)
     dv = torch.empty(bsz, seqlen, heads, dim_v, device=v.device, dtype=v.dtype)
-    if doc_ids is not None:
-        dstart, dend = _doc_bounds(doc_ids)
-    else:
-        dstart = dend = lse  # unused
+    dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
     strides = (
         *_strides(q_nope),
         *_strides(q_pe),
@@ -462,7 +458,7 @@ def _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale):
         *_strides(v),
         *_strides(do),
     )
-    consts = dict(DN=nope, DR=rope, DV=dim_v, HAS_DOC=doc_ids is not None)
+    consts = dict(DN=nope, DR=rope, DV=dim_v, HAS_DOC=doc_bounds is not None)
     _mla_bwd_dkdv_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_N"]))](
         q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv,
         *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
@@ -490,14 +486,14 @@ def _mla_fwd_op(
     k_nope: torch.Tensor,
     k_pe: torch.Tensor,
     v: torch.Tensor,
-    doc_ids: torch.Tensor | None,
+    doc_bounds: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale)
+    return _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale)
 
 
 @_mla_fwd_op.register_fake
-def _(q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale):
+def _(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale):
     bsz, seqlen, heads, _ = q_nope.shape
     out = v.new_empty(bsz, seqlen, heads, v.shape[-1])
     return out, q_nope.new_empty(bsz, heads, seqlen, dtype=torch.float32)
@@ -513,14 +509,14 @@ def _mla_bwd_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    doc_ids: torch.Tensor | None,
+    doc_bounds: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale)
+    return _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
 
 
 @_mla_bwd_op.register_fake
-def _(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale):
+def _(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale):
     def fresh(t):
         return t.new_empty(t.shape)
 
@@ -528,15 +524,15 @@ def _(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q_nope, q_pe, k_nope, k_pe, v, doc_ids, scale = inputs
+    q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids)
+    ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds)
     ctx.scale = scale
 
 
 def _backward(ctx, d_out, _d_lse):
-    q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids = ctx.saved_tensors
-    grads = _mla_bwd_op(d_out, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_ids, ctx.scale)
+    q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds = ctx.saved_tensors
+    grads = _mla_bwd_op(d_out, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, ctx.scale)
     return (*grads, None, None)
 
 
@@ -567,16 +563,24 @@ def mla_attention(
     doc_ids: torch.Tensor | None = None,
     k_pe: torch.Tensor | None = None,
     q_pe: torch.Tensor | None = None,
+    doc_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal (document-masked when doc_ids is given) attention; returns (bsz, seqlen, heads, v_dim).
+    """Causal (document-masked when doc_ids or doc_bounds is given) attention; returns (bsz, seqlen, heads, v_dim).
 
     With k_pe (bsz, seqlen, 1, rope): k is k_nope (bsz, seqlen, heads, nope) and q is either the full
     (.., nope + rope) query or, with q_pe given, q_nope. Without k_pe: q, k are full per-head (.., qk_dim).
+    doc_bounds: document_bounds(doc_ids), computed once for many calls; doc_ids alone computes it here.
     """
     q_nope, q_pe, k_nope, k_pe = _as_parts(q, k, k_pe, q_pe)
-    if doc_ids is not None and doc_ids.dtype != torch.int32:
-        doc_ids = doc_ids.to(torch.int32)
-    out, _ = _mla_fwd_op(q_nope, q_pe, k_nope, k_pe, v, doc_ids, float(scale))
+    if doc_bounds is None and doc_ids is not None:
+        doc_bounds = document_bounds(doc_ids)
+    want = (2, *q_nope.shape[:2])
+    if doc_bounds is not None and (tuple(doc_bounds.shape) != want or doc_bounds.dtype != torch.int32):
+        raise ValueError(
+            f"doc_bounds {tuple(doc_bounds.shape)} {doc_bounds.dtype}: expected {want} int32, as "
+            "document_bounds(doc_ids) returns (pass doc_ids= for the ids themselves)"
+        )
+    out, _ = _mla_fwd_op(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, float(scale))
     return out
 
 

@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from titan_dsv3.kernels.mla_attention import _doc_bounds, mla_attention, mla_attention_reference  # noqa: E402
+from titan_dsv3.kernels.mla_attention import document_bounds, mla_attention, mla_attention_reference  # noqa: E402
 
 NOPE, ROPE, DV = 128, 64, 128
 
@@ -76,9 +76,37 @@ def test_fp16_inputs():
 
 def test_doc_bounds():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 2, 3, 3, 3]], dtype=torch.int32)
-    start, end = _doc_bounds(doc_ids)
+    start, end = document_bounds(doc_ids)
     assert start.tolist() == [[0, 0, 2, 2, 2, 5], [0, 1, 2, 3, 3, 3]]
     assert end.tolist() == [[2, 2, 5, 5, 5, 6], [1, 2, 3, 6, 6, 6]]
+    q, k_nope, k_pe, v = _inputs(2, 6, 1)
+    with pytest.raises(ValueError, match="doc_bounds"):  # the ids where the bounds belong
+        mla_attention(q, k_nope, v, scale=0.1, k_pe=k_pe, doc_bounds=doc_ids)
+
+
+def test_model_computes_document_bounds_once(monkeypatch):
+    """A model with attn_impl 'triton' computes the document bounds once a forward, for every layer and the MTP
+    block, and the backward reuses the forward's (before, each attention call computed them in both)."""
+    import titan_dsv3.kernels.mla_attention as mla
+    from tests.tiny import tiny_model_args
+    from titan_dsv3.models import DeepSeekV3Model
+
+    calls = []
+    counted = mla.document_bounds
+
+    def counting(doc_ids):
+        calls.append(doc_ids.shape)
+        return counted(doc_ids)
+
+    monkeypatch.setattr(mla, "document_bounds", counting)
+    torch.manual_seed(0)
+    model = DeepSeekV3Model(tiny_model_args(attn_impl="triton", max_seq_len=32))
+    model.init_weights()
+    tokens = torch.randint(0, 128, (2, 24))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 3 + [1] * 20 + [2]], dtype=torch.int32)
+    logits, _ = model(tokens, doc_ids=doc_ids)
+    logits.float().square().mean().backward()
+    assert calls == [(2, 24)]  # once, not once per attention call (3 layers + 1 MTP block, forward and backward)
 
 
 def test_traced_by_compile():
@@ -128,7 +156,7 @@ def test_mla_module_triton_equals_sdpa(with_docs):
     cos_sin = rope_cos_sin(ModelArgs(**dims), 32)
     x = torch.randn(1, 21, 32)
     doc_ids = torch.tensor([[0] * 6 + [1] * 10 + [2] * 5], dtype=torch.int32) if with_docs else None
-    out_t = mods["triton"](x, cos_sin, doc_ids)
+    out_t = mods["triton"](x, cos_sin, document_bounds(doc_ids) if with_docs else None)
     if with_docs:  # the SDPA path has no document mask: compare document by document
         out_s = torch.cat([mods["sdpa"](x[:, a:b], cos_sin) for a, b in ((0, 6), (6, 16), (16, 21))], dim=1)
     else:

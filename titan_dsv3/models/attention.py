@@ -83,14 +83,15 @@ def flex_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def triton_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None, k_pe=None, q_pe=None
 ) -> torch.Tensor:
-    """The fused Triton MLA kernel (kernels/mla_attention.py); mask is doc_ids (bsz, seqlen) or None.
+    """The fused Triton MLA kernel (kernels/mla_attention.py); mask is the document bounds (2, bsz, seqlen) that
+    the model computes once a step (mla_attention.document_bounds), or None.
 
     MLA passes q_nope, k_nope and the shared rope key k_pe (bsz, seqlen, 1, rope) apart: no per-head copy of
     k_pe and no concatenation of q. Called as the other backends (full per-head q, k), it takes those too.
     """
     from titan_dsv3.kernels.mla_attention import mla_attention
 
-    return mla_attention(q, k, v, scale=scale, doc_ids=mask, k_pe=k_pe, q_pe=q_pe)
+    return mla_attention(q, k, v, scale=scale, doc_bounds=mask, k_pe=k_pe, q_pe=q_pe)
 
 
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "flex": flex_attention_fn, "triton": triton_attention}

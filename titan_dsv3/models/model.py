@@ -141,8 +141,10 @@ class DeepSeekV3Model(nn.Module):
         impl = self.args.attn_impl
         if impl == "flex":
             return document_causal_mask(doc_ids, bsz, seqlen, device)
-        if impl == "triton":
-            return doc_ids
+        if impl == "triton" and doc_ids is not None:  # each position's document bounds, once for every layer
+            from titan_dsv3.kernels.mla_attention import document_bounds
+
+            return document_bounds(doc_ids)
         return None
 
     # ---- initialisation ------------------------------------------------------------------------------------
