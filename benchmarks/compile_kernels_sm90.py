@@ -21,13 +21,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from titan_dsv3.kernels import fp8_grouped_gemm as F  # noqa: E402
 from titan_dsv3.kernels import mla_attention as M  # noqa: E402
 
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-CUOBJDUMP, PTXAS = os.path.join(_BIN, "cuobjdump"), os.path.join(_BIN, "ptxas")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+PTXAS = get_ptxas(90).path  # the one triton compiles sm_90 with (3.9 uses its newer ptxas-blackwell)
 NOT_DIVISIBLE = {"seqlen", "n_heads", "n_experts"}
 
 
@@ -55,6 +56,8 @@ def compile_report(kernel, types: dict[str, str], consts: dict, num_warps: int, 
         info = subprocess.run(
             [PTXAS, "-arch=sm_90a", "-v", "-o", os.devnull, f.name], capture_output=True, text=True
         )
+    if info.returncode:
+        raise RuntimeError(f"{PTXAS} failed: {info.stderr.strip()[:200]}")
     # C7511: ptxas waits for every wgmma before the next one (the tensor cores idle between them)
     serial = "C7511" in info.stdout + info.stderr
     regs = re.search(r"REG:(\d+)", usage).group(1)
