@@ -299,8 +299,8 @@ def _mla_bwd_dkdv_kernel(
     else:
         hi = seqlen
     # One loop with the causal mask on every query block. Split into the diagonal blocks and the ones below
-    # (as the forward and dq kernels are), ptxas serialised every wgmma of this kernel (C7511: the second
-    # loop's entry set accumulator registers while the first loop's last dots were in flight).
+    # (as the forward and dq kernels are), this kernel had every wgmma serialised by ptxas with triton 3.6
+    # (C7511: the second loop's entry set accumulator registers while the first loop's last dots were in flight).
     dkn, dkp, dv = _bwd_dkdv_inner(
         dkn, dkp, dv, kn, kp, v, qn_base, qp_base, do_base, lse_base, delta_base, dstart_base,
         sqn_s, sqp_s, sdo_s, offs_n, start, hi, seqlen, qk_scale, DN, DR, DV, BLOCK_M, HAS_DOC,
