@@ -7,6 +7,7 @@
 #   NGPU=2 bash benchmarks/scaleout.sh weak            # the same sections on fewer GPUs
 #   NGPU=2 bash benchmarks/scaleout.sh tests kernels   # GPU tests and kernel benchmarks, about 8 min
 #   WORKLOAD_SMALL=tiny NGPU=2 bash benchmarks/scaleout.sh weak   # the plumbing on CPU (gloo), seconds
+#   EXTRA='--compile.moe_one_graph=true' ...   # overrides added to every run
 #   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.rank<r>.ops.txt and gzipped traces of
 #                        rank 0 and the last rank
 #
@@ -35,7 +36,7 @@ bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS WARMUP OVERRIDES...
     local name=$1 nproc=$2 limit=$3 workload=$4 steps=$5 warmup=$6
     shift 6
     local cmd=(benchmarks/bench_train.py --workload "${SMALL:-$workload}" --steps "$steps" --warmup "$warmup" --no-eager
-        --variant "$name=$BASE $*")
+        --variant "$name=$BASE $* ${EXTRA:-}")
     [ "${PROFILE:-0}" = 1 ] && cmd+=(--profile "/tmp/scaleout_prof/$name")
     echo "--- $name: $nproc process(es), limit ${limit}s"
     if [ "$nproc" = 1 ]; then

@@ -62,6 +62,7 @@ ERRORS = [
     (["--compile.components", "optimizer"], "compile.components"),
     (["--metrics.log_freq", "0"], "metrics.log_freq"),
     (["--model.attn_impl", "flex"], "attn_impl"),
+    (["--compile.moe_one_graph", "true"], "compile.moe_one_graph"),
 ]
 
 

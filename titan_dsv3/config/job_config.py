@@ -171,6 +171,10 @@ class Compile:
     """torch.compile each block (and the loss)."""
     components: list[str] = field(default_factory=lambda: ["model", "loss"])
     """What to compile: model (per block), loss."""
+    moe_one_graph: bool = False
+    """With expert parallelism: read the route's split sizes inside the compiled graph, and when EP spans every
+    data rank leave the routed experts out of FSDP (a 1-rank unit shards nothing), so that a MoE block compiles
+    to one graph instead of about 11. Not yet measured on GPU (benchmarks/RESULTS.md)."""
 
 
 @dataclass

@@ -169,6 +169,11 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             )
     for comp in cfg.compile.components:
         _choice("compile.components", comp, ("model", "loss"))
+    if cfg.compile.moe_one_graph and not (cfg.compile.enable and "model" in cfg.compile.components):
+        raise ConfigError(
+            "compile.moe_one_graph shapes the compiled MoE blocks; set compile.enable = true (with 'model' in "
+            "compile.components) or leave it off"
+        )
     _choice("float8.recipe", cfg.float8.recipe, ("tensorwise", "rowwise"))
     _positive("metrics.log_freq", cfg.metrics.log_freq)
     _positive("validation.freq", cfg.validation.freq)

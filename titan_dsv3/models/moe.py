@@ -128,6 +128,7 @@ def grouped_swiglu(x_ND, counts_E, w1_EID, w2_EDI, w3_EID) -> torch.Tensor:
     return torch._grouped_mm(h_NI, w2.transpose(-2, -1), offs=offs_E)
 
 
+@torch.compiler.disable  # its loop over host counts: never traced (compile.moe_one_graph captures .tolist())
 def looped_swiglu(x_ND, counts_E, w1_EID, w2_EDI, w3_EID) -> torch.Tensor:
     """Reference path: a Python loop over experts (one host sync for the counts)."""
     out_ND = torch.zeros_like(x_ND)

@@ -13,6 +13,8 @@ ExpertParallel takes the place of MoE.route_tokens (models/moe.py: route_locally
             Shard(0) on the EP mesh; the model takes their local shards);
   combine:  each received row's copies weighted and summed where they were computed, the sums sent back
             (again one row per token and rank) and added up per token.
+With compile.moe_one_graph the sizes are read inside the compiled graph instead (unbacked ints, one blocking
+copy), so the route adds no graph break.
 The exchanges are the autograd-aware functional collectives, so backward runs the reverse exchanges; the gate
 weights get their gradient through the dispatch of the weights. No atomics: index_copy and batched sums keep it
 deterministic.
@@ -50,6 +52,8 @@ class ExpertParallel:
         # the host read in flight, (host tensor, CUDA event or None): kept here rather than returned, so the code
         # compiled between _start_host_read and _finish_host_read never holds the event
         self._pending = None
+        # compile.moe_one_graph: under torch.compile, read the sizes inside the graph (no graph break)
+        self.sizes_in_graph = False
 
     def apply(self, moe: nn.Module) -> None:
         experts = moe.experts
@@ -72,18 +76,15 @@ class ExpertParallel:
             self._pending = (t, None)
 
     @torch.compiler.disable
-    def _finish_host_read(self) -> tuple[list[int], list[int], int]:
-        """The sizes the exchange needs, read on the host: rows I send each rank, rows each rank sends me, and
-        the copies I compute. Only these reach compiled code: the per-expert counts would become symbols that
-        dynamo specialises and recompiles on whenever one is 0 or 1 (common), 2 x ep + 1 ints do not."""
+    def _finish_host_read(self) -> list[int]:
+        """The 2 x ep + 1 sizes (_exchange_sizes), read on the host. Only these reach compiled code: the
+        per-expert counts would become symbols that dynamo specialises and recompiles on whenever one is 0 or 1
+        (common)."""
         host, done = self._pending
         self._pending = None
         if done is not None:
             done.synchronize()  # this copy only, not the work queued after it
-        sizes, ep = host.tolist(), self.ep
-        row = (len(sizes) - ep) // ep  # per source rank: its row count, then its copies for each local expert
-        plan = [sizes[ep + s * row : ep + (s + 1) * row] for s in range(ep)]
-        return sizes[:ep], [p[0] for p in plan], sum(sum(p[1:]) for p in plan)
+        return host.tolist()
 
     def __call__(self, experts, x_TD, weights_TK, ids_TK, counts_E, shared=None) -> torch.Tensor:
         """The same result as route_locally on the full set of experts: sum_k w_tk * expert_k(x_t) (+ shared)."""
@@ -94,15 +95,26 @@ class ExpertParallel:
         plan_out = torch.cat([send_R.view(ep, 1), counts_E.view(ep, n_local).to(send_R.dtype)], dim=1)
         plan_in = _wait(funcol.all_to_all_single(plan_out.flatten(), None, None, self.group))
         plan_in = plan_in.view(ep, 1 + n_local)
-        # the one device->host read of the layer
-        self._start_host_read(torch.cat([send_R, plan_in.flatten()]))
-        shared_TD = shared(x_TD) if shared is not None else None  # queued behind the read: runs while we wait
-        in_splits, out_splits, n_copies = self._finish_host_read()
-        # Dynamo specialises a size of 0 or 1, and 0-row graphs fail: a compiled 0-row grouped GEMM's backward on
-        # CPU (torch 2.13, tests/distributed/test_compile_ep.py), an exchange lowered as 0 rows on GPU (torch
-        # 2.11). Such a layer exchanges eagerly. It takes a layer that sends a rank (almost) nothing; a split is
-        # ~16K rows at 16B, yet a 50-step 16B run on 2 GPUs took this path at least once.
-        exchange = _exchange_eager if min(*in_splits, *out_splits, n_copies) < 2 else _exchange
+        # the exchange's sizes: rows I send each rank, rows each rank sends me, copies I compute, (2 ep + 1,)
+        sizes_S = torch.cat([send_R, plan_in[:, 0], plan_in[:, 1:].sum().view(1)])
+        if self.sizes_in_graph and torch.compiler.is_compiling():
+            # one copy inside the graph; the sizes become unbacked symbols (never specialised on 0 or 1)
+            shared_TD = shared(x_TD) if shared is not None else None
+            sizes = sizes_S.cpu().tolist()
+            for s in sizes:
+                torch._check_is_size(s)
+            exchange = _exchange
+        else:
+            # the one device->host read of the layer; the shared experts queued behind it run while the host waits
+            self._start_host_read(sizes_S)
+            shared_TD = shared(x_TD) if shared is not None else None
+            sizes = self._finish_host_read()
+            # Dynamo specialises a size of 0 or 1, and 0-row graphs fail: a compiled 0-row grouped GEMM's
+            # backward on CPU (torch 2.13, tests/distributed/test_compile_ep.py), an exchange lowered as 0 rows on
+            # GPU (torch 2.11). Such a layer exchanges eagerly. It takes a layer that sends a rank (almost)
+            # nothing; a split is ~16K rows at 16B, yet a 50-step 16B run on 2 GPUs took this path at least once.
+            exchange = _exchange_eager if min(sizes) < 2 else _exchange
+        in_splits, out_splits, n_copies = sizes[:ep], sizes[ep : 2 * ep], sizes[2 * ep]
         out_TD = exchange(
             self, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies
         )

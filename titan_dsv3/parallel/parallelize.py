@@ -33,7 +33,7 @@ def _routed_experts(unit: nn.Module) -> nn.Module | None:
     return moe.experts if moe is not None else None
 
 
-def apply_compile(model: nn.Module, checkpoint_by_op: bool) -> None:
+def apply_compile(model: nn.Module, checkpoint_by_op: bool, moe_one_graph: bool = False) -> None:
     """Compile each block in place (names and state-dict keys unchanged); same-shaped blocks share one graph.
 
     A block whose MoE routes over EP ranks has a graph break (the route reads its split sizes on the host).
@@ -43,7 +43,14 @@ def apply_compile(model: nn.Module, checkpoint_by_op: bool) -> None:
     keeps only its split sizes as host ints: ExpertParallel._finish_host_read); its recompute calls the compiled
     code. Selective-by-op checkpointing (checkpoint_by_op) needs the traced checkpoint to match ops, so it keeps
     the outer compile, and runs such blocks eagerly (a warning says so).
+
+    moe_one_graph (compile.moe_one_graph): the route reads its sizes inside the graph instead, as unbacked ints
+    (dynamo's capture_scalar_outputs, set here for the process).
     """
+    if moe_one_graph:
+        torch._dynamo.config.capture_scalar_outputs = True
+        for moe in _ep_routed_moes(model):
+            moe.route_tokens.sizes_in_graph = True
     blocks = list(model.layers.values()) if model.layers is not None else []
     if getattr(model, "mtp", None) is not None:
         blocks += [m.block for m in model.mtp.values()]
@@ -83,22 +90,33 @@ def apply_fsdp(
     dims: ParallelDims,
     param_dtype: torch.dtype,
     reshard_after_forward: bool,
+    experts_outside_1rank: bool = False,
 ) -> None:
     """FSDP2 per block (routed experts as their own unit on the expert mesh when they have one), then the rest.
 
     Gradients are summed over data-parallel ranks, not averaged: the loss is already normalised by the global
     token count. Each block prefetches the next one's all-gather in forward and the previous one's in backward.
+    experts_outside_1rank: when the expert mesh has one rank (EP over every data rank), the routed experts get
+    no unit at all: it would shard nothing, and its hooks, which dynamo does not trace, break a compiled block's
+    graph. They stay fp32 DTensors on the EP mesh, cast to the compute dtype in the grouped GEMM, and their
+    gradients need no reduction (each expert lives on one rank).
     """
     # Inputs are not cast: hidden states already come in the parameter dtype, and the fp32 RoPE table a block
     # receives must stay fp32 (as under autocast).
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     blocks = _blocks(model)
     experts = []
+    outside: set[nn.Parameter] = set()
     for i, block in enumerate(blocks):
         # the last block is needed again first in backward: keep it gathered
         reshard = reshard_after_forward and i < len(blocks) - 1
         ex = _routed_experts(block)
-        if ex is not None and dims.separate_experts:
+        mine = set()
+        if ex is not None and dims.separate_experts and experts_outside_1rank and meshes.efsdp.size() == 1:
+            mine = set(ex.parameters())
+            outside |= mine
+            experts.append(None)
+        elif ex is not None and dims.separate_experts:
             fully_shard(
                 ex,
                 mesh=meshes.efsdp,
@@ -109,8 +127,12 @@ def apply_fsdp(
             experts.append(ex)
         else:
             experts.append(None)
-        fully_shard(block, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(
+            block, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=reshard, ignored_params=mine or None
+        )
+    fully_shard(
+        model, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=False, ignored_params=outside or None
+    )
     for m in model.modules():
         if isinstance(m, FSDPModule):
             # On a 1-rank mesh (the experts' when EP takes every data rank) a sum is the identity, and torch's
@@ -160,9 +182,11 @@ def parallelize_model(
     ac = cfg.activation_checkpoint
     if ac.mode != "none":
         apply_ac(model, ac.mode, ac.selective_option)
-    if cfg.compile.enable and "model" in cfg.compile.components:
-        apply_compile(model, checkpoint_by_op=ac.mode == "selective" and ac.selective_option == "op")
+    compile_model = cfg.compile.enable and "model" in cfg.compile.components
+    one_graph = compile_model and cfg.compile.moe_one_graph
+    if compile_model:
+        apply_compile(model, ac.mode == "selective" and ac.selective_option == "op", one_graph)
     if dims.uses_fsdp:
         reshard = reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, dims.pp)
-        apply_fsdp(model, meshes, dims, param_dtype, reshard)
+        apply_fsdp(model, meshes, dims, param_dtype, reshard, experts_outside_1rank=one_graph)
     return model
