@@ -77,9 +77,9 @@ class ExpertParallel:
 
     @torch.compiler.disable
     def _finish_host_read(self) -> list[int]:
-        """The 2 x ep + 1 sizes (_exchange_sizes), read on the host. Only these reach compiled code: the
-        per-expert counts would become symbols that dynamo specialises and recompiles on whenever one is 0 or 1
-        (common)."""
+        """The exchange's 2 x ep + 1 sizes (__call__'s sizes_S), read on the host. Only these reach compiled code:
+        the per-expert counts would become symbols that dynamo specialises and recompiles on whenever one is 0 or
+        1 (common)."""
         host, done = self._pending
         self._pending = None
         if done is not None:
