@@ -90,15 +90,23 @@ def test_layout_matches_one_gpu(layout, gpu_reference, tmp_path):
             "compile.enable": "true",
             "activation_checkpoint.mode": "selective",
         },
-        {  # compiled inside the checkpoint of every 2nd block, the EP route eager there (parallelize.apply_compile)
+        {  # compiled inside the checkpoint of every 2nd block, the EP route too (parallelize.apply_compile)
             P + "expert_parallel_degree": "2",
             "training.local_batch_size": "4",
             "compile.enable": "true",
             "activation_checkpoint.mode": "selective",
             "activation_checkpoint.selective_option": "2",
         },
+        {  # the same with each MoE block one graph: sizes read in the graph, no expert FSDP unit
+            P + "expert_parallel_degree": "2",
+            "training.local_batch_size": "4",
+            "compile.enable": "true",
+            "compile.moe_one_graph": "true",
+            "activation_checkpoint.mode": "selective",
+            "activation_checkpoint.selective_option": "2",
+        },
     ],
-    ids=["fsdp_ep_bf16", "tp_ep_bf16_compile_sac", "fsdp_ep_bf16_compile_ac2"],
+    ids=["fsdp_ep_bf16", "tp_ep_bf16_compile_sac", "fsdp_ep_bf16_compile_ac2", "fsdp_ep_bf16_moe_one_graph"],
 )
 def test_bf16_runs(extra, gpu_reference, tmp_path):
     losses = torchrun(tmp_path, "bf16", 2, **{"training.mixed_precision": "bf16", **extra})
