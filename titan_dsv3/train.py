@@ -62,6 +62,21 @@ class TrainState:
         self.skipped_steps = int(state["skipped_steps"])
 
 
+def compile_cache_per_rank(rank: int) -> None:
+    """Give each rank its own torch.compile cache: TORCHINDUCTOR_CACHE_DIR (or torch's default) + /rank<r>.
+
+    A compiled graph names the process groups it calls, and torch's caches key it without that name. With two TP
+    groups (ranks 0-1 named '15', 2-3 named '16' in tests/distributed/test_compile_cache.py) a rerun or resume with
+    a shared cache loaded the other group's compiled loss and failed: "Could not resolve the process group
+    registered under the name 16". The same holds for EP groups when EP is smaller than the world."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    leaf = f"rank{rank}"
+    if os.path.basename(os.path.normpath(base)) != leaf:  # a second Trainer in the process keeps it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, leaf)
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -96,6 +111,8 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world_size > 1:
+            compile_cache_per_rank(self.rank)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
