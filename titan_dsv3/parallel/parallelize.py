@@ -110,13 +110,13 @@ def apply_fsdp(
     for i, block in enumerate(blocks):
         # the last block is needed again first in backward: keep it gathered
         reshard = reshard_after_forward and i < len(blocks) - 1
-        ex = _routed_experts(block)
+        ex = _routed_experts(block) if dims.separate_experts else None
         mine = set()
-        if ex is not None and dims.separate_experts and experts_outside_1rank and meshes.efsdp.size() == 1:
-            mine = set(ex.parameters())
+        if ex is not None and experts_outside_1rank and meshes.efsdp.size() == 1:
+            mine = set(ex.parameters())  # no unit of their own, and none of the block's
             outside |= mine
-            experts.append(None)
-        elif ex is not None and dims.separate_experts:
+            ex = None
+        elif ex is not None:
             fully_shard(
                 ex,
                 mesh=meshes.efsdp,
@@ -124,9 +124,7 @@ def apply_fsdp(
                 reshard_after_forward=reshard,
                 shard_placement_fn=_expert_placement(dims),
             )
-            experts.append(ex)
-        else:
-            experts.append(None)
+        experts.append(ex)
         fully_shard(
             block, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=reshard, ignored_params=mine or None
         )
