@@ -197,26 +197,26 @@ def _gemm_swiglu_fwd_kernel(
 
 @triton.autotune(
     configs=[
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((128, 8, 4), (128, 8, 3))
-    ] if not _INTERPRET else [triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=1)],
+        triton.Config({"BLOCK_M": m, "BLOCK_N": 128}, num_warps=w, num_stages=s)
+        for m, w, s in ((128, 8, 4), (128, 8, 3), (64, 4, 3), (64, 4, 4))
+    ] if not _INTERPRET else [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)],
     key=["K", "N_OUT"],
 )
 @triton.jit(do_not_specialize=["n_experts"])
 def _gemm_scatter_kernel(
     a_ptr, sa_ptr, b_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, n_experts, K, N_OUT,
-    sb_e, sb_n, sb_k, BLOCK_N: tl.constexpr,
+    sb_e, sb_n, sb_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[row_src[p]] = A[p] @ B_e^T for the real rows of one padded tile (second GEMM, and dx)."""
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
+    """out[row_src[p]] = A[p] @ B_e^T for the real rows of BLOCK_M padded rows (second GEMM, and dx)."""
+    row0 = tl.program_id(1) * BLOCK_M
+    e = tl.load(tile_expert_ptr + row0 // 128)
     if e >= n_experts:
         return
-    offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _ = _rows_mainloop(
         a_ptr, sa_ptr, b_ptr, sb_ptr, offs_m, offs_n, e.to(tl.int64), K, N_OUT, 0, sb_e, sb_n, sb_k,
-        False, 128, BLOCK_N,
+        False, BLOCK_M, BLOCK_N,
     )
     src = tl.load(row_src_ptr + offs_m).to(tl.int64)
     mask = (src[:, None] >= 0) & (offs_n[None, :] < N_OUT)
@@ -257,13 +257,16 @@ def _swiglu_bwd_quant_kernel(
 
 
 @triton.autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 4), (8, 3))] if not _INTERPRET
-    else [triton.Config({}, num_warps=4, num_stages=1)],
+    configs=[
+        triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=s)
+        for r, w, s in ((128, 8, 4), (128, 8, 3), (64, 4, 3), (64, 4, 4))
+    ] if not _INTERPRET else [triton.Config({"BLOCK_R": 128}, num_warps=4, num_stages=1)],
     key=["R", "C"],
 )
 @triton.jit
 def _wgrad_kernel(
     a_ptr, sa_ptr, b_ptr, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr, n_pad, R, C, R_SPLIT,
+    BLOCK_R: tl.constexpr,
 ):
     """out_e = A[:, rows of e] @ B[:, rows of e]^T over the expert's padded token range (both operands stored
     transposed, tokens contiguous, one scale per channel and 128 tokens); rows >= R_SPLIT go to out2."""
@@ -271,7 +274,7 @@ def _wgrad_kernel(
     # dW1|dW3) are read from DRAM about once and then from L2; with the expert fastest, the 64 experts' tiles
     # in flight at once overflowed L2 and each A slice was read again for every column tile
     e = tl.program_id(2).to(tl.int64)
-    offs_r = (tl.program_id(1) * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     offs_c = (tl.program_id(0) * 128 + tl.arange(0, 128)).to(tl.int64)
     offs_k = tl.arange(0, 128)
     p0 = tl.multiple_of(tl.load(pstart_ptr + e), 128)  # padded groups: 128-aligned, so loads vectorise
@@ -281,7 +284,7 @@ def _wgrad_kernel(
     n_tb = n_pad // 128
     sa_ptrs = sa_ptr + offs_r * n_tb + p0 // 128
     sb_ptrs = sb_ptr + offs_c * n_tb + p0 // 128
-    acc = tl.zeros([128, 128], tl.float32)
+    acc = tl.zeros([BLOCK_R, 128], tl.float32)
     for kb in range(0, (p1 - p0) // 128):
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
@@ -290,7 +293,7 @@ def _wgrad_kernel(
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
         a_ptrs += 128
         b_ptrs += 128
-    if tl.program_id(1) * 128 < R_SPLIT:
+    if tl.program_id(1) * BLOCK_R < R_SPLIT:
         dst = out_ptr + e * R_SPLIT * C + offs_r[:, None] * C + offs_c[None, :]
     else:
         dst = out2_ptr + e * (R - R_SPLIT) * C + (offs_r[:, None] - R_SPLIT) * C + offs_c[None, :]
@@ -400,7 +403,7 @@ def _swiglu_fwd(x, counts_E, w1, w2, w3):
     )  # fmt: skip
     y = torch.empty(n_rows, dim, device=dev, dtype=x.dtype)
     n_kb, n_nb = hidden // TILE, dim // TILE
-    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // TILE)](
+    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // meta["BLOCK_M"])](
         hq, hs, w2q, w2s, lay.tile_expert, lay.row_src, y, n_exp, hidden, dim, n_nb * n_kb, n_kb, 1
     )
     return y, xqt, xst, h13, w13tq, w13s, w2tq, w2s
@@ -424,7 +427,7 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     # scale of its block (i, d) is w2s[e, d, i].
     dh = _f32_empty(n_pad, hidden, device=dev)
     rows = torch.arange(n_pad, device=dev, dtype=torch.int32)
-    _gemm_scatter_kernel[lambda meta: (triton.cdiv(hidden, meta["BLOCK_N"]), n_pad // TILE)](
+    _gemm_scatter_kernel[lambda meta: (triton.cdiv(hidden, meta["BLOCK_N"]), n_pad // meta["BLOCK_M"])](
         dyq, dys, w2tq, w2s, lay.tile_expert, rows, dh, n_exp, dim, hidden, n_db * n_ib, 1, n_ib,
     )  # fmt: skip
     _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
@@ -433,16 +436,16 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     )  # fmt: skip
     dx = torch.empty(n_rows, dim, device=dev, dtype=dy.dtype)
     # B = [w1; w3]^T (E, D, 2I); the scale of its block (d, j) is w13s[e, j, d]
-    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // TILE)](
+    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // meta["BLOCK_M"])](
         gq, gs, w13tq, w13s, lay.tile_expert, lay.row_src, dx, n_exp, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db,
     )  # fmt: skip
     dw1 = torch.empty(n_exp, hidden, dim, device=dev, dtype=w_dtype)
     dw3 = torch.empty_like(dw1)
     dw2 = torch.empty(n_exp, dim, hidden, device=dev, dtype=w_dtype)
-    _wgrad_kernel[(dim // TILE, 2 * hidden // TILE, n_exp)](
+    _wgrad_kernel[lambda meta: (dim // TILE, 2 * hidden // meta["BLOCK_R"], n_exp)](
         gqt, gst, xqt, xst, lay.pstart, lay.pend, dw1, dw3, n_pad, 2 * hidden, dim, hidden
     )
-    _wgrad_kernel[(hidden // TILE, dim // TILE, n_exp)](
+    _wgrad_kernel[lambda meta: (hidden // TILE, dim // meta["BLOCK_R"], n_exp)](
         dyqt, dyst, hqt, hst, lay.pstart, lay.pend, dw2, dw2, n_pad, dim, hidden, dim
     )
     return dx, dw1, dw2, dw3

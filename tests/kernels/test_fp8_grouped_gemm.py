@@ -65,6 +65,31 @@ def test_forward_backward_match_dequantised_reference(counts):
         assert _rel_fro(got, want) < 1e-3 or want.abs().max() == 0
 
 
+def test_64_row_tiles_match_128_row_tiles(monkeypatch):
+    """The scatter and weight-gradient GEMMs' 64-row configs (4 warps, two blocks a SM on H100) cover each
+    128-row padded tile with two programs; half a tile must read its own expert and scales."""
+    import triton
+
+    x, counts_E, w1, w2, w3, dy = _inputs([0, 1, 130], seed=5)
+
+    def run():
+        params = [t.clone().requires_grad_() for t in (x, w1, w2, w3)]
+        y = K.fp8_grouped_swiglu(params[0], counts_E, *params[1:])
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in params]
+
+    want = run()
+    for kernel, kw in (
+        (K._gemm_scatter_kernel, {"BLOCK_M": 64, "BLOCK_N": 128}),
+        (K._wgrad_kernel, {"BLOCK_R": 64}),
+    ):
+        monkeypatch.setattr(kernel, "configs", [triton.Config(kw, num_warps=4, num_stages=1)])
+        monkeypatch.setattr(kernel, "cache", {})
+    got = run()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_close_to_unquantised_math():
     """The FP8 result tracks the plain fp32 experts (models.moe.looped_swiglu) within FP8 error."""
     counts = [40, 0, 200]
