@@ -1,7 +1,7 @@
 """The EP token route alone: plan, dispatch, grouped GEMM on local experts, weighted combine, with empty experts,
 a rank that routes no tokens and a rank that receives none. Outputs and the gradients of the tokens, the gate
-weights and the expert weights equal route_locally on the unsharded experts (shared experts included, run while
-the host reads the split sizes); each token is sent once per rank."""
+weights and the expert weights equal route_locally on the unsharded experts (shared experts included, computed
+while the dispatch exchange is in flight); each token is sent once per rank."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from titan_dsv3.models.moe import FeedForward, GroupedExperts, route_locally
+    from titan_dsv3.parallel import expert_parallel
     from titan_dsv3.parallel.expert_parallel import ExpertParallel, ranks_hit
 
     dist.init_process_group("gloo")
@@ -32,12 +33,17 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
     holder.experts.load_state_dict(ref.state_dict())
     ExpertParallel(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))).apply(holder)
     sent = []  # rows of each exchange this rank starts: tokens, their weights and ids, then the sums back
-    exchange = holder.route_tokens._a2a
-    holder.route_tokens._a2a = lambda t, *splits: sent.append(t.shape[0]) or exchange(t, *splits)
-    order = []  # the shared experts must run while the host read of the split sizes is in flight
-    start, finish = holder.route_tokens._start_host_read, holder.route_tokens._finish_host_read
-    holder.route_tokens._start_host_read = lambda t: order.append("start") or start(t)
-    holder.route_tokens._finish_host_read = lambda: order.append("finish") or finish()
+    order = []  # the shared experts must run between the dispatch's start and its wait
+    route = holder.route_tokens
+    exchange, dispatch, wait = route._a2a, route._a2a_start, expert_parallel._a2a_wait
+    route._a2a = lambda t, *splits: sent.append(t.shape[0]) or exchange(t, *splits)
+    route._a2a_start = lambda t, *splits: (
+        sent.append(t.shape[0]) or order.append("dispatch") or dispatch(t, *splits)
+    )
+    expert_parallel._a2a_wait = lambda t: order.append("wait") or wait(t)
+    start, finish = route._start_host_read, route._finish_host_read
+    route._start_host_read = lambda t: order.append("start") or start(t)
+    route._finish_host_read = lambda: order.append("finish") or finish()
     shared = FeedForward(D, I)
     shared.init_weights(0.5)
     shared.register_forward_pre_hook(lambda *_: order.append("shared"))
@@ -77,14 +83,19 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
         ([[0, 1, 0, 3, 3, 1, 1, 3], [2, 3, 0, 2, 1, 2]], 2),
         ([[0, 3, 3, 0, 1, 0], []], 2),  # rank 1 routes nothing and still computes rank 0's copies
         ([[0, 1, 1, 0], [0, 1]], 2),  # rank 1's experts receive nothing
-        ([[0, 1, 3, 2, 3, 0, 1, 2, 0], [3, 2, 1, 0, 2, 3]], 3),  # top-3 of 2 experts a rank: full and partial rows
+        (
+            [[0, 1, 3, 2, 3, 0, 1, 2, 0], [3, 2, 1, 0, 2, 3]],
+            3,
+        ),  # top-3 of 2 experts a rank: full and partial rows
     ],
 )
 def test_ep_route_matches_local_route(ids, k):
     for rank in run_ranks(ep_matches_reference, 2, ids, k):
         assert max(rank["errors"].values()) < 1e-5, rank["errors"]
-        assert rank["rows_sent"] == rank["pairs"] <= rank["copies"]  # one row per token and rank, not per copy
-        assert rank["order"] == ["start", "shared", "finish"]
+        assert (
+            rank["rows_sent"] == rank["pairs"] <= rank["copies"]
+        )  # one row per token and rank, not per copy
+        assert rank["order"] == ["start", "finish", "dispatch", "shared", "wait"]
 
 
 def test_a_token_goes_once_to_each_rank():

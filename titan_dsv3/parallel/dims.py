@@ -101,6 +101,11 @@ class ParallelDims:
                 f"model.n_routed_experts = {args.n_routed_experts} is not divisible by "
                 f"parallelism.expert_parallel_degree = {self.ep}"
             )
+        if self.ep > 1 and args.n_routed_experts // self.ep > 256:  # ids travel in bf16 (expert_parallel.py)
+            raise ValueError(
+                f"model.n_routed_experts = {args.n_routed_experts} over parallelism.expert_parallel_degree = "
+                f"{self.ep} is more than 256 experts a rank; raise expert_parallel_degree"
+            )
         if self.ep > 1 and args.n_moe_layers == 0:
             raise ValueError(
                 "parallelism.expert_parallel_degree > 1 needs MoE layers (model.n_dense_layers < n_layers)"

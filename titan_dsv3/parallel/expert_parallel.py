@@ -4,11 +4,13 @@ ExpertParallel takes the place of MoE.route_tokens (models/moe.py: route_locally
   plan:     each token is sent once to every rank that holds one of its K experts, not once per expert: with
             top-6 of 64 experts the cross-rank bytes fall 3.0x at EP 2, 1.8x at EP 4, 1.3x at EP 8 (expected
             ranks a token reaches). One exchange of small integers gives every split size, read in one
-            device->host copy (all_to_all_single takes host ints). The host waits for that copy only, and the
-            shared experts are queued behind it: the GPU computes them while the host waits and then launches
-            the dispatch, instead of idling from the read until the next kernels arrive.
-  dispatch: all_to_all_single the token rows, and beside each row its gate weights and local expert ids for
-            that rank (-1 and 0 where the copy belongs to another rank);
+            device->host copy (all_to_all_single takes host ints); the host waits for that copy only.
+  dispatch: one all_to_all_single of the token rows with, appended to each row, its gate weights and local
+            expert ids for that rank (-1 and 0 where the copy belongs to another rank). The shared experts are
+            computed while this exchange is in flight (its wait comes after them), so a rank that arrives first
+            computes instead of idling. One exchange, not one for the rows and one for the rest: inductor
+            orders independent collectives as it likes, and two ranks running differently specialised graphs
+            then paired the wrong ones (seen on CPU with PP 2 x EP 2: gloo's 'collective mismatch');
   compute:  the received copies grouped by local expert through the grouped GEMM (the weights are DTensors
             Shard(0) on the EP mesh; the model takes their local shards);
   combine:  each received row's copies weighted and summed where they were computed, the sums sent back
@@ -34,6 +36,11 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+def _a2a_wait(t: torch.Tensor) -> torch.Tensor:
+    """The wait of _a2a_start's exchange: the stream that uses t waits for the exchange here, not before."""
+    return torch.ops._c10d_functional.wait_tensor(t)
 
 
 def ranks_hit(ids_TK: torch.Tensor, n_local: int, ep: int) -> torch.Tensor:
@@ -65,6 +72,13 @@ class ExpertParallel:
     def _a2a(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         return _wait(funcol.all_to_all_single_autograd(t, out_splits, in_splits, self.group))
 
+    def _a2a_start(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        """The autograd-aware exchange without its wait (funcol's waits at once when traced, and inductor keeps
+        that order): work queued before _a2a_wait overlaps the exchange, in eager and in compiled code."""
+        return torch.ops._c10d_functional_autograd.all_to_all_single(
+            t, out_splits, in_splits, self.group.group_name
+        )
+
     @torch.compiler.disable
     def _start_host_read(self, t: torch.Tensor) -> None:
         """Copy t to (pinned) host memory without waiting; an event marks the copy's end."""
@@ -89,6 +103,11 @@ class ExpertParallel:
     def __call__(self, experts, x_TD, weights_TK, ids_TK, counts_E, shared=None) -> torch.Tensor:
         """The same result as route_locally on the full set of experts: sum_k w_tk * expert_k(x_t) (+ shared)."""
         ep, n_local = self.ep, counts_E.numel() // self.ep
+        if n_local > 2 / torch.finfo(x_TD.dtype).eps:  # the local ids travel in the rows' dtype
+            raise ValueError(
+                f"{n_local} experts a rank: local expert ids are not exact in {x_TD.dtype} (the EP exchange"
+                " sends them beside the rows); raise parallelism.expert_parallel_degree"
+            )
         hit_TR = ranks_hit(ids_TK, n_local, ep)
         send_R = hit_TR.sum(0)
         # to each peer: the rows I send it, then the copies I route to each of its experts
@@ -99,15 +118,13 @@ class ExpertParallel:
         sizes_S = torch.cat([send_R, plan_in[:, 0], plan_in[:, 1:].sum().view(1)])
         if self.sizes_in_graph and torch.compiler.is_compiling():
             # one copy inside the graph; the sizes become unbacked symbols (never specialised on 0 or 1)
-            shared_TD = shared(x_TD) if shared is not None else None
             sizes = sizes_S.cpu().tolist()
             for s in sizes:
                 torch._check_is_size(s)
             exchange = _exchange
         else:
-            # the one device->host read of the layer; the shared experts queued behind it run while the host waits
+            # the one device->host read of the layer
             self._start_host_read(sizes_S)
-            shared_TD = shared(x_TD) if shared is not None else None
             sizes = self._finish_host_read()
             # Dynamo specialises a size of 0 or 1, and 0-row graphs fail: a compiled 0-row grouped GEMM's
             # backward on CPU (torch 2.13, tests/distributed/test_compile_ep.py), an exchange lowered as 0 rows on
@@ -115,14 +132,16 @@ class ExpertParallel:
             # nothing; a split is ~16K rows at 16B, yet a 50-step 16B run on 2 GPUs took this path at least once.
             exchange = _exchange_eager if min(sizes) < 2 else _exchange
         in_splits, out_splits, n_copies = sizes[:ep], sizes[ep : 2 * ep], sizes[2 * ep]
-        out_TD = exchange(
-            self, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies
+        return exchange(
+            self, experts, shared, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies
         )
-        return out_TD if shared_TD is None else out_TD + shared_TD
 
 
-def _exchange(ep_route, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies):
-    """Dispatch, compute and combine (module docstring) with the split sizes known on the host."""
+def _exchange(
+    ep_route, experts, shared, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies
+):
+    """Dispatch, compute and combine (module docstring) with the split sizes known on the host; plus the shared
+    experts, computed during the dispatch."""
     (n_tok, topk), n_local, dev = ids_TK.shape, plan_in.shape[1] - 1, x_TD.device
     a2a = ep_route._a2a
     # the (rank, token) pairs in rank order, then token order
@@ -132,10 +151,15 @@ def _exchange(ep_route, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_s
     here_PK = ids_PK // n_local == rank_P[:, None]
     w_PK = torch.where(here_PK, weights_TK[tok_P], 0.0)
     local_PK = torch.where(here_PK, ids_PK - rank_P[:, None] * n_local, -1)
-    x_RD = a2a(x_TD[tok_P], out_splits, in_splits)
-    # weights and local ids travel together (ids < 2^24 are exact in fp32); only the weights carry gradient
-    meta_RK = a2a(torch.cat([w_PK, local_PK.to(w_PK.dtype)], dim=1), out_splits, in_splits)
-    w_RK, local_RK = meta_RK[:, :topk], meta_RK[:, topk:].detach().long()
+    # rows, weights and local ids in the rows' dtype: the weights multiply the experts' output in that dtype
+    # anyway, and the ids are exact (__call__ checks n_local); only the rows and the weights carry gradient
+    dt, dim = x_TD.dtype, x_TD.shape[1]
+    send_PC = torch.cat([x_TD[tok_P], w_PK.to(dt), local_PK.to(dt)], dim=1)  # C = D + 2 K
+    recv_RC = ep_route._a2a_start(send_PC, out_splits, in_splits)
+    shared_TD = shared(x_TD) if shared is not None else None  # on the GPU while the rows travel
+    recv_RC = _a2a_wait(recv_RC)
+    x_RD, w_RK = recv_RC[:, :dim], recv_RC[:, dim : dim + topk]
+    local_RK = recv_RC[:, dim + topk :].detach().long()
 
     # the received copies grouped by local expert (then source rank, then row), through the grouped GEMM
     n_rows = x_RD.shape[0]
@@ -146,7 +170,7 @@ def _exchange(ep_route, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_s
     # at most min(K, El) of them; the (R, min(K, El), D) slots are transient, and backward keeps only y_MD and
     # the weights, as route_locally's bmm does
     y_MD = y_MD * w_RK.flatten()[order_M].to(y_MD.dtype)[:, None]
-    dim, row_slots = y_MD.shape[1], min(topk, n_local)
+    row_slots = min(topk, n_local)
     slot_M = ((local_RK >= 0).cumsum(1) - 1).flatten()[order_M]  # place among its row's copies
     slots = torch.zeros(n_rows * row_slots, dim, dtype=y_MD.dtype, device=dev)
     slots = slots.index_copy_(0, (order_M // topk) * row_slots + slot_M, y_MD)  # in place: no clone
@@ -155,7 +179,8 @@ def _exchange(ep_route, experts, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_s
     tok_slots = min(topk, ep_route.ep)
     slot_P = (hit_TR.cumsum(1) - 1)[tok_P, rank_P]
     per_tok = torch.zeros(n_tok * tok_slots, dim, dtype=y_PD.dtype, device=dev)
-    return per_tok.index_copy_(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
+    out_TD = per_tok.index_copy_(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
+    return out_TD if shared_TD is None else out_TD + shared_TD
 
 
 _exchange_eager = torch.compiler.disable(_exchange)
