@@ -73,8 +73,8 @@ class ExpertParallel:
         return _wait(funcol.all_to_all_single_autograd(t, out_splits, in_splits, self.group))
 
     def _a2a_start(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        """The autograd-aware exchange without its wait (funcol's waits at once when traced, and inductor keeps
-        that order): work queued before _a2a_wait overlaps the exchange, in eager and in compiled code."""
+        """The autograd-aware exchange without its wait (funcol's traced form waits at once): work queued before
+        _a2a_wait overlaps the exchange, in eager and in compiled code."""
         return torch.ops._c10d_functional_autograd.all_to_all_single(
             t, out_splits, in_splits, self.group.group_name
         )
