@@ -450,14 +450,7 @@ def _mla_bwd(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale):
     dk_pe_heads = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=torch.float32)
     dv = torch.empty(bsz, seqlen, heads, dim_v, device=v.device, dtype=v.dtype)
     dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
-    strides = (
-        *_strides(q_nope),
-        *_strides(q_pe),
-        *_strides(k_nope),
-        *_strides(k_pe),
-        *_strides(v),
-        *_strides(do),
-    )
+    strides = [s for t in (q_nope, q_pe, k_nope, k_pe, v, do) for s in _strides(t)]
     consts = dict(DN=nope, DR=rope, DV=dim_v, HAS_DOC=doc_bounds is not None)
     _mla_bwd_dkdv_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_N"]))](
         q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv,
