@@ -18,19 +18,23 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("counts", [[0, 1, 300, 129, 0, 1024, 77, 5], [2048], [0, 0, 3]])
-def test_matches_reference_and_bf16(counts):
-    torch.manual_seed(len(counts))
-    dev = "cuda"
-    n, n_exp, dim, hidden = sum(counts), len(counts), 512, 384
+def _case(counts, seed, dim=512, hidden=384):
+    """x (N, D), [w1, w2, w3], dy (N, D) in bf16 on CUDA, and the group sizes."""
+    torch.manual_seed(seed)
+    dev, n, n_exp = "cuda", sum(counts), len(counts)
     x = torch.randn(n, dim, device=dev, dtype=torch.bfloat16)
     ws = [
         (torch.randn(n_exp, *shape, device=dev) * shape[1] ** -0.5).bfloat16()
         for shape in ((hidden, dim), (dim, hidden), (hidden, dim))
     ]
     dy = torch.randn(n, dim, device=dev, dtype=torch.bfloat16)
-    counts_E = torch.tensor(counts, device=dev)
+    return x, ws, dy, torch.tensor(counts, device=dev)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("counts", [[0, 1, 300, 129, 0, 1024, 77, 5], [2048], [0, 0, 3]])
+def test_matches_reference_and_bf16(counts):
+    x, ws, dy, counts_E = _case(counts, seed=len(counts))
     ins = [t.clone().requires_grad_() for t in (x, *ws)]
     y = fp8_grouped_swiglu(ins[0], counts_E, *ins[1:])
     y.backward(dy)
@@ -55,16 +59,7 @@ def test_every_autotune_config_matches_reference(which, monkeypatch):
     from titan_dsv3.kernels import fp8_grouped_gemm as K
 
     kernel = K._gemm_scatter_kernel if which == "scatter" else K._wgrad_kernel
-    counts = [0, 1, 300, 129, 0, 1024, 77, 5]
-    torch.manual_seed(0)
-    dev, n, n_exp, dim, hidden = "cuda", sum(counts), len(counts), 512, 384
-    x = torch.randn(n, dim, device=dev, dtype=torch.bfloat16)
-    ws = [
-        (torch.randn(n_exp, *shape, device=dev) * shape[1] ** -0.5).bfloat16()
-        for shape in ((hidden, dim), (dim, hidden), (hidden, dim))
-    ]
-    dy = torch.randn(n, dim, device=dev, dtype=torch.bfloat16)
-    counts_E = torch.tensor(counts, device=dev)
+    x, ws, dy, counts_E = _case([0, 1, 300, 129, 0, 1024, 77, 5], seed=0)
     ref = fp8_grouped_swiglu_reference(x, counts_E, *ws, dy)
     for cfg in list(kernel.configs):
         monkeypatch.setattr(kernel, "configs", [cfg])
