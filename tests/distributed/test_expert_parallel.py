@@ -83,18 +83,15 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int) -> dict:
         ([[0, 1, 0, 3, 3, 1, 1, 3], [2, 3, 0, 2, 1, 2]], 2),
         ([[0, 3, 3, 0, 1, 0], []], 2),  # rank 1 routes nothing and still computes rank 0's copies
         ([[0, 1, 1, 0], [0, 1]], 2),  # rank 1's experts receive nothing
-        (
-            [[0, 1, 3, 2, 3, 0, 1, 2, 0], [3, 2, 1, 0, 2, 3]],
-            3,
-        ),  # top-3 of 2 experts a rank: full and partial rows
+        # top-3 of 2 experts a rank: full and partial rows
+        ([[0, 1, 3, 2, 3, 0, 1, 2, 0], [3, 2, 1, 0, 2, 3]], 3),
     ],
 )
 def test_ep_route_matches_local_route(ids, k):
     for rank in run_ranks(ep_matches_reference, 2, ids, k):
         assert max(rank["errors"].values()) < 1e-5, rank["errors"]
-        assert (
-            rank["rows_sent"] == rank["pairs"] <= rank["copies"]
-        )  # one row per token and rank, not per copy
+        # one row per token and rank, not per copy
+        assert rank["rows_sent"] == rank["pairs"] <= rank["copies"]
         assert rank["order"] == ["start", "finish", "dispatch", "shared", "wait"]
 
 
