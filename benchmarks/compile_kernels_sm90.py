@@ -32,7 +32,9 @@ PTXAS = get_ptxas(90).path  # the one triton compiles sm_90 with (3.9 uses its n
 NOT_DIVISIBLE = {"seqlen", "n_heads", "n_experts"}
 
 
-def compile_report(kernel, types: dict[str, str], consts: dict, num_warps: int, num_stages: int) -> str:
+def compile_report(
+    kernel, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, maxnreg: int | None = None
+) -> str:
     fn = kernel.fn if hasattr(kernel, "configs") else kernel
     sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
     attrs = {
@@ -43,9 +45,10 @@ def compile_report(kernel, types: dict[str, str], consts: dict, num_warps: int, 
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs
     )
-    k = triton.compile(
-        src, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:  # a register cap (more blocks a SM), as a triton.Config may set
+        options["maxnreg"] = maxnreg
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -78,11 +81,19 @@ def sweep(kernel, types: dict[str, str], consts: dict, configs: list | None = No
             kernel.configs if hasattr(kernel, "configs") else [triton.Config({}, num_warps=8, num_stages=1)]
         )
     for cfg in configs:
-        line = compile_report(kernel, types, {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+        line = compile_report(
+            kernel,
+            types,
+            {**consts, **cfg.kwargs},
+            cfg.num_warps,
+            cfg.num_stages,
+            getattr(cfg, "maxnreg", None),
+        )
         label = " ".join(
             f"{k}={v}" for k, v in {**consts, **cfg.kwargs}.items() if k not in ("DN", "DR", "DV")
         )
-        print(f"{name:26s} {label:42s} w{cfg.num_warps} s{cfg.num_stages}  {line}", flush=True)
+        cap = f" r{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else ""
+        print(f"{name:26s} {label:42s} w{cfg.num_warps} s{cfg.num_stages}{cap}  {line}", flush=True)
 
 
 def main() -> None:
