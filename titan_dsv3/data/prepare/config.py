@@ -13,6 +13,7 @@ from pathlib import Path
 
 from titan_dsv3.config.sections import ConfigError, apply_toml, field_docs, set_dotted
 from titan_dsv3.config.sections import load_toml as _load_toml
+from titan_dsv3.data.prepare.language import KNOWN_LANGUAGES
 
 __all__ = [
     "ConfigError",
@@ -276,8 +277,6 @@ def validate(cfg: PrepareConfig) -> None:
     _fraction("language.min_stopword_fraction", lang.min_stopword_fraction)
     _fraction("language.min_script_fraction", lang.min_script_fraction)
     _at_least("language.max_chars", lang.max_chars, 1)
-    from titan_dsv3.data.prepare.language import KNOWN_LANGUAGES
-
     for code in lang.languages:
         if code not in KNOWN_LANGUAGES:
             raise ConfigError(

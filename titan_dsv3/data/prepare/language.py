@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from titan_dsv3.data.prepare.config import LanguageConfig
 from titan_dsv3.data.prepare.document import Doc
+
+if TYPE_CHECKING:  # config.py imports this module's language table to validate codes
+    from titan_dsv3.data.prepare.config import LanguageConfig
 
 _STOP_WORDS_TEXT = {
     "en": "the of and to a in is it that for was on are as with be by this at from or have an but not they which "
