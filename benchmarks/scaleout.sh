@@ -8,8 +8,8 @@
 #   NGPU=2 bash benchmarks/scaleout.sh tests kernels   # GPU tests and kernel benchmarks, about 8 min
 #   WORKLOAD_SMALL=tiny NGPU=2 bash benchmarks/scaleout.sh weak   # the plumbing on CPU (gloo), seconds
 #   EXTRA='--compile.moe_one_graph=true' ...   # overrides added to every run
-#   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.rank<r>.ops.txt and gzipped traces of
-#                        rank 0 and the last rank
+#   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.ops.txt (rank 0's and the last rank's
+#                        op tables) and $OUT/<run>.traces.tar (their gzipped traces)
 #
 # Sections:
 #   weak  bench6 work per GPU (4 x 4096 tokens) on 1, 2, ..., NGPU GPUs with FSDP + EP (EP = GPUs): weak scaling
@@ -46,17 +46,19 @@ bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS WARMUP OVERRIDES...
             "${cmd[@]}" >"$OUT/$name.log" 2>&1
     fi
     echo "    exit $? ($(grep -c . "$OUT/$name.log") log lines)"
-    local prof r
-    # rank 0's and the last rank's tables and traces (gzip keeps a trace under the 16 MB a file): a rank that waits
-    # in the expert all-to-all shows the other was late
+    local prof r traces=()
+    # rank 0's and the last rank's tables (one file) and gzipped traces (one tar): a rank that waits in the expert
+    # all-to-all shows the other was late. Two files a profiled run, as a lent machine returns at most 8 in all.
     for r in 0 $((nproc - 1)); do
         prof=$(find "/tmp/scaleout_prof/$name" -path "*rank$r/*" -name ops.txt 2>/dev/null | head -1)
         if [ -n "$prof" ]; then
-            cp "$prof" "$OUT/$name.rank$r.ops.txt"
-            gzip -c "$(dirname "$prof")/trace.json" >"$OUT/$name.rank$r.trace.json.gz"
+            { echo "=== rank $r"; cat "$prof"; } >>"$OUT/$name.ops.txt"
+            gzip -c "$(dirname "$prof")/trace.json" >"/tmp/scaleout_prof/$name.rank$r.trace.json.gz"
+            traces+=("$name.rank$r.trace.json.gz")
         fi
         [ "$nproc" = 1 ] && break
     done
+    [ ${#traces[@]} -gt 0 ] && tar -C /tmp/scaleout_prof -cf "$OUT/$name.traces.tar" "${traces[@]}"
 }
 
 for section in "$@"; do
