@@ -5,6 +5,11 @@
     torchrun --nproc_per_node 4 benchmarks/bench_train.py --workload deepseek16b -- \
         --parallelism.expert_parallel_degree 4      # several GPUs: per-GPU figures, the batch is per GPU
 
+--warmup-bias-speed G moves the aux-loss-free expert biases by G a step during warm-up only (the timed steps use
+the configured speed): a run from random weights takes a few hundred steps at DeepSeek-V3's 0.001 before its EP
+ranks carry even loads, and the timed steps should show that steady state, not the start (the uneven start costs
+~107 ms a step of all-to-all waiting on 16B with 2 GPUs at steps 41-50; benchmarks/RESULTS.md).
+
 Prints tokens/s, MFU (torchtitan's convention: full S x S attention, and the causal-aware one), peak memory,
 and with --hf the same for transformers' DeepseekV3ForCausalLM (bf16 params and AdamW states) and the ratio.
 --profile also prints, for the first variant, where rank 0's GPU time goes in two profiled steps: busy vs the
@@ -35,7 +40,7 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_steps(step_fn, warmup: int, steps: int) -> tuple[float, float]:
+def time_steps(step_fn, warmup: int, steps: int, after_warmup=None) -> tuple[float, float]:
     """(seconds per step after warm-up, seconds of the first step: compile time shows here).
 
     The trainer's step already synchronises (it returns the loss as a float), so the timed loop stays honest."""
@@ -46,6 +51,8 @@ def time_steps(step_fn, warmup: int, steps: int) -> tuple[float, float]:
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step_fn()
+    if after_warmup is not None:
+        after_warmup()
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -54,9 +61,23 @@ def time_steps(step_fn, warmup: int, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, first
 
 
-def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str | None) -> dict:
+def run_ours(
+    name: str,
+    steps: int,
+    warmup: int,
+    extra: list[str],
+    profile: str | None,
+    warmup_bias_speed: float | None = None,
+) -> dict:
     cfg = parse_args(trainer_args(name, steps + warmup + 5, extra))
     trainer = Trainer(cfg)
+    speed = cfg.moe.bias_update_speed
+    if warmup_bias_speed is not None:  # read by the trainer at every step
+        cfg.moe.bias_update_speed = warmup_bias_speed
+
+    def restore_speed():
+        cfg.moe.bias_update_speed = speed
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     losses: list[float] = []
@@ -69,7 +90,7 @@ def run_ours(name: str, steps: int, warmup: int, extra: list[str], profile: str 
         if t.dims.ep > 1:
             counts.append(t._last_counts)
 
-    per_step, first = time_steps(step, warmup, steps)
+    per_step, first = time_steps(step, warmup, steps, restore_speed)
     # mean of the last 10 timed steps: one step's loss is too noisy to compare precisions by
     tail = losses[-min(10, steps) :]
     out = {"sec_per_step": per_step, "first_step_s": first, "loss": sum(tail) / len(tail)}
@@ -194,6 +215,9 @@ def main() -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the plain eager run")
     ap.add_argument("--hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
     ap.add_argument("--profile", default=None, help="write a profiler trace and per-op table here")
+    ap.add_argument(
+        "--warmup-bias-speed", type=float, default=None, help="expert bias update speed during warm-up only"
+    )
     ap.add_argument("extra", nargs="*", help="trainer overrides after --")
     a = ap.parse_args()
     w = WORKLOADS[a.workload]
@@ -211,7 +235,9 @@ def main() -> int:
         variants.append((label, a.extra + overrides.split()))
     for i, (label, extra) in enumerate(variants):
         try:
-            r = run_ours(a.workload, a.steps, a.warmup, extra, a.profile if i == 0 else None)
+            r = run_ours(
+                a.workload, a.steps, a.warmup, extra, a.profile if i == 0 else None, a.warmup_bias_speed
+            )
         except torch.OutOfMemoryError:
             print(f"[rank {rank}] {label}: out of memory", flush=True)
             gc.collect()

@@ -8,6 +8,8 @@
 #   NGPU=2 bash benchmarks/scaleout.sh tests kernels   # GPU tests and kernel benchmarks, about 8 min
 #   WORKLOAD_SMALL=tiny NGPU=2 bash benchmarks/scaleout.sh weak   # the plumbing on CPU (gloo), seconds
 #   EXTRA='--compile.moe_one_graph=true' ...   # overrides added to every run
+#   WARMUP=150 WARMUP_BIAS_SPEED=0.01 ...     # warm-up steps of every run, and the expert bias speed during them
+#                                            (bench_train.py --warmup-bias-speed: time a balanced steady state)
 #   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.ops.txt (rank 0's and the last rank's
 #                        op tables) and $OUT/<run>.traces.tar (their gzipped traces)
 #
@@ -35,8 +37,9 @@ BASE="--compile.enable=true --optimizer.state_dtype=bfloat16"
 bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS WARMUP OVERRIDES...
     local name=$1 nproc=$2 limit=$3 workload=$4 steps=$5 warmup=$6
     shift 6
-    local cmd=(benchmarks/bench_train.py --workload "${SMALL:-$workload}" --steps "$steps" --warmup "$warmup" --no-eager
-        --variant "$name=$BASE $* ${EXTRA:-}")
+    local cmd=(benchmarks/bench_train.py --workload "${SMALL:-$workload}" --steps "$steps" --warmup "${WARMUP:-$warmup}"
+        --no-eager --variant "$name=$BASE $* ${EXTRA:-}")
+    [ -n "${WARMUP_BIAS_SPEED:-}" ] && cmd+=(--warmup-bias-speed "$WARMUP_BIAS_SPEED")
     [ "${PROFILE:-0}" = 1 ] && cmd+=(--profile "/tmp/scaleout_prof/$name")
     echo "--- $name: $nproc process(es), limit ${limit}s"
     if [ "$nproc" = 1 ]; then

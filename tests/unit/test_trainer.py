@@ -210,3 +210,16 @@ def test_description_and_print_config(tiny, capsys):
     assert "tiny run for a test" in out
     printed = json.loads(out[out.index("{") :])
     assert printed["model"]["dim"] == 32 and printed["training"]["seq_len"] == 32
+
+
+def test_bias_update_speed_is_read_every_step(tiny):
+    """benchmarks/bench_train.py --warmup-bias-speed changes cfg.moe.bias_update_speed between steps: the trainer
+    must read it at every step, not once at start."""
+    trainer = make_trainer(tiny(**{"moe.bias_update_speed": "0.5"}))
+    bias = trainer.moes[0].gate.expert_bias
+    trainer.train_step()
+    moved = bias.clone()
+    assert moved.abs().max().item() == 0.5  # sign updates of 0.5
+    trainer.cfg.moe.bias_update_speed = 0.0
+    trainer.train_step()
+    assert torch.equal(bias, moved)
