@@ -81,19 +81,13 @@ def sweep(kernel, types: dict[str, str], consts: dict, configs: list | None = No
             kernel.configs if hasattr(kernel, "configs") else [triton.Config({}, num_warps=8, num_stages=1)]
         )
     for cfg in configs:
-        line = compile_report(
-            kernel,
-            types,
-            {**consts, **cfg.kwargs},
-            cfg.num_warps,
-            cfg.num_stages,
-            getattr(cfg, "maxnreg", None),
-        )
+        cap = getattr(cfg, "maxnreg", None)
+        line = compile_report(kernel, types, {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, cap)
         label = " ".join(
             f"{k}={v}" for k, v in {**consts, **cfg.kwargs}.items() if k not in ("DN", "DR", "DV")
         )
-        cap = f" r{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else ""
-        print(f"{name:26s} {label:42s} w{cfg.num_warps} s{cfg.num_stages}{cap}  {line}", flush=True)
+        capped = f" r{cap}" if cap else ""
+        print(f"{name:26s} {label:42s} w{cfg.num_warps} s{cfg.num_stages}{capped}  {line}", flush=True)
 
 
 def main() -> None:

@@ -174,7 +174,8 @@ class Compile:
     moe_one_graph: bool = False
     """With expert parallelism: read the route's split sizes inside the compiled graph, and when EP spans every
     data rank leave the routed experts out of FSDP (a 1-rank unit shards nothing), so that a MoE block compiles
-    to one graph instead of about 11. Not yet measured on GPU (benchmarks/RESULTS.md)."""
+    to one graph instead of about 11. On 16B with 2 GPUs it ran 4.4% slower with 5.9 GiB more memory
+    (benchmarks/RESULTS.md), hence off by default."""
 
 
 @dataclass

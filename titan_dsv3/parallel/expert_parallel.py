@@ -64,6 +64,12 @@ class ExpertParallel:
 
     def apply(self, moe: nn.Module) -> None:
         experts = moe.experts
+        n_local = experts.w1.shape[0] // self.ep
+        if n_local > 256:  # the local ids travel in the rows' dtype, bf16 included (_exchange)
+            raise ValueError(
+                f"{n_local} experts a rank: local expert ids are not exact in bf16 (the EP exchange sends them"
+                " beside the rows); raise parallelism.expert_parallel_degree"
+            )
         for name, param in list(experts.named_parameters(recurse=False)):
             dt = distribute_tensor(param.data, self.mesh, [Shard(0)], src_data_rank=None)
             experts.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
@@ -103,11 +109,6 @@ class ExpertParallel:
     def __call__(self, experts, x_TD, weights_TK, ids_TK, counts_E, shared=None) -> torch.Tensor:
         """The same result as route_locally on the full set of experts: sum_k w_tk * expert_k(x_t) (+ shared)."""
         ep, n_local = self.ep, counts_E.numel() // self.ep
-        if n_local > 2 / torch.finfo(x_TD.dtype).eps:  # the local ids travel in the rows' dtype
-            raise ValueError(
-                f"{n_local} experts a rank: local expert ids are not exact in {x_TD.dtype} (the EP exchange"
-                " sends them beside the rows); raise parallelism.expert_parallel_degree"
-            )
         hit_TR = ranks_hit(ids_TK, n_local, ep)
         send_R = hit_TR.sum(0)
         # to each peer: the rows I send it, then the copies I route to each of its experts
@@ -152,7 +153,7 @@ def _exchange(
     w_PK = torch.where(here_PK, weights_TK[tok_P], 0.0)
     local_PK = torch.where(here_PK, ids_PK - rank_P[:, None] * n_local, -1)
     # rows, weights and local ids in the rows' dtype: the weights multiply the experts' output in that dtype
-    # anyway, and the ids are exact (__call__ checks n_local); only the rows and the weights carry gradient
+    # anyway, and the ids are exact (apply allows at most 256 a rank); only the rows and the weights carry gradient
     dt, dim = x_TD.dtype, x_TD.shape[1]
     send_PC = torch.cat([x_TD[tok_P], w_PK.to(dt), local_PK.to(dt)], dim=1)  # C = D + 2 K
     recv_RC = ep_route._a2a_start(send_PC, out_splits, in_splits)
