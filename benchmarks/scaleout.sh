@@ -16,6 +16,9 @@
 # Sections:
 #   weak  bench6 work per GPU (4 x 4096 tokens) on 1, 2, ..., NGPU GPUs with FSDP + EP (EP = GPUs): weak scaling
 #   16b   the 16B shape (27 layers) with FSDP NGPU + EP NGPU, 4 x 4096 a GPU, AC every 2nd block
+#   16b14 the 16B shape cut to 14 layers, FSDP NGPU + EP NGPU, 4 x 4096 a GPU, without AC and with AC every 2nd
+#         block: the per-layer work of 16b in half the memory (2 GPUs hold it without AC, as 4 hold the full depth;
+#         beside torchtitan: LAYERS=14 AC=none NGPU=2 bash benchmarks/peer_torchtitan/run.sh)
 #   pp    the 16B shape with PP 2 x (FSDP NGPU/2 + EP NGPU/2), 1F1B, 8 micro-batches of 1 x 4096
 #   cp    the 16B shape at 64K context with CP NGPU (+ EP NGPU), one sequence, full AC
 #   tests    python3 -m pytest tests/gpu (kernels on one GPU, the NCCL layouts on two)
@@ -81,6 +84,13 @@ for section in "$@"; do
             --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 \
             --activation_checkpoint.mode=selective --activation_checkpoint.selective_option=2
         ;;
+    16b14)
+        bench "16b14_fsdp${NGPU}_ep${NGPU}_noac" "$NGPU" 300 deepseek16b_14l 10 40 \
+            --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 --activation_checkpoint.mode=none
+        bench "16b14_fsdp${NGPU}_ep${NGPU}_ac2" "$NGPU" 300 deepseek16b_14l 10 40 \
+            --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 \
+            --activation_checkpoint.mode=selective --activation_checkpoint.selective_option=2
+        ;;
     pp)
         h=$((NGPU / 2))
         bench "16b_pp2_ep${h}" "$NGPU" 300 deepseek16b 10 3 \
@@ -110,7 +120,7 @@ for section in "$@"; do
         done
         ;;
     *)
-        echo "unknown section $section (weak, 16b, pp, cp, tests, kernels)" >&2
+        echo "unknown section $section (weak, 16b, 16b14, pp, cp, tests, kernels)" >&2
         exit 2
         ;;
     esac
@@ -118,8 +128,8 @@ done
 
 echo
 echo "run                     tok/s/GPU   ms/step    MFU%   MFUc%  peak GiB  1st step s    loss"
-for f in "$OUT"/weak_*.log "$OUT"/16b_*.log; do
+for f in "$OUT"/weak_*.log "$OUT"/16b*_*.log; do
     [ -e "$f" ] || continue
-    row=$(grep -E "^(weak|16b)_[A-Za-z0-9_]+ +[0-9,]+ " "$f" | tail -1)  # the table row, not the profile lines
+    row=$(grep -E "^(weak|16b|16b14)_[A-Za-z0-9_]+ +[0-9,]+ " "$f" | tail -1)  # the table row, not the profile lines
     [ -n "$row" ] && echo "$row" || echo "$(basename "$f" .log): no figures (see $f)"
 done

@@ -76,6 +76,14 @@ WORKLOADS: dict[str, dict] = {
         "batch": 4,
         "seq_len": 4096,
     },
+    # The 16B shape cut to 14 layers (1 dense + 13 MoE, 8.1B parameters): the same per-layer work in about half the
+    # memory. On 2 GPUs it runs without activation checkpointing (as the full depth can on 4), and torchtitan, which
+    # keeps fp32 Adam moments (16 B a parameter: 126 GB a GPU at full depth on 2 GPUs), fits beside it.
+    "deepseek16b_14l": {
+        "model": {**_V2_LITE, "n_layers": 14, "n_dense_layers": 1},
+        "batch": 4,
+        "seq_len": 4096,
+    },
     # The same model at 64K context (YaRN x16 over 4K) for context parallelism: one sequence per data rank.
     "deepseek16b_64k": {
         "model": {

@@ -1,6 +1,7 @@
 """Pre-flight for run.sh, no GPU needed: parse the exact torchtitan command line with torchtitan's own ConfigManager,
 check the parallel degrees against the world size, build the flavor on the meta device, and print torchtitan's
-parameter count and FLOPs per token beside ours for the `deepseek16b` workload.
+parameter count and FLOPs per token beside ours for the workload of the same depth (`deepseek16b`, or
+`deepseek16b_14l` at 14 layers).
 
     python3 benchmarks/peer_torchtitan/check_config.py --world-size 4 -- <torchtitan flags>
 """
@@ -70,11 +71,14 @@ def main() -> int:
 
     from titan_dsv3.models import ModelArgs
 
-    w = WORKLOADS["deepseek16b"]
+    name = {27: "deepseek16b", 14: "deepseek16b_14l"}.get(margs.n_layers)
+    if name is None:
+        raise SystemExit(f"no workload of ours has {margs.n_layers} layers (deepseek16b: 27, deepseek16b_14l: 14)")
+    w = WORKLOADS[name]
     ours = ModelArgs(**w["model"])
     ours_flops = ours.flops_per_token(w["seq_len"], False)
     print(
-        f"ours (deepseek16b): {ours_flops / 1e9:.3f} GFLOP/token, same convention; ratio torchtitan/ours "
+        f"ours ({name}): {ours_flops / 1e9:.3f} GFLOP/token, same convention; ratio torchtitan/ours "
         f"{tt_flops / ours_flops:.4f}; batch {w['batch']} x {w['seq_len']}"
     )
     same = (t.local_batch_size, t.seq_len) == (w["batch"], w["seq_len"])

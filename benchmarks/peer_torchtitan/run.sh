@@ -10,6 +10,8 @@
 #   WARMUP=40       steps left out of the summary's means: step 1 holds the compile, and both frameworks' bias
 #                   balancing evens the experts out over the first tens of steps (scaleout.sh's 16b section also
 #                   times steps 41-50)
+#   LAYERS=27       27: the 16B shape; 14: the same cut to 14 layers (flavor "16B_sdpa_14l", our workload
+#                   `deepseek16b_14l`), which fits 2 GPUs (ATTN=sdpa only)
 #   ATTN=sdpa       sdpa: flavor "16B_sdpa" = torchtitan's "16B" with SDPA + causal mask, the attention our
 #                   `deepseek16b` workload runs (tt_peer_flavors.py); flex: the published "16B" flavor untouched
 #                   (FlexAttention, per-document mask)
@@ -34,6 +36,7 @@ NGPU=${NGPU:-4}
 STEPS=${STEPS:-50}
 WARMUP=${WARMUP:-40}
 ATTN=${ATTN:-sdpa}
+LAYERS=${LAYERS:-27}
 AC=${AC:-selective}
 AC_OPT=${AC_OPT:-op}
 COMPILE=${COMPILE:-model,loss}
@@ -93,10 +96,11 @@ ASSETS=$WORK/assets
 python3 "$HERE/make_assets.py" "$ASSETS" --check
 
 # --- 3. the torchtitan command line -------------------------------------------------------------------------------
-case "$ATTN" in
-  sdpa) flavor=(--model.flavor 16B_sdpa --experimental.custom_import tt_peer_flavors) ;;
-  flex) flavor=(--model.flavor 16B) ;;
-  *) echo "ATTN must be sdpa or flex" >&2; exit 2 ;;
+case "$ATTN/$LAYERS" in
+  sdpa/27) flavor=(--model.flavor 16B_sdpa --experimental.custom_import tt_peer_flavors) ;;
+  sdpa/14) flavor=(--model.flavor 16B_sdpa_14l --experimental.custom_import tt_peer_flavors) ;;
+  flex/27) flavor=(--model.flavor 16B) ;;
+  *) echo "ATTN=$ATTN LAYERS=$LAYERS: use ATTN=sdpa or flex with LAYERS=27, or ATTN=sdpa with LAYERS=14" >&2; exit 2 ;;
 esac
 if [ "$COMPILE" = none ]; then compile=(--compile.no-enable); else compile=(--compile.enable --compile.components "$COMPILE"); fi
 DUMP=$WORK/dump
