@@ -10,14 +10,16 @@
 #   EXTRA='--compile.moe_one_graph=true' ...   # overrides added to every run
 #   WARMUP=150 WARMUP_BIAS_SPEED=0.01 ...     # warm-up steps of every run, and the expert bias speed during them
 #                                            (bench_train.py --warmup-bias-speed: time a balanced steady state)
+#   ONLY=noac ...        # run only the runs whose names match this regular expression
 #   PROFILE=1 ...        # also profile 2 steps of each run: $OUT/<run>.ops.txt (rank 0's and the last rank's
 #                        op tables) and $OUT/<run>.traces.tar (their gzipped traces)
 #
 # Sections:
 #   weak  bench6 work per GPU (4 x 4096 tokens) on 1, 2, ..., NGPU GPUs with FSDP + EP (EP = GPUs): weak scaling
-#   16b   the 16B shape (27 layers) with FSDP NGPU + EP NGPU, 4 x 4096 a GPU, AC every 2nd block
-#   16b14 the 16B shape cut to 14 layers, FSDP NGPU + EP NGPU, 4 x 4096 a GPU, without AC and with AC every 2nd
-#         block: the per-layer work of 16b in half the memory (2 GPUs hold it without AC, as 4 hold the full depth;
+#   16b   the 16B shape (27 layers) with FSDP NGPU + EP NGPU, 4 x 4096 a GPU, AC every 2nd block, with and without
+#         the experts' FSDP unit (parallelism.expert_1rank_fsdp_unit); on 4 GPUs or more also without AC
+#   16b14 the 16B shape cut to 14 layers, FSDP NGPU + EP NGPU, 4 x 4096 a GPU: without AC (with and without the
+#         experts' FSDP unit) and with AC every 2nd block: the per-layer work of 16b in half the memory (2 GPUs hold it without AC, as 4 hold the full depth;
 #         beside torchtitan: LAYERS=14 AC=none NGPU=2 bash benchmarks/peer_torchtitan/run.sh)
 #   pp    the 16B shape with PP 2 x (FSDP NGPU/2 + EP NGPU/2), 1F1B, 8 micro-batches of 1 x 4096
 #   cp    the 16B shape at 64K context with CP NGPU (+ EP NGPU), one sequence, full AC
@@ -40,10 +42,11 @@ BASE="--compile.enable=true --optimizer.state_dtype=bfloat16"
 bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS WARMUP OVERRIDES...
     local name=$1 nproc=$2 limit=$3 workload=$4 steps=$5 warmup=$6
     shift 6
+    [[ -n "${ONLY:-}" && ! $name =~ $ONLY ]] && return
     local cmd=(benchmarks/bench_train.py --workload "${SMALL:-$workload}" --steps "$steps" --warmup "${WARMUP:-$warmup}"
         --no-eager --variant "$name=$BASE $* ${EXTRA:-}")
     [ -n "${WARMUP_BIAS_SPEED:-}" ] && cmd+=(--warmup-bias-speed "$WARMUP_BIAS_SPEED")
-    [ "${PROFILE:-0}" = 1 ] && cmd+=(--profile "/tmp/scaleout_prof/$name")
+    [ "${PROFILE:-0}" = 1 ] && cmd+=(--profile "/tmp/scaleout_prof/$name") && rm -rf "/tmp/scaleout_prof/$name"
     echo "--- $name: $nproc process(es), limit ${limit}s"
     if [ "$nproc" = 1 ]; then
         CUDA_VISIBLE_DEVICES=0 timeout "$limit" python3 "${cmd[@]}" >"$OUT/$name.log" 2>&1
@@ -53,6 +56,7 @@ bench() {  # bench NAME NPROC LIMIT_S WORKLOAD STEPS WARMUP OVERRIDES...
     fi
     echo "    exit $? ($(grep -c . "$OUT/$name.log") log lines)"
     local prof r traces=()
+    [ "${PROFILE:-0}" = 1 ] || return 0  # (an earlier profiled run of the same name leaves its files in /tmp)
     # rank 0's and the last rank's tables (one file) and gzipped traces (one tar): a rank that waits in the expert
     # all-to-all shows the other was late. Two files a profiled run, as a lent machine returns at most 8 in all.
     for r in 0 $((nproc - 1)); do
@@ -83,10 +87,21 @@ for section in "$@"; do
         bench "16b_fsdp${NGPU}_ep${NGPU}" "$NGPU" 360 deepseek16b 10 40 \
             --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 \
             --activation_checkpoint.mode=selective --activation_checkpoint.selective_option=2
+        bench "16b_fsdp${NGPU}_ep${NGPU}_nounit" "$NGPU" 360 deepseek16b 10 40 \
+            --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 \
+            --activation_checkpoint.mode=selective --activation_checkpoint.selective_option=2 \
+            --parallelism.expert_1rank_fsdp_unit=false
+        # 4 GPUs hold the full depth without AC (tools/memory.py: 108 GiB allocated; 2 GPUs: 144)
+        [ "$NGPU" -ge 4 ] && bench "16b_fsdp${NGPU}_ep${NGPU}_noac_nounit" "$NGPU" 360 deepseek16b 10 40 \
+            --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 \
+            --activation_checkpoint.mode=none --parallelism.expert_1rank_fsdp_unit=false
         ;;
     16b14)
         bench "16b14_fsdp${NGPU}_ep${NGPU}_noac" "$NGPU" 300 deepseek16b_14l 10 40 \
             --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 --activation_checkpoint.mode=none
+        bench "16b14_fsdp${NGPU}_ep${NGPU}_noac_nounit" "$NGPU" 300 deepseek16b_14l 10 40 \
+            --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 --activation_checkpoint.mode=none \
+            --parallelism.expert_1rank_fsdp_unit=false
         bench "16b14_fsdp${NGPU}_ep${NGPU}_ac2" "$NGPU" 300 deepseek16b_14l 10 40 \
             --parallelism.expert_parallel_degree=$NGPU --training.local_batch_size=4 \
             --activation_checkpoint.mode=selective --activation_checkpoint.selective_option=2

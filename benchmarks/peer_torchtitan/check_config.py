@@ -73,7 +73,9 @@ def main() -> int:
 
     name = {27: "deepseek16b", 14: "deepseek16b_14l"}.get(margs.n_layers)
     if name is None:
-        raise SystemExit(f"no workload of ours has {margs.n_layers} layers (deepseek16b: 27, deepseek16b_14l: 14)")
+        raise SystemExit(
+            f"no workload of ours has {margs.n_layers} layers (deepseek16b: 27, deepseek16b_14l: 14)"
+        )
     w = WORKLOADS[name]
     ours = ModelArgs(**w["model"])
     ours_flops = ours.flops_per_token(w["seq_len"], False)

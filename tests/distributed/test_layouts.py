@@ -20,6 +20,15 @@ LAYOUTS = {
     "tp2": (2, {P + "tensor_parallel_degree": "2"}),
     "fsdp2_tp2": (4, {P + "tensor_parallel_degree": "2", "training.local_batch_size": "4"}),
     "ep2_fsdp2": (2, {P + "expert_parallel_degree": "2", "training.local_batch_size": "4"}),
+    # the routed experts without an FSDP unit on their 1-rank mesh
+    "ep2_fsdp2_experts_no_unit": (
+        2,
+        {
+            P + "expert_parallel_degree": "2",
+            "training.local_batch_size": "4",
+            P + "expert_1rank_fsdp_unit": "false",
+        },
+    ),
     "ep2_tp2": (2, {P + "expert_parallel_degree": "2", P + "tensor_parallel_degree": "2"}),
     # activation checkpointing re-runs the EP exchanges (full) or reuses them (selective by op)
     "ep2_fsdp2_ac_full": (

@@ -27,6 +27,11 @@ LAYOUTS = {
     "fsdp2": {"training.local_batch_size": "2"},
     "tp2": {P + "tensor_parallel_degree": "2"},
     "ep2_fsdp2": {P + "expert_parallel_degree": "2", "training.local_batch_size": "4"},
+    "ep2_fsdp2_experts_no_unit": {
+        P + "expert_parallel_degree": "2",
+        "training.local_batch_size": "4",
+        P + "expert_1rank_fsdp_unit": "false",
+    },
     "ep2_tp2": {P + "expert_parallel_degree": "2", P + "tensor_parallel_degree": "2"},
     "pp2_interleaved": {
         P + "pipeline_parallel_degree": "2",
@@ -97,6 +102,14 @@ def test_layout_matches_one_gpu(layout, gpu_reference, tmp_path):
             "activation_checkpoint.mode": "selective",
             "activation_checkpoint.selective_option": "2",
         },
+        {  # the same without the experts' FSDP unit (their mesh has one rank)
+            P + "expert_parallel_degree": "2",
+            "training.local_batch_size": "4",
+            P + "expert_1rank_fsdp_unit": "false",
+            "compile.enable": "true",
+            "activation_checkpoint.mode": "selective",
+            "activation_checkpoint.selective_option": "2",
+        },
         {  # the same with each MoE block one graph: sizes read in the graph, no expert FSDP unit
             P + "expert_parallel_degree": "2",
             "training.local_batch_size": "4",
@@ -106,7 +119,13 @@ def test_layout_matches_one_gpu(layout, gpu_reference, tmp_path):
             "activation_checkpoint.selective_option": "2",
         },
     ],
-    ids=["fsdp_ep_bf16", "tp_ep_bf16_compile_sac", "fsdp_ep_bf16_compile_ac2", "fsdp_ep_bf16_moe_one_graph"],
+    ids=[
+        "fsdp_ep_bf16",
+        "tp_ep_bf16_compile_sac",
+        "fsdp_ep_bf16_compile_ac2",
+        "fsdp_ep_bf16_compile_ac2_no_unit",
+        "fsdp_ep_bf16_moe_one_graph",
+    ],
 )
 def test_bf16_runs(extra, gpu_reference, tmp_path):
     losses = torchrun(tmp_path, "bf16", 2, **{"training.mixed_precision": "bf16", **extra})

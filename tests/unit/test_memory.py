@@ -261,6 +261,26 @@ def test_estimate_within_15_percent_of_gpu_measurements(name, world, overrides, 
     assert estimate_from_config(cfg, world).allocated / GiB == pytest.approx(measured, rel=0.15)
 
 
+def test_experts_without_a_unit_keep_their_bf16_casts():
+    """parallelism.expert_1rank_fsdp_unit = false, EP over every data rank: each MoE block that is not checkpointed
+    keeps its local experts' bf16 weights until its backward. Measured on the 16B shape cut to 14 layers (FSDP 2 +
+    EP 2, compiled, no AC, 2 x H200): 78.1 GiB with the unit, 84.3 without (benchmarks/RESULTS.md)."""
+    a = ModelArgs(**{**V2_LITE_6, "n_layers": 14})
+    local_experts = 13 * 3 * a.dim * a.moe_inter_dim * a.n_routed_experts / 2  # 13 MoE blocks, EP 2
+
+    def extra(lay, **kw):
+        unit = estimate(a, lay, 4, 4096, compiled=True, state_dtype="bfloat16", **kw)
+        none = estimate(a, lay, 4, 4096, compiled=True, state_dtype="bfloat16", experts_unit=False, **kw)
+        return none.allocated - unit.allocated
+
+    assert extra(Layout(dp_shard=2, ep=2)) == pytest.approx(2 * local_experts, rel=1e-6)  # 6.7 GiB
+    # every 2nd block checkpointed (blocks 0, 2, ...): the 7 MoE blocks in between keep theirs
+    ac2 = extra(Layout(dp_shard=2, ep=2), ac_mode="selective", ac_option="2")
+    assert ac2 == pytest.approx(2 * local_experts * 7 / 13, rel=1e-6)
+    # EP 2 of 4 data ranks: the experts' mesh has 2 ranks, so they keep their unit
+    assert extra(Layout(dp_shard=4, ep=2)) == 0
+
+
 def test_layout_mirrors_parallel_dims():
     cfg = parse_args(["--job.config_file", str(TRAIN_CONFIGS / "deepseek_16b.toml")], world_size=4)
     dims = ParallelDims.from_config(cfg.parallelism, 4)

@@ -131,6 +131,12 @@ class Parallelism:
     """With TP: compute the loss on vocab-sharded logits."""
     fsdp_reshard_after_forward: str = "default"
     """default | always | never: free gathered FSDP params after forward (default: yes, except for PP)."""
+    expert_1rank_fsdp_unit: bool = True
+    """When EP takes every data rank, the routed experts' FSDP mesh has one rank. true: they get an FSDP unit anyway,
+    which frees their bf16 copies after forward. false: no unit (fp32 DTensors on the EP mesh, cast in the grouped
+    GEMM), so no gather and reduce copies: 4.5% faster on the 16B shape cut to 14 layers (2 x H200, no AC), but each
+    non-checkpointed MoE layer keeps its bf16 expert weights from forward to backward (+6.2 GiB there).
+    compile.moe_one_graph implies false."""
 
 
 @dataclass

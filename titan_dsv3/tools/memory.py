@@ -365,12 +365,20 @@ def _units(
 
 
 def _walk(
-    units: list[_Unit], lay: Layout, weights: str, inflight: float, grads_always: bool, reshard: bool
+    units: list[_Unit],
+    lay: Layout,
+    weights: str,
+    inflight: float,
+    grads_always: bool,
+    reshard: bool,
+    experts_outside: bool = False,
 ) -> dict:
     """Peak over forward and backward of one micro-batch (other in-flight micro-batches add their saved bytes).
 
     weights: 'fsdp' (sharded fp32 masters gathered in bf16), 'autocast' (fp32 under autocast, one data rank) or
-    'bf16' (bf16 weights and grads, fp32 masters in the optimizer). Returns the peak's parts in bytes.
+    'bf16' (bf16 weights and grads, fp32 masters in the optimizer). experts_outside: under FSDP the routed experts
+    have no unit (parallelism.expert_1rank_fsdp_unit = false), so each MoE block that is not checkpointed keeps the
+    bf16 cast of its local experts from forward to backward. Returns the peak's parts in bytes.
     """
     fsdp = weights == "fsdp"
     dense_shard = lay.tp * (lay.fsdp if fsdp else 1)
@@ -383,7 +391,9 @@ def _walk(
     def gathered(u: _Unit) -> float:  # elements the unit computes with on this rank
         return u.dense / lay.tp + u.experts / lay.ep
 
-    def held(u: _Unit) -> float:  # autocast: bf16 weight copies kept from its forward to its backward (bytes)
+    def held(u: _Unit) -> float:  # bf16 weight copies kept from its forward to its backward (bytes)
+        if weights == "fsdp":
+            return 2 * u.experts / lay.ep if experts_outside and not u.checkpointed else 0.0
         if weights != "autocast" or u.compiled or u.checkpointed or u.name == "embedding":
             return 0.0
         return 2 * gathered(u)
@@ -415,8 +425,8 @@ def _walk(
     logits = sum(u.saved for u in units if u.head)
     grads = grads_total if grads_always else 0.0
     # end of forward: every saved tensor; autocast also caches the bf16 casts of checkpointed eager blocks
-    if fsdp:
-        wts = root + 2 * 2 * biggest  # the last block (kept for backward) and the current one
+    if fsdp:  # the last block (kept for backward) and the current one
+        wts = root + 2 * 2 * biggest + sum(held(u) for u in units)
     else:
         wts = sum(
             held(u)
@@ -437,7 +447,7 @@ def _walk(
             ):  # the output head's bf16 grads (shared by the MTP heads) wait for the root's RS
                 root_grads = 2 * sum(gathered(v) for v in units if v.root)
             if u.root:
-                wts = root + root_grads
+                wts = root + root_grads + copies
             else:  # this block, the prefetched one before it, its bf16 grads and the fp32 reduce-scatter input
                 prev = gathered(units[j - 1]) if j > 0 and not units[j - 1].root and reshard else 0.0
                 wts = (
@@ -445,6 +455,7 @@ def _walk(
                     + root_grads
                     + (2 * gathered(u) + 6 * gathered(u) if reshard else 6 * gathered(u))
                     + 2 * prev
+                    + copies
                 )
         else:
             wts = copies + (2 * gathered(u) if weights == "autocast" and not u.compiled else 0.0)
@@ -478,14 +489,20 @@ def estimate(
     state_dtype: str = "float32",
     bf16_weights: bool = False,
     reshard_after_forward: bool | None = None,
+    experts_unit: bool = True,
 ) -> Estimate:
-    """Peak memory of the most loaded rank for one training step (see the module docstring for the assumptions)."""
+    """Peak memory of the most loaded rank for one training step (see the module docstring for the assumptions).
+
+    experts_unit: parallelism.expert_1rank_fsdp_unit; false matters only where the routed experts' FSDP mesh has one
+    rank (EP over every data rank)."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode = {ac_mode!r}; use one of {AC_MODES}")
     compiled_loss = compiled if compiled_loss is None else compiled_loss
     weights = "fsdp" if lay.uses_fsdp else "bf16" if bf16_weights else "autocast"
     reshard = lay.pp == 1 if reshard_after_forward is None else reshard_after_forward
     micro = lay.pp_microbatches if lay.pp > 1 else 1
+    expert_mesh = lay.dp_replicate * lay.dp_shard * lay.cp * lay.tp // lay.ep  # efsdp, with the replicas
+    experts_outside = weights == "fsdp" and not experts_unit and lay.ep > 1 and expert_mesh == 1
     tokens = local_batch / micro * seq_len / lay.cp
     if weights == "bf16":
         param_bytes, state_bytes = 2, 8  # fp32 masters + bf16 moments in the optimizer
@@ -501,7 +518,7 @@ def estimate(
         units = _units(
             a, lay, stage, tokens, ac_mode, ac_option, compiled, compiled_loss, weights == "autocast"
         )
-        w = _walk(units, lay, weights, inflight, grad_accum > 1 or micro > 1, reshard)
+        w = _walk(units, lay, weights, inflight, grad_accum > 1 or micro > 1, reshard, experts_outside)
         p = w["params_local"]
         est = Estimate(
             params=param_bytes * p + a.max_seq_len * a.qk_rope_head_dim * 4,  # + the RoPE table
@@ -546,6 +563,8 @@ def estimate_from_config(cfg, world_size: int, ac_mode: str | None = None) -> Es
         state_dtype=cfg.optimizer.state_dtype,
         bf16_weights=t.mixed_precision == "bf16_weights",
         reshard_after_forward=_reshard(cfg.parallelism.fsdp_reshard_after_forward, dims.pp),
+        experts_unit=cfg.parallelism.expert_1rank_fsdp_unit
+        and not (comp.enable and "model" in comp.components and comp.moe_one_graph),
     )
 
 
