@@ -1,5 +1,6 @@
 """A checkpoint saved by one layout resumes on another: FSDP 2 saves at step 3, FSDP 4 and FSDP 2 x TP 2 resume it,
-and steps 4-6 give the losses of an uninterrupted single-process run (fp32, relative 1e-5)."""
+and steps 4-6 give the losses of an uninterrupted single-process run (fp32, relative 1e-5); and EP 2 without the
+experts' FSDP unit saves what EP 2 with it resumes, and the other way round."""
 
 from __future__ import annotations
 
@@ -57,4 +58,18 @@ def test_save_fsdp2_resume_fsdp4_and_fsdp2_tp2(tmp_path):
         folder = tmp_path / name
         shutil.copytree(first / "checkpoint", folder / "checkpoint")
         resumed = run_ranks(train_to_end, 4, args(folder, **overrides))
+        assert resumed[0] == pytest.approx(reference[3:], rel=1e-5), name
+
+
+def test_experts_with_and_without_their_unit_share_checkpoints(tmp_path):
+    """parallelism.expert_1rank_fsdp_unit changes only how the experts are wrapped (EP over both data ranks), not
+    the checkpoint: each layout resumes the other's step 3 and gives the uninterrupted run's steps 4-6."""
+    ep2 = {P + "expert_parallel_degree": "2", "training.local_batch_size": "4"}
+    none = {**ep2, P + "expert_1rank_fsdp_unit": "false"}
+    reference = run_ranks(train_to_end, 2, args(tmp_path / "ref", **ep2))[0]
+    for saver, loader, name in ((none, ep2, "none_to_unit"), (ep2, none, "unit_to_none")):
+        folder = tmp_path / name
+        saved = run_ranks(train_to_end, 2, args(folder, **saver), 3)
+        assert saved[0] == pytest.approx(reference[:3], rel=1e-5), name
+        resumed = run_ranks(train_to_end, 2, args(folder, **loader))
         assert resumed[0] == pytest.approx(reference[3:], rel=1e-5), name
