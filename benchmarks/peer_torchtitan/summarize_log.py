@@ -6,8 +6,9 @@ torchtitan 0.2.2 logs, for each logged step on each rank:
     step: N  loss: L  grad_norm: G  memory: R GiB(P%)  tps: T  tflops: F  mfu: M%
 where tps is tokens per second per GPU since the previous logged step (log_freq 1: that step alone), memory is the
 peak *reserved* by the caching allocator during that step (not the peak allocated that our bench prints), and mfu
-uses 989 TFLOP/s for an H200. With --tb, the peak *active* bytes (closest to our peak allocated) are read from
-torchtitan's TensorBoard events (rank 0 only).
+uses 989 TFLOP/s for an H200. A step that is a multiple of torchtitan's gc_freq (50) also runs gc.collect; the
+summary adds the mean without it and with its extra time spread over gc_freq steps. With --tb, the peak *active*
+bytes (closest to our peak allocated) are read from torchtitan's TensorBoard events (rank 0 only).
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def main() -> int:
         "--tokens-per-step", type=int, default=4 * 4096, help="tokens per GPU per step, for ms/step"
     )
     ap.add_argument("--tb", type=Path, default=None, help="torchtitan's TensorBoard folder (dump_folder/tb)")
+    ap.add_argument(
+        "--gc-freq",
+        type=int,
+        default=50,
+        help="torchtitan's training.gc_freq: a step that is a multiple of it also runs gc.collect (its default 50)",
+    )
     a = ap.parse_args()
     rows = parse(a.log)
     if not rows:
@@ -105,6 +112,18 @@ def main() -> int:
     if active:
         line += f", peak active {max(active.values()):.2f} GiB (rank 0)"
     print(line)
+    # A timed window of 10 steps that holds a GC step weighs it 1/10; a long run pays it once in gc_freq steps.
+    gc = [s for s in timed if a.gc_freq > 0 and s % a.gc_freq == 0]
+    plain = [s for s in timed if s not in gc]
+    if gc and plain:
+        ms_plain = statistics.fmean(1000 * a.tokens_per_step / rows[s]["tps"] for s in plain)
+        ms_gc = statistics.fmean(1000 * a.tokens_per_step / rows[s]["tps"] for s in gc)
+        ms = ms_plain + (ms_gc - ms_plain) / a.gc_freq
+        print(
+            f"torchtitan steps {plain[0]}-{plain[-1]} without its GC step{'s' if len(gc) > 1 else ''} "
+            f"({', '.join(map(str, gc))}: {ms_gc:.1f} ms): {ms_plain:.1f} ms/step; that GC spread over "
+            f"{a.gc_freq} steps: {ms:.1f} ms/step, {1000 * a.tokens_per_step / ms:,.0f} tok/s/GPU"
+        )
     return 0
 
 
