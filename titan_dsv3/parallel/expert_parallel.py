@@ -49,6 +49,45 @@ def ranks_hit(ids_TK: torch.Tensor, n_local: int, ep: int) -> torch.Tensor:
     return hit_TR.scatter_(1, ids_TK // n_local, True)
 
 
+class _SumCopies(torch.autograd.Function):
+    """out_RD[r] = sum over slots s with pos_RS[r, s] >= 0 of w_RS[r, s] * y_MD[pos_RS[r, s]] (w = 1 when None).
+
+    The copies y_MD come in another order (expert order) than their rows; cell_M[m] = r * S + s is copy m's slot
+    (pos_RS inverted). Forward gathers each row's copies and sums them, which inductor fuses into one reduction:
+    no (R, S, D) buffer to zero, fill and sum. Backward is gathers too: each copy's gradient is its row's times its
+    weight, and each weight's gradient is that row's gradient dotted with the copy. No atomics: deterministic."""
+
+    @staticmethod
+    def forward(ctx, y_MD, w_RS, pos_RS, cell_M):
+        ok_RS = pos_RS >= 0
+        coef_RS = ok_RS.to(y_MD.dtype) if w_RS is None else torch.where(ok_RS, w_RS.to(y_MD.dtype), 0)
+        ctx.save_for_backward(y_MD, w_RS, pos_RS, cell_M)
+        ctx.w_dtype = None if w_RS is None else w_RS.dtype
+        return (y_MD[pos_RS.clamp(min=0)] * coef_RS[..., None]).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        y_MD, w_RS, pos_RS, cell_M = ctx.saved_tensors
+        n_slots = pos_RS.shape[1]
+        g_MD = g_RD[cell_M // n_slots]
+        grad_w = None
+        if w_RS is not None:
+            g_MD = g_MD * w_RS.flatten()[cell_M].to(g_MD.dtype)[:, None]
+            ok_RS = pos_RS >= 0
+            acc = torch.promote_types(y_MD.dtype, torch.float32)  # bf16 products summed in fp32
+            dots_RS = (g_RD[:, None, :].to(acc) * y_MD[pos_RS.clamp(min=0)].to(acc)).sum(-1)
+            grad_w = torch.where(ok_RS, dots_RS, 0).to(ctx.w_dtype)
+        return g_MD, grad_w, None, None
+
+
+def sum_copies(y_MD, w_RS, cell_M, n_rows: int, n_slots: int) -> torch.Tensor:
+    """(n_rows, D): each row's copies, weighted by w_RS (or not, when None) and summed; copy m sits in slot cell_M[m]
+    (= row * n_slots + slot) of its row, and a row's other slots are empty."""
+    pos = torch.full((n_rows * n_slots,), -1, dtype=torch.long, device=y_MD.device)
+    pos = pos.scatter(0, cell_M, torch.arange(cell_M.numel(), device=y_MD.device))
+    return _SumCopies.apply(y_MD, w_RS, pos.view(n_rows, n_slots), cell_M)
+
+
 class ExpertParallel:
     """Shards a MoE's routed experts over `mesh` and routes its tokens with all-to-all exchanges."""
 
@@ -143,7 +182,7 @@ def _exchange(
 ):
     """Dispatch, compute and combine (module docstring) with the split sizes known on the host; plus the shared
     experts, computed during the dispatch."""
-    (n_tok, topk), n_local, dev = ids_TK.shape, plan_in.shape[1] - 1, x_TD.device
+    (n_tok, topk), n_local = ids_TK.shape, plan_in.shape[1] - 1
     a2a = ep_route._a2a
     # the (rank, token) pairs in rank order, then token order
     pair_P = torch.argsort((~hit_TR).T.flatten().to(torch.int8), stable=True)[: sum(in_splits)]
@@ -167,20 +206,14 @@ def _exchange(
     key_M = torch.where(local_RK >= 0, local_RK, n_local).flatten()  # copies of other ranks sort last
     order_M = torch.argsort(key_M, stable=True)[:n_copies]
     y_MD = experts(x_RD[order_M // topk], plan_in[:, 1:].sum(0))
-    # each received row's copies weighted and summed here, so one row per (token, rank) goes back: a row holds
-    # at most min(K, El) of them; the (R, min(K, El), D) slots are transient, and backward keeps only y_MD and
-    # the weights, as route_locally's bmm does
-    y_MD = y_MD * w_RK.flatten()[order_M].to(y_MD.dtype)[:, None]
-    row_slots = min(topk, n_local)
-    slot_M = ((local_RK >= 0).cumsum(1) - 1).flatten()[order_M]  # place among its row's copies
-    slots = torch.zeros(n_rows * row_slots, dim, dtype=y_MD.dtype, device=dev)
-    slots = slots.index_copy_(0, (order_M // topk) * row_slots + slot_M, y_MD)  # in place: no clone
-    y_PD = a2a(slots.view(n_rows, row_slots, dim).sum(1), in_splits, out_splits)
+    # each received row's copies weighted and summed here, so one row per (token, rank) goes back; copy m sits in
+    # slot order_M[m] of the (R, K) grid of received rows. Backward keeps only y_MD and the weights, as
+    # route_locally's bmm does
+    y_PD = a2a(sum_copies(y_MD, w_RK, order_M, n_rows, topk), in_splits, out_splits)
     # a token gets back one row from each of at most min(K, ep) ranks: summed in rank order
     tok_slots = min(topk, ep_route.ep)
     slot_P = (hit_TR.cumsum(1) - 1)[tok_P, rank_P]
-    per_tok = torch.zeros(n_tok * tok_slots, dim, dtype=y_PD.dtype, device=dev)
-    out_TD = per_tok.index_copy_(0, tok_P * tok_slots + slot_P, y_PD).view(n_tok, tok_slots, dim).sum(1)
+    out_TD = sum_copies(y_PD, None, tok_P * tok_slots + slot_P, n_tok, tok_slots)
     return out_TD if shared_TD is None else out_TD + shared_TD
 
 
