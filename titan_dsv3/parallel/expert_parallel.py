@@ -13,12 +13,12 @@ ExpertParallel takes the place of MoE.route_tokens (models/moe.py: route_locally
             then paired the wrong ones (seen on CPU with PP 2 x EP 2: gloo's 'collective mismatch');
   compute:  the received copies grouped by local expert through the grouped GEMM (the weights are DTensors
             Shard(0) on the EP mesh; the model takes their local shards);
-  combine:  each received row's copies weighted and summed where they were computed, the sums sent back
-            (again one row per token and rank) and added up per token.
+  combine:  each received row's copies weighted and summed where they were computed (gathered from expert
+            order, no slot buffer), the sums sent back (again one row per token and rank) and added up per token.
 With compile.moe_one_graph the sizes are read inside the compiled graph instead (unbacked ints, one blocking
 copy), so the route adds no graph break.
 The exchanges are the autograd-aware functional collectives, so backward runs the reverse exchanges; the gate
-weights get their gradient through the dispatch of the weights. No atomics: index_copy and batched sums keep it
+weights get their gradient through the dispatch of the weights. No atomics: gathers and sums (sum_copies) keep it
 deterministic.
 
 Legend: T tokens here, K experts per token, E experts, El = E / ep local experts, ep EP ranks, P rows sent
