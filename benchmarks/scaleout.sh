@@ -2,7 +2,8 @@
 # The multi-GPU runs the scale-out and parallelism issues ask for, as named sections, each under a time limit,
 # logs in $OUT (default /tmp/scaleout), a table of the printed figures at the end.
 #
-#   NGPU=4 bash benchmarks/scaleout.sh weak 16b        # about 9 min on 4 x H200
+#   NGPU=4 bash benchmarks/scaleout.sh weak            # about 5 min on 4 x H200 (estimate)
+#   NGPU=4 bash benchmarks/scaleout.sh 16b             # three runs, about 6-7 min (2 x H200: 2 min a run)
 #   NGPU=4 bash benchmarks/scaleout.sh pp cp           # about 6 min
 #   NGPU=2 bash benchmarks/scaleout.sh weak            # the same sections on fewer GPUs
 #   NGPU=2 bash benchmarks/scaleout.sh tests kernels   # GPU tests and kernel benchmarks, about 8 min
