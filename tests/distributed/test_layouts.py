@@ -64,6 +64,17 @@ LAYOUTS = {
             P + "pipeline_parallel_microbatches": "2",
         },
     ),
+    # 2 pipeline stages x 2 data ranks, EP over both: the experts' FSDP mesh has one rank, and they have no unit
+    "pp2_ep2_experts_no_unit": (
+        4,
+        {
+            P + "pipeline_parallel_degree": "2",
+            P + "expert_parallel_degree": "2",
+            P + "expert_1rank_fsdp_unit": "false",
+            "training.local_batch_size": "4",
+            P + "pipeline_parallel_microbatches": "2",
+        },
+    ),
     "cp2": (2, {P + "context_parallel_degree": "2"}),
     # 8 ranks: 2 pipeline stages x 4 data ranks; experts split over EP 2 x FSDP 2 (MTP on the last stage)
     "fsdp4_ep2_pp2": (
