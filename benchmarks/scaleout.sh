@@ -20,8 +20,9 @@
 #   16b   the 16B shape (27 layers) with FSDP NGPU + EP NGPU, 4 x 4096 a GPU, AC every 2nd block, with and without
 #         the experts' FSDP unit (parallelism.expert_1rank_fsdp_unit); on 4 GPUs or more also without AC
 #   16b14 the 16B shape cut to 14 layers, FSDP NGPU + EP NGPU, 4 x 4096 a GPU: without AC (with and without the
-#         experts' FSDP unit) and with AC every 2nd block: the per-layer work of 16b in half the memory (2 GPUs hold it without AC, as 4 hold the full depth;
-#         beside torchtitan: LAYERS=14 AC=none NGPU=2 bash benchmarks/peer_torchtitan/run.sh)
+#         experts' FSDP unit) and with AC every 2nd block: the per-layer work of 16b in half the memory (2 GPUs
+#         hold it without AC, as 4 hold the full depth; beside torchtitan: LAYERS=14 AC=none NGPU=2 bash
+#         benchmarks/peer_torchtitan/run.sh)
 #   pp    the 16B shape with PP 2 x (FSDP NGPU/2 + EP NGPU/2), 1F1B, 8 micro-batches of 1 x 4096
 #   cp    the 16B shape at 64K context with CP NGPU (+ EP NGPU), one sequence, full AC
 #   tests    python3 -m pytest tests/gpu (kernels on one GPU, the NCCL layouts on two)

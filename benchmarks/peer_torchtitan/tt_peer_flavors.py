@@ -4,9 +4,9 @@
 torchtitan's published "16B" flavor (the DeepSeek-V2-Lite shape) attends with FlexAttention under a per-document
 ("block_causal") mask. Our `deepseek16b` workload attends with SDPA under a plain causal mask over the whole
 4,096-token row. "16B_sdpa" is torchtitan's own "16B" arguments with only those two fields changed, so both systems
-do the same attention work; every other field (shape, MoE routing, initialisation) stays torchtitan's. "16B_sdpa_14l" is the same at 14 layers
-(1 dense + 13 MoE), our `deepseek16b_14l` workload: it fits 2 GPUs, where the full depth with fp32 Adam moments
-does not.
+do the same attention work; every other field (shape, MoE routing, initialisation) stays torchtitan's.
+"16B_sdpa_14l" is the same at 14 layers (1 dense + 13 MoE), our `deepseek16b_14l` workload: it fits 2 GPUs, where
+the full depth with fp32 Adam moments does not.
 """
 
 from __future__ import annotations
