@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from titan_dsv3.parallel.expert_parallel import MAX_LOCAL_EXPERTS
+
 PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBV", "InterleavedZeroBubble")
 _MULTI_STAGE = ("Interleaved1F1B", "ZBV", "InterleavedZeroBubble")
 
@@ -101,10 +103,10 @@ class ParallelDims:
                 f"model.n_routed_experts = {args.n_routed_experts} is not divisible by "
                 f"parallelism.expert_parallel_degree = {self.ep}"
             )
-        if self.ep > 1 and args.n_routed_experts // self.ep > 256:  # ids travel in bf16 (expert_parallel.py)
+        if self.ep > 1 and args.n_routed_experts // self.ep > MAX_LOCAL_EXPERTS:  # ids travel in bf16
             raise ValueError(
                 f"model.n_routed_experts = {args.n_routed_experts} over parallelism.expert_parallel_degree = "
-                f"{self.ep} is more than 256 experts a rank; raise expert_parallel_degree"
+                f"{self.ep} is more than {MAX_LOCAL_EXPERTS} experts a rank; raise expert_parallel_degree"
             )
         if self.ep > 1 and args.n_moe_layers == 0:
             raise ValueError(

@@ -33,6 +33,9 @@ from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+# Local expert ids travel in the rows' dtype (_exchange), bf16 included, where integers are exact up to 256.
+MAX_LOCAL_EXPERTS = 256
+
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
@@ -104,7 +107,7 @@ class ExpertParallel:
     def apply(self, moe: nn.Module) -> None:
         experts = moe.experts
         n_local = experts.w1.shape[0] // self.ep
-        if n_local > 256:  # the local ids travel in the rows' dtype, bf16 included (_exchange)
+        if n_local > MAX_LOCAL_EXPERTS:
             raise ValueError(
                 f"{n_local} experts a rank: local expert ids are not exact in bf16 (the EP exchange sends them"
                 " beside the rows); raise parallelism.expert_parallel_degree"
@@ -192,7 +195,7 @@ def _exchange(
     w_PK = torch.where(here_PK, weights_TK[tok_P], 0.0)
     local_PK = torch.where(here_PK, ids_PK - rank_P[:, None] * n_local, -1)
     # rows, weights and local ids in the rows' dtype: the weights multiply the experts' output in that dtype
-    # anyway, and the ids are exact (apply allows at most 256 a rank); only the rows and the weights carry gradient
+    # anyway, and the ids are exact (at most MAX_LOCAL_EXPERTS a rank); only the rows and the weights carry gradient
     dt, dim = x_TD.dtype, x_TD.shape[1]
     send_PC = torch.cat([x_TD[tok_P], w_PK.to(dt), local_PK.to(dt)], dim=1)  # C = D + 2 K
     recv_RC = ep_route._a2a_start(send_PC, out_splits, in_splits)

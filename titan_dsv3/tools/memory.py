@@ -504,8 +504,10 @@ def estimate(
     weights = "fsdp" if lay.uses_fsdp else "bf16" if bf16_weights else "autocast"
     reshard = lay.pp == 1 if reshard_after_forward is None else reshard_after_forward
     micro = lay.pp_microbatches if lay.pp > 1 else 1
-    expert_mesh = lay.dp_replicate * lay.dp_shard * lay.cp * lay.tp // lay.ep  # efsdp, with the replicas
-    experts_outside = weights == "fsdp" and not experts_unit and lay.ep > 1 and expert_mesh == 1
+    # as parallelize.apply_fsdp decides: separate experts whose FSDP mesh (replicas x efsdp) has one rank
+    experts_outside = (
+        weights == "fsdp" and not experts_unit and lay.separate_experts and lay.dp_replicate * lay.efsdp == 1
+    )
     tokens = local_batch / micro * seq_len / lay.cp
     if weights == "bf16":
         param_bytes, state_bytes = 2, 8  # fp32 masters + bf16 moments in the optimizer
