@@ -28,6 +28,7 @@ from triton.testing import do_bench
 
 from titan_dsv3.kernels import fp8_grouped_gemm as fp8
 from titan_dsv3.kernels import mla_attention as mla
+from titan_dsv3.kernels import mla_attention_bwd as mla_bwd
 from titan_dsv3.models.attention import sdpa_attention
 from titan_dsv3.models.moe import grouped_swiglu, looped_swiglu
 
@@ -249,7 +250,7 @@ def mla_case(bsz: int, heads: int, seqlen: int, docs: bool, scale: float, args) 
             report(f"MLA {tag} cuDNN sdpa only fwd", lambda: cud(qf, kf, leaves[3]), fwd_flops)
     if args.profile and seqlen == 4096:
         profile_split(fwd_bwd(kern, leaves, grad))
-    autotune_picks(mla._mla_fwd_kernel, mla._mla_bwd_dkdv_kernel, mla._mla_bwd_dq_kernel)
+    autotune_picks(mla._mla_fwd_kernel, mla_bwd._mla_bwd_dkdv_kernel, mla_bwd._mla_bwd_dq_kernel)
 
 
 # ---- FP8 experts ------------------------------------------------------------------------------------------------

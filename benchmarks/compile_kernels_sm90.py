@@ -26,6 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from titan_dsv3.kernels import fp8_grouped_gemm as F  # noqa: E402
 from titan_dsv3.kernels import mla_attention as M  # noqa: E402
+from titan_dsv3.kernels import mla_attention_bwd as MB  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 PTXAS = get_ptxas(90).path  # the one triton compiles sm_90 with (3.9 uses its newer ptxas-blackwell)
@@ -97,7 +98,7 @@ def main() -> None:
     mla_types.update({n: bf16 for n in ("dqn_ptr", "dqp_ptr", "dkn_ptr", "dv_ptr")})
     mla_types.update(lse_ptr="*fp32", delta_ptr="*fp32", dkp_ptr="*fp32", dstart_ptr="*i32", dend_ptr="*i32")
     mla_types.update(qk_scale="fp32", sm_scale="fp32")
-    for kernel in (M._mla_fwd_kernel, M._mla_bwd_dkdv_kernel, M._mla_bwd_dq_kernel):
+    for kernel in (M._mla_fwd_kernel, MB._mla_bwd_dkdv_kernel, MB._mla_bwd_dq_kernel):
         for doc in (False, True):
             sweep(kernel, mla_types, dict(DN=128, DR=64, DV=128, HAS_DOC=doc))
     f8, f32, i32 = "*fp8e4nv", "*fp32", "*i32"
