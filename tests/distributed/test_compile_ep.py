@@ -106,14 +106,19 @@ def train_with_an_idle_rank(args: list[str]) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("one_graph", ["false", "true"])
-def test_compiled_ep2_survives_a_rank_with_no_rows(tmp_path, one_graph):
-    """Default route: such a layer exchanges eagerly. compile.moe_one_graph: its unbacked sizes take 0 rows."""
+@pytest.mark.parametrize(
+    "route",
+    [{}, {"compile.moe_one_graph": "true"}, {"parallelism.expert_route": "padded"}],
+    ids=["sized", "one_graph", "padded"],
+)
+def test_compiled_ep2_survives_a_rank_with_no_rows(tmp_path, route):
+    """Default route: such a layer exchanges eagerly. compile.moe_one_graph: its unbacked sizes take 0 rows.
+    Padded route: the sizes do not change, rank 1's expert groups are all empty."""
     idle = {**EP, "training.steps": "6", "moe.bias_update_speed": "0"}
     eager = run_ranks(
         train_with_an_idle_rank, 2, layout_args(str(tmp_path / "e"), **{**idle, "compile.enable": "false"})
     )
-    one = {**idle, "compile.moe_one_graph": one_graph}
+    one = {**idle, **route}
     compiled = run_ranks(train_with_an_idle_rank, 2, layout_args(str(tmp_path / "c"), **one), timeout=600)
     for e, c in zip(eager, compiled):
         assert c == pytest.approx(e, rel=2e-3)
@@ -140,6 +145,18 @@ def test_compiled_ep2_moe_one_graph(single, tmp_path):
     data ranks: a 1-rank expert mesh) get no FSDP unit, so every block compiles without a graph break, checkpointed
     ones included (the default breaks at the host read and at the expert unit's hooks)."""
     ranks = run_ranks(train_and_count_breaks, 2, layout_args(str(tmp_path / "one"), **ONE_GRAPH), timeout=600)
+    for losses, breaks in ranks:
+        assert breaks == 0
+        assert losses == pytest.approx(single, rel=2e-3)
+
+
+PADDED = {**EP, **AC2, "parallelism.expert_route": "padded", "parallelism.expert_1rank_fsdp_unit": "false"}
+
+
+def test_compiled_ep2_padded_route(single, tmp_path):
+    """parallelism.expert_route = padded reads nothing on the host: without the experts' FSDP unit every block
+    compiles without a graph break (checkpointed ones included), and the losses follow the single process."""
+    ranks = run_ranks(train_and_count_breaks, 2, layout_args(str(tmp_path / "pad"), **PADDED), timeout=600)
     for losses, breaks in ranks:
         assert breaks == 0
         assert losses == pytest.approx(single, rel=2e-3)

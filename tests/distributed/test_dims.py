@@ -42,6 +42,7 @@ REFUSED = [
     ),
     (2, [P + "pipeline_parallel_schedule", "Zigzag"], "pipeline_parallel_schedule"),
     (2, [P + "fsdp_reshard_after_forward", "sometimes"], "fsdp_reshard_after_forward"),
+    (2, [P + "expert_route", "dropping"], "expert_route = 'dropping'"),
     (4, [P + "context_parallel_degree", "4", "--training.seq_len", "28"], "training.seq_len = 28"),
     (2, [P + "tensor_parallel_degree", "2", "--moe.balance_loss_alpha", "1e-4"], "balance_loss_alpha"),
     (2, [P + "tensor_parallel_degree", "2", "--model.tie_embeddings", "true"], "tie_embeddings"),

@@ -30,6 +30,11 @@ LAYOUTS = {
         },
     ),
     "ep2_tp2": (2, {P + "expert_parallel_degree": "2", P + "tensor_parallel_degree": "2"}),
+    # the fixed-size EP route (T rows to every rank, no host read)
+    "ep2_fsdp2_padded": (
+        2,
+        {P + "expert_parallel_degree": "2", "training.local_batch_size": "4", P + "expert_route": "padded"},
+    ),
     # activation checkpointing re-runs the EP exchanges (full) or reuses them (selective by op)
     "ep2_fsdp2_ac_full": (
         2,

@@ -32,6 +32,11 @@ LAYOUTS = {
         "training.local_batch_size": "4",
         P + "expert_1rank_fsdp_unit": "false",
     },
+    "ep2_fsdp2_padded": {
+        P + "expert_parallel_degree": "2",
+        "training.local_batch_size": "4",
+        P + "expert_route": "padded",
+    },
     "ep2_tp2": {P + "expert_parallel_degree": "2", P + "tensor_parallel_degree": "2"},
     "pp2_interleaved": {
         P + "pipeline_parallel_degree": "2",
@@ -118,6 +123,15 @@ def test_layout_matches_one_gpu(layout, gpu_reference, tmp_path):
             "activation_checkpoint.mode": "selective",
             "activation_checkpoint.selective_option": "2",
         },
+        {  # the fixed-size route: no host read, every block one graph without the experts' unit
+            P + "expert_parallel_degree": "2",
+            "training.local_batch_size": "4",
+            P + "expert_route": "padded",
+            P + "expert_1rank_fsdp_unit": "false",
+            "compile.enable": "true",
+            "activation_checkpoint.mode": "selective",
+            "activation_checkpoint.selective_option": "2",
+        },
     ],
     ids=[
         "fsdp_ep_bf16",
@@ -125,6 +139,7 @@ def test_layout_matches_one_gpu(layout, gpu_reference, tmp_path):
         "fsdp_ep_bf16_compile_ac2",
         "fsdp_ep_bf16_compile_ac2_no_unit",
         "fsdp_ep_bf16_moe_one_graph",
+        "fsdp_ep_bf16_compile_ac2_padded",
     ],
 )
 def test_bf16_runs(extra, gpu_reference, tmp_path):

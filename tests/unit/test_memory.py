@@ -281,6 +281,22 @@ def test_experts_without_a_unit_keep_their_bf16_casts():
     assert extra(Layout(dp_shard=4, ep=2)) == 0
 
 
+def test_padded_route_counts_worst_case_copies():
+    """parallelism.expert_route = padded: the grouped GEMM's input and kept activations are sized for ep x k copies
+    a token; at EP 2 each non-checkpointed MoE block keeps at least another 4 I k bytes a token of expert hiddens
+    (compiled). With one EP rank nothing changes."""
+    a = ModelArgs(**{**V2_LITE_6, "n_layers": 14})
+    lay = Layout(dp_shard=2, ep=2)
+
+    def act(**kw):
+        return estimate(a, lay, 4, 4096, compiled=True, state_dtype="bfloat16", **kw).activations
+
+    hiddens = 13 * 4 * 4096 * 4 * a.moe_inter_dim * a.n_activated_experts  # 13 MoE blocks, 4 x 4096 tokens
+    assert act(padded_route=True) - act() >= hiddens
+    one = Layout(dp_shard=2)
+    assert estimate(a, one, 4, 4096, padded_route=True).allocated == estimate(a, one, 4, 4096).allocated
+
+
 def test_layout_mirrors_parallel_dims():
     cfg = parse_args(["--job.config_file", str(TRAIN_CONFIGS / "deepseek_16b.toml")], world_size=4)
     dims = ParallelDims.from_config(cfg.parallelism, 4)

@@ -131,6 +131,12 @@ class Parallelism:
     """With TP: compute the loss on vocab-sharded logits."""
     fsdp_reshard_after_forward: str = "default"
     """default | always | never: free gathered FSDP params after forward (default: yes, except for PP)."""
+    expert_route: str = "sized"
+    """sized | padded: how EP exchanges tokens. sized: each rank sends a peer only the tokens routed there, sizes
+    read on the host once a MoE layer (all_to_all takes host sizes). padded: every rank sends every peer T rows
+    (its token count), so nothing is read on the host and a compiled MoE block is one graph; the exchanges carry
+    1.02x the bytes at EP 2 (1.22x at EP 4) but the grouped GEMM's input and kept activations are sized for the
+    worst case, EP times the expected copies (tools/memory.py counts it)."""
     expert_1rank_fsdp_unit: bool = True
     """When EP takes every data rank, the routed experts' FSDP mesh has one rank. true: they get an FSDP unit anyway,
     which frees their bf16 copies after forward. false: no unit (fp32 DTensors on the EP mesh, cast in the grouped

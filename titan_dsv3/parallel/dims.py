@@ -87,6 +87,8 @@ class ParallelDims:
                 f"parallelism.fsdp_reshard_after_forward = {p.fsdp_reshard_after_forward!r}; "
                 "use default, always or never"
             )
+        if p.expert_route not in ("sized", "padded"):
+            raise ValueError(f"parallelism.expert_route = {p.expert_route!r}; use sized or padded")
         mbs = p.pipeline_parallel_microbatches
         if mbs == -1:
             mbs = pp

@@ -177,7 +177,7 @@ def parallelize_model(
     if dims.tp > 1:
         apply_tp(model, meshes.tp, loss_parallel=cfg.parallelism.enable_loss_parallel)
     if dims.ep > 1:
-        apply_ep(model, meshes.ep)
+        apply_ep(model, meshes.ep, padded=cfg.parallelism.expert_route == "padded")
     if dims.cp > 1:
         apply_cp(model)
     ac = cfg.activation_checkpoint

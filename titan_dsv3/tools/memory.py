@@ -14,6 +14,8 @@ Assumptions:
   Routed experts without an FSDP unit (parallelism.expert_1rank_fsdp_unit = false, EP over every data rank): each
   MoE block that is not checkpointed keeps its local experts' bf16 cast until its backward (measured on 2 x H200:
   +6.2 GiB where this adds 6.7 without AC; +3.7 where it adds 6.7 with every 2nd block checkpointed).
+- The padded EP route (parallelism.expert_route = padded) sizes the routed copies for the worst case: counted as
+  ep x k copies a token (every k-sized term, a slight over-count of the router's own top-k tensors).
 - One data rank (no FSDP): fp32 parameters under bf16 autocast. Eager blocks keep a bf16 copy of every weight
   from forward to their backward (the autocast cache, the expert casts saved by grouped_mm); compiled blocks recast
   from the fp32 parameter in backward and keep none. training.mixed_precision = bf16_weights: bf16 parameters and
@@ -37,7 +39,7 @@ Assumptions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from titan_dsv3.models.args import ModelArgs
 from titan_dsv3.parallel.dims import ParallelDims
@@ -493,13 +495,16 @@ def estimate(
     bf16_weights: bool = False,
     reshard_after_forward: bool | None = None,
     experts_unit: bool = True,
+    padded_route: bool = False,
 ) -> Estimate:
     """Peak memory of the most loaded rank for one training step (see the module docstring for the assumptions).
 
     experts_unit: parallelism.expert_1rank_fsdp_unit; false matters only where the routed experts' FSDP mesh has one
-    rank (EP over every data rank)."""
+    rank (EP over every data rank). padded_route: parallelism.expert_route = padded (ep x k copies a token)."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode = {ac_mode!r}; use one of {AC_MODES}")
+    if padded_route and lay.ep > 1:
+        a = replace(a, n_activated_experts=a.n_activated_experts * lay.ep)
     compiled_loss = compiled if compiled_loss is None else compiled_loss
     weights = "fsdp" if lay.uses_fsdp else "bf16" if bf16_weights else "autocast"
     reshard = lay.pp == 1 if reshard_after_forward is None else reshard_after_forward
@@ -570,6 +575,7 @@ def estimate_from_config(cfg, world_size: int, ac_mode: str | None = None) -> Es
         reshard_after_forward=_reshard(cfg.parallelism.fsdp_reshard_after_forward, dims.pp),
         experts_unit=cfg.parallelism.expert_1rank_fsdp_unit
         and not (comp.enable and "model" in comp.components and comp.moe_one_graph),
+        padded_route=cfg.parallelism.expert_route == "padded",
     )
 
 
