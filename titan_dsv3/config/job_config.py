@@ -135,7 +135,7 @@ class Parallelism:
     """sized | padded: how EP exchanges tokens. sized: each rank sends a peer only the tokens routed there, sizes
     read on the host once a MoE layer (all_to_all takes host sizes). padded: every rank sends every peer T rows
     (its token count), so nothing is read on the host and a compiled MoE block is one graph; the exchanges carry
-    1.02x the bytes at EP 2 (1.22x at EP 4) but the grouped GEMM's input and kept activations are sized for the
+    1.01x the bytes at EP 2 (1.20x at EP 4) but the grouped GEMM's input and kept activations are sized for the
     worst case, EP times the expected copies (tools/memory.py counts it)."""
     expert_1rank_fsdp_unit: bool = True
     """When EP takes every data rank, the routed experts' FSDP mesh has one rank. true: they get an FSDP unit anyway,

@@ -190,6 +190,24 @@ class ExpertParallel:
         )
 
 
+def _send_rows(x_TD, weights_TK, ids_TK, tok, rank, n_local: int) -> torch.Tensor:
+    """The rows to send for (token, rank) pairs (tok and rank broadcast): the token's row, then its K gate weights
+    and local expert ids on that rank (0 and -1 where the copy belongs to another rank); (..., C = D + 2 K). All in
+    the rows' dtype: the weights multiply the experts' output in that dtype anyway, and the ids are exact (at most
+    MAX_LOCAL_EXPERTS a rank); only the rows and the weights carry gradient."""
+    ids = ids_TK[tok]
+    here = ids // n_local == rank[..., None]
+    w = torch.where(here, weights_TK[tok], 0.0)
+    local = torch.where(here, ids - rank[..., None] * n_local, -1)
+    dt = x_TD.dtype
+    return torch.cat([x_TD[tok], w.to(dt), local.to(dt)], dim=-1)
+
+
+def _split_rows(recv_RC, dim: int, topk: int):
+    """Received rows (R, C) -> the token rows (R, D), gate weights (R, K) and local expert ids (R, K) as longs."""
+    return recv_RC[:, :dim], recv_RC[:, dim : dim + topk], recv_RC[:, dim + topk :].detach().long()
+
+
 def _exchange(
     ep_route, experts, shared, x_TD, weights_TK, ids_TK, hit_TR, plan_in, in_splits, out_splits, n_copies
 ):
@@ -200,19 +218,10 @@ def _exchange(
     # the (rank, token) pairs in rank order, then token order
     pair_P = torch.argsort((~hit_TR).T.flatten().to(torch.int8), stable=True)[: sum(in_splits)]
     rank_P, tok_P = pair_P // n_tok, pair_P % n_tok
-    ids_PK = ids_TK[tok_P]
-    here_PK = ids_PK // n_local == rank_P[:, None]
-    w_PK = torch.where(here_PK, weights_TK[tok_P], 0.0)
-    local_PK = torch.where(here_PK, ids_PK - rank_P[:, None] * n_local, -1)
-    # rows, weights and local ids in the rows' dtype: the weights multiply the experts' output in that dtype
-    # anyway, and the ids are exact (at most MAX_LOCAL_EXPERTS a rank); only the rows and the weights carry gradient
-    dt, dim = x_TD.dtype, x_TD.shape[1]
-    send_PC = torch.cat([x_TD[tok_P], w_PK.to(dt), local_PK.to(dt)], dim=1)  # C = D + 2 K
+    send_PC = _send_rows(x_TD, weights_TK, ids_TK, tok_P, rank_P, n_local)
     recv_RC = ep_route._a2a_start(send_PC, out_splits, in_splits)
     shared_TD = shared(x_TD) if shared is not None else None  # on the GPU while the rows travel
-    recv_RC = _a2a_wait(recv_RC)
-    x_RD, w_RK = recv_RC[:, :dim], recv_RC[:, dim : dim + topk]
-    local_RK = recv_RC[:, dim + topk :].detach().long()
+    x_RD, w_RK, local_RK = _split_rows(_a2a_wait(recv_RC), x_TD.shape[1], topk)
 
     # the received copies grouped by local expert (then source rank, then row), through the grouped GEMM
     n_rows = x_RD.shape[0]
@@ -237,29 +246,23 @@ def _exchange_padded(ep_route, experts, shared, x_TD, weights_TK, ids_TK, hit_TR
     """Dispatch, compute and combine with every size fixed by T, so that nothing is read on the host and a MoE
     block compiles to one graph. Each rank sends every peer a block of T rows: first the tokens that have an
     expert there (token order), then the others, whose local ids are all -1 (they make no copies). With top-6 of
-    64 experts a token reaches 1.97 of 2 ranks on average (3.29 of 4, 4.41 of 8): the exchanges carry 1.02x the
-    bytes of _exchange at EP 2, 1.22x at EP 4, 1.8x at EP 8. The cost is memory: the grouped GEMM's input is
+    64 experts a token reaches 1.98 of 2 ranks on average (3.34 of 4, 4.54 of 8): the exchanges carry 1.01x the
+    bytes of _exchange at EP 2, 1.20x at EP 4, 1.76x at EP 8. The cost is memory: the grouped GEMM's input is
     sized for every received row's K copies (ep * T * K rows, ep times the expected copies), and so are the
     activations it keeps for backward. Rows past the real copies are never computed (the grouped GEMM's
-    offsets end at the real ones) and never read (sum_copies leaves them out). Every EP rank must route the
-    same T tokens a step (the same local batch and sequence, as training gives).
+    offsets end at the real ones): they are zeroed in its output and fed from a zero row, so neither they nor
+    their gradient reach a real row. Every EP rank must route the same T tokens a step (the same local batch and
+    sequence, as training gives).
     """
     (n_tok, topk), dim, ep = ids_TK.shape, x_TD.shape[1], ep_route.ep
     # block r: the tokens that hit rank r first, (ep, T) token ids; each block is a permutation of the tokens
     tok_RT = torch.argsort((~hit_TR).T.to(torch.int8), dim=1, stable=True)
-    rank_R1 = torch.arange(ep, device=ids_TK.device)[:, None, None]
-    ids_RTK = ids_TK[tok_RT]
-    here_RTK = ids_RTK // n_local == rank_R1
-    w_RTK = torch.where(here_RTK, weights_TK[tok_RT], 0.0)
-    local_RTK = torch.where(here_RTK, ids_RTK - rank_R1 * n_local, -1)
-    dt = x_TD.dtype
-    send_QC = torch.cat([x_TD[tok_RT], w_RTK.to(dt), local_RTK.to(dt)], dim=2).flatten(0, 1)  # Q = ep * T
+    rank_R1 = torch.arange(ep, device=ids_TK.device)[:, None]
+    send_QC = _send_rows(x_TD, weights_TK, ids_TK, tok_RT, rank_R1, n_local).flatten(0, 1)  # Q = ep * T
     splits = [n_tok] * ep
     recv_QC = ep_route._a2a_start(send_QC, splits, splits)
     shared_TD = shared(x_TD) if shared is not None else None  # on the GPU while the rows travel
-    recv_QC = _a2a_wait(recv_QC)
-    x_QD, w_QK = recv_QC[:, :dim], recv_QC[:, dim : dim + topk]
-    local_QK = recv_QC[:, dim + topk :].detach().long()
+    x_QD, w_QK, local_QK = _split_rows(_a2a_wait(recv_QC), dim, topk)
 
     # all ep * T * K copy slots sorted by local expert; the other ranks' (-1) sort last and are left out
     n_rows = x_QD.shape[0]
@@ -278,8 +281,8 @@ def _exchange_padded(ep_route, experts, shared, x_TD, weights_TK, ids_TK, hit_TR
     # block r of what comes back: rank r's sums for my tokens, in the order I sent them
     rank_Q = torch.arange(ep, device=ids_TK.device).repeat_interleave(n_tok)
     tok_Q = tok_RT.flatten()
-    return_out = sum_copies(y_QD, None, tok_Q * ep + rank_Q, n_tok, ep, hit_TR[tok_Q, rank_Q])
-    return return_out if shared_TD is None else return_out + shared_TD
+    out_TD = sum_copies(y_QD, None, tok_Q * ep + rank_Q, n_tok, ep, hit_TR[tok_Q, rank_Q])
+    return out_TD if shared_TD is None else out_TD + shared_TD
 
 
 def apply_ep(model: nn.Module, mesh: DeviceMesh, padded: bool = False) -> None:
