@@ -31,11 +31,10 @@ def ep_matches_reference(ids_by_rank: list[list[int]], K: int, padded: bool = Fa
     holder = torch.nn.Module()  # what ExpertParallel.apply needs of a MoE: .experts and .route_tokens
     holder.experts = GroupedExperts(E, D, I)
     holder.experts.load_state_dict(ref.state_dict())
-    ExpertParallel(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))).apply(holder)
+    ExpertParallel(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)), padded).apply(holder)
     sent = []  # rows of each exchange this rank starts: tokens, their weights and ids, then the sums back
     order = []  # the shared experts must run between the dispatch's start and its wait
     route = holder.route_tokens
-    route.padded = padded
     # on CUDA the grouped GEMM leaves rows past the real copies unwritten, in y and in dx: NaN here
     if padded:
         computed = holder.experts.forward

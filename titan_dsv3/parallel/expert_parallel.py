@@ -100,7 +100,7 @@ def sum_copies(y_MD, w_RS, cell_M, n_rows: int, n_slots: int, valid_M=None) -> t
 class ExpertParallel:
     """Shards a MoE's routed experts over `mesh` and routes its tokens with all-to-all exchanges."""
 
-    def __init__(self, mesh: DeviceMesh):
+    def __init__(self, mesh: DeviceMesh, padded: bool = False):
         self.mesh = mesh
         self.group = mesh.get_group()
         self.ep = mesh.size()
@@ -110,7 +110,7 @@ class ExpertParallel:
         # compile.moe_one_graph: under torch.compile, read the sizes inside the graph (no graph break)
         self.sizes_in_graph = False
         # parallelism.expert_route = "padded": fixed-size exchanges, no host read (_exchange_padded)
-        self.padded = False
+        self.padded = padded
 
     def apply(self, moe: nn.Module) -> None:
         experts = moe.experts
@@ -289,6 +289,4 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh, padded: bool = False) -> None:
     """Expert parallelism over `mesh` for every MoE of this model (part), MTP blocks included; padded: the
     fixed-size route (parallelism.expert_route, _exchange_padded)."""
     for moe in model.moe_layers():
-        route = ExpertParallel(mesh)
-        route.padded = padded
-        route.apply(moe)
+        ExpertParallel(mesh, padded).apply(moe)
