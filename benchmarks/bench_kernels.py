@@ -1,6 +1,6 @@
 """Kernel benchmarks on one GPU: fused MLA attention and the FP8 expert FFN, forward + backward.
 
-    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile]
+    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep]
 
 MLA (B2 H16, qk 128 + 64 with one rope key per token, v 128, causal), S4096, S8192, and S4096 with documents
 (exponential lengths, mean 512 tokens). Timed from the projections to the gradients, as the model runs it: q (bsz, seqlen,
@@ -12,7 +12,8 @@ and the attention alone on ready tensors (cuDNN, ours). Errors: relative Frobeni
 on one sequence (all heads at S4096, 4 heads at S8192), for the output and every input gradient.
 
 FP8 experts (bench6: 64 experts x 1536 tokens, 2048 -> 2 x 1408 -> 2048), forward + backward of the SwiGLU FFN:
-bf16 torch._grouped_mm (models.moe.grouped_swiglu), torchao's rowwise FP8 grouped GEMM (eager, compiled), ours.
+bf16 torch._grouped_mm (models.moe.grouped_swiglu), torchao's rowwise FP8 grouped GEMM (eager, compiled), ours (on Hopper also with the Triton
+scatter GEMM in place of the Gluon one; --sweep times the Gluon one's tile configs).
 Errors against float32 math (TF32 off). --profile prints our kernels' time split.
 """
 
@@ -309,8 +310,18 @@ def run_fp8(args) -> None:
     ao_c = torch.compile(ao)
     report(f"FP8 {tag} torchao rowwise compiled", fwd_bwd(ao_c, inputs, dy), flops, errors(ao_c))
     ours = lambda x, w1, w2, w3: fp8.fp8_grouped_swiglu(x, counts, w1, w2, w3)  # noqa: E731
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    if sm90:  # the Triton scatter GEMM, which the Gluon one replaces on Hopper
+        fp8.SM90_GEMMS = False
+        ms = report(f"FP8 {tag} ours, Triton scatter GEMM", fwd_bwd(ours, inputs, dy), flops, errors(ours))
+        print(f"  ours (Triton scatter GEMM) vs bf16 grouped_mm: {base / ms:.2f}x", flush=True)
+        if args.profile:
+            profile_split(fwd_bwd(ours, inputs, dy))
+        fp8.SM90_GEMMS = True
     ms = report(f"FP8 {tag} ours", fwd_bwd(ours, inputs, dy), flops, errors(ours))
     print(f"  ours vs bf16 grouped_mm: {base / ms:.2f}x", flush=True)
+    if sm90 and args.sweep:
+        sweep_sm90(fwd_bwd(ours, inputs, dy), flops)
     with torch.no_grad():
         report(f"FP8 {tag} ours fwd only", lambda: ours(*inputs), flops / 3)
         report(f"FP8 {tag} bf16 fwd only", lambda: bf16(*inputs), flops / 3)
@@ -319,11 +330,25 @@ def run_fp8(args) -> None:
     autotune_picks(fp8._gemm_swiglu_fwd_kernel, fp8._gemm_scatter_kernel, fp8._wgrad_kernel)
 
 
+def sweep_sm90(fn, flops: float) -> None:
+    """The FFN timed with each tile config (BM, warps, stages) of the Gluon scatter GEMM."""
+    from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as g
+
+    default = g.SCATTER_CONFIG
+    for cfg in [(64, 4, 4), (64, 4, 3), (64, 4, 5), (128, 8, 4), (128, 8, 5)]:
+        g.SCATTER_CONFIG = cfg
+        report(f"FP8 sweep SCATTER_CONFIG={cfg}", fn, flops)
+    g.SCATTER_CONFIG = default
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["mla", "fp8"], default=None)
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--profile", action="store_true", help="per-kernel time split of our kernels")
+    p.add_argument(
+        "--sweep", action="store_true", help="FP8: time each tile config of the sm_90 scatter GEMM"
+    )
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     if args.only in (None, "mla"):

@@ -41,9 +41,12 @@ def compile_report(
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, (name, ty) in enumerate(sig.items())
-        if ty not in ("constexpr", "fp32") and name not in NOT_DIVISIBLE
+        if ty not in ("constexpr", "fp32") and not ty.startswith("tensordesc") and name not in NOT_DIVISIBLE
     }
-    src = ASTSource(
+    source = ASTSource
+    if fn.is_gluon():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(
         fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs
     )
     options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -70,6 +73,7 @@ def compile_report(
     return (
         f"regs {regs:>3}  spill {stack:>5} B  smem {k.metadata.shared // 1024:>3} KiB  "
         f"async copies {ttgir.count('async_copy_global_to_local'):>2}  wgmma {'warp_group_dot' in ttgir}"
+        f"{'  TMA' if 'async_tma_copy' in ttgir else ''}"
         f"{'  SERIALISED' if serial else ''}"
     )
 
@@ -117,6 +121,24 @@ def main() -> None:
     warps = [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
     sweep(F._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": "*fp32"}, dict(EXACT=False), warps)
     sweep(F._wgrad_kernel, fp8_types, {})
+    sweep_gluon_scatter(fp8_types)
+
+
+def sweep_gluon_scatter(fp8_types: dict[str, str]) -> None:
+    """The Gluon scatter GEMM (fp8_grouped_gemm_sm90.py) in each tile config the GPU tests use."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as G
+
+    def desc(rows: int) -> str:  # a TMA descriptor's type string, as the JIT derives it at launch
+        return mangle_type(G._desc(torch.empty(1024, 1024, dtype=torch.float8_e4m3fn), rows))
+
+    kernel = G._gemm_scatter_kernel_sm90
+    for bm, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4)):
+        types = {**fp8_types, "a_desc": desc(bm), "b_desc": desc(128)}
+        line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
+        print(f"{kernel.fn.__name__:26s} {f'BM={bm}':42s} w{warps} s{stages}  {line}", flush=True)
 
 
 if __name__ == "__main__":

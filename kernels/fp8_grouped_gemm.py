@@ -332,6 +332,33 @@ class _Layout:
         self.pend = pend.to(torch.int32)
 
 
+# The scatter GEMM on Hopper: the Gluon kernel of fp8_grouped_gemm_sm90.py, which overlaps each slice's rescale
+# with the next slice's wgmma; False keeps the Triton kernel (tests compare the two)
+SM90_GEMMS = True
+
+
+def _sm90(t: torch.Tensor):
+    """The sm_90 GEMM module when t lives on a Hopper GPU and SM90_GEMMS is set, else None."""
+    if not (
+        SM90_GEMMS and t.is_cuda and not _INTERPRET and torch.cuda.get_device_capability(t.device) == (9, 0)
+    ):
+        return None
+    from titan_dsv3.kernels import fp8_grouped_gemm_sm90
+
+    return fp8_grouped_gemm_sm90
+
+
+def _gemm_scatter(a, sa, b, sb, lay, row_src, out, K, N_OUT, sb_e, sb_n, sb_k) -> None:
+    """out[row_src[p]] = A[p] @ B_e^T (_gemm_scatter_kernel), on Hopper by the Gluon kernel."""
+    sm90, n_exp = _sm90(a), lay.n_exp
+    if sm90 is not None:
+        sm90.gemm_scatter_sm90(a, sa, b, sb, lay.tile_expert, row_src, out, n_exp, K, N_OUT, sb_e, sb_n, sb_k)
+        return
+    _gemm_scatter_kernel[lambda meta: (triton.cdiv(N_OUT, meta["BLOCK_N"]), a.shape[0] // meta["BLOCK_M"])](
+        a, sa, b, sb, lay.tile_expert, row_src, out, n_exp, K, N_OUT, sb_e, sb_n, sb_k
+    )
+
+
 def _padded_rows(n_rows: int, n_exp: int) -> int:
     return triton.cdiv(n_rows, TILE) * TILE + n_exp * TILE
 
@@ -405,9 +432,7 @@ def _swiglu_fwd(x, counts_E, w1, w2, w3):
     )  # fmt: skip
     y = torch.empty(n_rows, dim, device=dev, dtype=x.dtype)
     n_kb, n_nb = hidden // TILE, dim // TILE
-    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // meta["BLOCK_M"])](
-        hq, hs, w2q, w2s, lay.tile_expert, lay.row_src, y, n_exp, hidden, dim, n_nb * n_kb, n_kb, 1
-    )
+    _gemm_scatter(hq, hs, w2q, w2s, lay, lay.row_src, y, hidden, dim, n_nb * n_kb, n_kb, 1)
     return y, xqt, xst, h13, w13tq, w13s, w2tq, w2s
 
 
@@ -429,18 +454,14 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     # scale of its block (i, d) is w2s[e, d, i].
     dh = _f32_empty(n_pad, hidden, device=dev)
     rows = torch.arange(n_pad, device=dev, dtype=torch.int32)
-    _gemm_scatter_kernel[lambda meta: (triton.cdiv(hidden, meta["BLOCK_N"]), n_pad // meta["BLOCK_M"])](
-        dyq, dys, w2tq, w2s, lay.tile_expert, rows, dh, n_exp, dim, hidden, n_db * n_ib, 1, n_ib,
-    )  # fmt: skip
+    _gemm_scatter(dyq, dys, w2tq, w2s, lay, rows, dh, dim, hidden, n_db * n_ib, 1, n_ib)
     _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, n_exp, hidden, EXACT=_INTERPRET,
         num_warps=_EPILOGUE_WARPS,
     )  # fmt: skip
     dx = torch.empty(n_rows, dim, device=dev, dtype=dy.dtype)
     # B = [w1; w3]^T (E, D, 2I); the scale of its block (d, j) is w13s[e, j, d]
-    _gemm_scatter_kernel[lambda meta: (triton.cdiv(dim, meta["BLOCK_N"]), n_pad // meta["BLOCK_M"])](
-        gq, gs, w13tq, w13s, lay.tile_expert, lay.row_src, dx, n_exp, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db,
-    )  # fmt: skip
+    _gemm_scatter(gq, gs, w13tq, w13s, lay, lay.row_src, dx, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db)
     dw1 = torch.empty(n_exp, hidden, dim, device=dev, dtype=w_dtype)
     dw3 = torch.empty_like(dw1)
     dw2 = torch.empty(n_exp, dim, hidden, device=dev, dtype=w_dtype)

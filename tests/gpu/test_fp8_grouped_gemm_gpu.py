@@ -59,6 +59,7 @@ def test_every_autotune_config_matches_reference(which, monkeypatch):
     from titan_dsv3.kernels import fp8_grouped_gemm as K
 
     kernel = K._gemm_scatter_kernel if which == "scatter" else K._wgrad_kernel
+    monkeypatch.setattr(K, "SM90_GEMMS", False)  # on Hopper the Gluon GEMMs would run instead
     x, ws, dy, counts_E = _case([0, 1, 300, 129, 0, 1024, 77, 5], seed=0)
     ref = fp8_grouped_swiglu_reference(x, counts_E, *ws, dy)
     for cfg in list(kernel.configs):
@@ -68,3 +69,39 @@ def test_every_autotune_config_matches_reference(which, monkeypatch):
         fp8_grouped_swiglu(ins[0], counts_E, *ins[1:]).backward(dy)
         for name, got, want in zip(("dx", "dw1", "dw2", "dw3"), (t.grad for t in ins), ref[1:]):
             assert _rel(got, want) < 1e-2, f"{cfg}: {name} {_rel(got, want):.2e}"
+
+
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+SM90_CONFIGS = [(64, 4, 4), (64, 4, 3), (128, 8, 4), (128, 8, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="the Gluon GEMM is an sm_90 kernel")
+def test_sm90_scatter_gemm_matches_triton(monkeypatch):
+    """The Gluon scatter GEMM (every tile config) against the Triton one on the same fp8 operands and scales:
+    the same per-slice products in the same order, so they agree to fp32 rounding. Groups of 0, 1 and odd
+    sizes; the padded rows hold garbage that must not be written anywhere."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+    from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as G
+
+    torch.manual_seed(0)
+    counts = [0, 1, 300, 129, 0, 1024, 77, 5]
+    lay = K._Layout(torch.tensor(counts, device="cuda"), sum(counts))
+    n_exp, k, n_out = len(counts), 384, 512
+    a = (torch.randn(lay.n_pad, k, device="cuda") * 8).to(torch.float8_e4m3fn)
+    b = (torch.randn(n_exp, n_out, k, device="cuda") * 8).to(torch.float8_e4m3fn)
+    sa = torch.rand(lay.n_pad, k // 128, device="cuda") + 0.5
+    sb = torch.rand(n_exp, n_out // 128, k // 128, device="cuda") + 0.5
+    sizes = (k, n_out, (n_out // 128) * (k // 128), k // 128, 1)
+    monkeypatch.setattr(K, "SM90_GEMMS", False)
+    want = torch.full((sum(counts), n_out), float("nan"), device="cuda")
+    K._gemm_scatter(a, sa, b, sb, lay, lay.row_src, want, *sizes)
+    assert torch.isfinite(want).all()
+    for cfg in SM90_CONFIGS:
+        got = torch.full_like(want, float("nan"))
+        G.gemm_scatter_sm90(a, sa, b, sb, lay.tile_expert, lay.row_src, got, n_exp, *sizes, config=cfg)
+        assert torch.isfinite(got).all(), cfg
+        assert _rel(got, want) < 1e-6, f"{cfg}: {_rel(got, want):.2e}"

@@ -1,0 +1,151 @@
+"""The FP8 expert FFN's scaled GEMMs for Hopper (sm_90) in Gluon: each 128-deep slice's wgmma overlaps the rescale
+of the slice before it.
+
+Why a second version of the two GEMMs in kernels/fp8_grouped_gemm.py: with DeepSeek-V3 scaling every 128-deep
+slice of the contraction is multiplied by its own scales before it joins the fp32 accumulator
+(acc += (A_k B_k^T) * sa_k sb_k^T). Triton's pipeliner waits for each slice's wgmma at once (`pendings = 0` in its
+TTGIR), so the tensor cores idle during every rescale: its scatter and weight-gradient GEMMs ran at about 550
+TFLOP/s on H200 (bench6's FFN, benchmarks/RESULTS.md), the rate of bf16. Here the loop issues slice k's wgmma,
+then waits until only that one is in flight (warpgroup_mma_wait(1)) and rescales slice k-1 while slice k runs.
+Operands arrive by TMA into a ring of STAGES shared-memory slots, one mbarrier each; slot k-1 is refilled as soon
+as its wgmma is known complete.
+
+Same operands, scales and row maps as the Triton kernels (their docstrings); the same per-slice products summed in
+the same order, so results agree with them to fp32 rounding (tests/gpu/test_fp8_grouped_gemm_gpu.py). Gluon has no
+interpreter: the CPU tests cover the Triton kernels and the reference; these run on Hopper only.
+Legend: BM x BN output tile, 128-deep slices, P padded rows, E experts, R x C a weight gradient's shape.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import constexpr_function
+
+# Triton 3.6 (the GPU machines) names the TMA load async_copy_global_to_shared; newer ones async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+SLICE_ROWS = 128  # contraction slice = scaling granularity
+SLICE = gl.constexpr(SLICE_ROWS)  # the same, as the kernels see it
+
+
+@constexpr_function
+def _acc_layout(block_n, num_warps):
+    # wgmma's accumulator: the warps stacked along M (16 rows each), one instruction spans the tile's N
+    return gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_n, 32]
+    )
+
+
+@constexpr_function
+def _store_layout(num_warps):
+    # 16 consecutive outputs a thread (32 B of bf16), a warp covers 4 rows x 128 columns: coalesced stores
+    return gl.BlockedLayout([1, 16], [4, 8], [num_warps, 1], [1, 0])
+
+
+# fmt: off
+@gluon.jit
+def _issue_slice(a_desc, b_desc, a_row, b_row, col, bar, a_buf, b_buf, pred):
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
+    _tma_load(a_desc, [a_row, col], bar, a_buf, pred=pred)
+    _tma_load(b_desc, [b_row, col], bar, b_buf, pred=pred)
+
+
+@gluon.jit
+def _scaled_mainloop(
+    a_desc, b_desc, a_row, b_row, n_k, sa_ptr, sa_offs, sa_step, sb_ptr, sb_step,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """acc (BM, BN) = sum over n_k >= 1 slices k of (A[a_row:, 128 k:] @ B[b_row:, 128 k:]^T) * sa_k sb_k, A and B
+    K-major; slice k's scales: sa_ptr + k sa_step + sa_offs (BM,) and the one B block scale sb_ptr + k sb_step.
+    The offsets are an int32 vector on a scalar base: 64-bit pointer vectors in the accumulator's layout cost 64
+    registers a thread and spilled."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    acc_l: gl.constexpr = _acc_layout(BN, num_warps)
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, SLICE], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, SLICE], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        _issue_slice(a_desc, b_desc, a_row, b_row, i * SLICE, ready.index(i), a_bufs.index(i), b_bufs.index(i),
+                     i < n_k)
+    acc = gl.zeros([BM, BN], gl.float32, acc_l)
+    mbarrier.wait(ready.index(0), 0)
+    # use_acc=False: wgmma ignores the zeros it is given (made in the loop, so no zero tile stays live)
+    prev = warpgroup_mma(a_bufs.index(0), b_bufs.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, acc_l),
+                         use_acc=False, is_async=True)
+    scale_prev = gl.load(sa_ptr + sa_offs) * gl.load(sb_ptr)
+    for k in range(1, n_k):
+        slot = k % STAGES
+        mbarrier.wait(ready.index(slot), (k // STAGES) & 1)
+        cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
+                            gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
+        scale = gl.load(sa_ptr + k * sa_step + sa_offs) * gl.load(sb_ptr + k * sb_step)
+        # slice k-1 is done when at most slice k is in flight: its rescale runs beside slice k's wgmma
+        done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+        acc += done * scale_prev[:, None]
+        # and its slot is free for slice k-1+STAGES
+        t = (k - 1) % STAGES
+        _issue_slice(a_desc, b_desc, a_row, b_row, (k - 1 + STAGES) * SLICE, ready.index(t), a_bufs.index(t),
+                     b_bufs.index(t), k - 1 + STAGES < n_k)
+        prev = cur
+        scale_prev = scale
+    done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+    acc += done * scale_prev[:, None]
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    return acc
+
+
+@gluon.jit(do_not_specialize=["n_experts"])
+def _gemm_scatter_kernel_sm90(
+    a_desc, sa_ptr, b_desc, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, n_experts, K, N_OUT,
+    sb_e, sb_n, sb_k, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """out[row_src[p]] = A[p] @ B_e^T for the real rows of a BM x 128 tile of padded rows: A (P, K) fp8 with
+    scales sa (P, K/128); B (E N_OUT, K) fp8, block (e, n, k)'s scale at sb_ptr + e sb_e + n sb_n + k sb_k."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    acc_l: gl.constexpr = _acc_layout(BN, num_warps)
+    row0 = gl.program_id(1) * BM
+    e = gl.load(tile_expert_ptr + row0 // SLICE)
+    if e < n_experts:  # past the last expert's rows: nothing to compute
+        n0 = gl.program_id(0) * BN
+        sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * (K // SLICE)
+        acc = _scaled_mainloop(
+            a_desc, b_desc, row0, e * N_OUT + n0, K // SLICE, sa_ptr + row0.to(gl.int64) * (K // SLICE), sa_offs,
+            1, sb_ptr + e * sb_e + (n0 // SLICE) * sb_n, sb_k, STAGES, num_warps,
+        )
+        st_l: gl.constexpr = _store_layout(num_warps)
+        out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
+        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, st_l))
+        src = gl.load(row_src_ptr + rows).to(gl.int64)
+        mask = (src[:, None] >= 0) & (cols[None, :] < N_OUT)
+        gl.store(out_ptr + src[:, None] * N_OUT + cols[None, :], out, mask=mask)
+# fmt: on
+
+
+# ---- launcher ------------------------------------------------------------------------------------------------
+# Tile config (BM, warps, stages); BN is B's 128-wide scaling block. 64 x 128 tiles with one warpgroup: 220
+# registers and 96 KiB of shared memory, two blocks a SM.
+SCATTER_CONFIG = (64, 4, 4)
+
+
+def _desc(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, SLICE_ROWS], gl.float8e4nv)
+    return TensorDescriptor.from_tensor(t, [block_rows, SLICE_ROWS], layout)
+
+
+def gemm_scatter_sm90(
+    a, sa, b, sb, tile_expert, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k, config=None
+) -> None:
+    """_gemm_scatter_kernel's contract: a (P, K) fp8, b (E, N_OUT, K) fp8; writes out[row_src[p]]."""
+    bm, warps, stages = config or SCATTER_CONFIG
+    grid = (N_OUT // SLICE_ROWS, a.shape[0] // bm)
+    _gemm_scatter_kernel_sm90[grid](
+        _desc(a, bm), sa, _desc(b.reshape(-1, K), SLICE_ROWS), sb, tile_expert, row_src, out, n_experts, K, N_OUT,
+        sb_e, sb_n, sb_k, STAGES=stages, num_warps=warps,
+    )  # fmt: skip
