@@ -331,11 +331,17 @@ def run_fp8(args) -> None:
 
 
 def sweep_sm90(fn, flops: float) -> None:
-    """The FFN timed with each tile config (BM, warps, stages) of the Gluon scatter GEMM."""
+    """The FFN timed with each tile config (BM, warps, stages, warp-specialised) of the Gluon scatter GEMM."""
     from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as g
 
     default = g.SCATTER_CONFIG
-    for cfg in [(64, 4, 4), (64, 4, 3), (64, 4, 5), (128, 8, 4), (128, 8, 5)]:
+    for cfg in [
+        (64, 4, 4, False),
+        (64, 4, 3, False),
+        (128, 8, 4, True),
+        (128, 8, 5, True),
+        (128, 8, 6, True),
+    ]:
         g.SCATTER_CONFIG = cfg
         report(f"FP8 sweep SCATTER_CONFIG={cfg}", fn, flops)
     g.SCATTER_CONFIG = default

@@ -134,11 +134,17 @@ def sweep_gluon_scatter(fp8_types: dict[str, str]) -> None:
     def desc(rows: int) -> str:  # a TMA descriptor's type string, as the JIT derives it at launch
         return mangle_type(G._desc(torch.empty(1024, 1024, dtype=torch.float8_e4m3fn), rows))
 
-    kernel = G._gemm_scatter_kernel_sm90
-    for bm, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4)):
+    for bm, warps, stages, ws in (
+        (64, 4, 3, 0),
+        (64, 4, 4, 0),
+        (128, 8, 4, 0),
+        (128, 8, 5, 1),
+        (128, 8, 6, 1),
+    ):
+        kernel = G._gemm_scatter_kernel_sm90_ws if ws else G._gemm_scatter_kernel_sm90
         types = {**fp8_types, "a_desc": desc(bm), "b_desc": desc(128)}
         line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
-        print(f"{kernel.fn.__name__:26s} {f'BM={bm}':42s} w{warps} s{stages}  {line}", flush=True)
+        print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -352,7 +352,9 @@ def _gemm_scatter(a, sa, b, sb, lay, row_src, out, K, N_OUT, sb_e, sb_n, sb_k) -
     """out[row_src[p]] = A[p] @ B_e^T (_gemm_scatter_kernel), on Hopper by the Gluon kernel."""
     sm90, n_exp = _sm90(a), lay.n_exp
     if sm90 is not None:
-        sm90.gemm_scatter_sm90(a, sa, b, sb, lay.tile_expert, row_src, out, n_exp, K, N_OUT, sb_e, sb_n, sb_k)
+        sm90.gemm_scatter_sm90(
+            a, sa, b, sb, lay.tile_expert, lay.pend, row_src, out, n_exp, K, N_OUT, sb_e, sb_n, sb_k
+        )
         return
     _gemm_scatter_kernel[lambda meta: (triton.cdiv(N_OUT, meta["BLOCK_N"]), a.shape[0] // meta["BLOCK_M"])](
         a, sa, b, sb, lay.tile_expert, row_src, out, n_exp, K, N_OUT, sb_e, sb_n, sb_k

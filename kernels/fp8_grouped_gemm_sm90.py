@@ -16,6 +16,8 @@ interpreter: the CPU tests cover the Triton kernels and the reference; these run
 Legend: BM x BN output tile, 128-deep slices, P padded rows, E experts, R x C a weight gradient's shape.
 """
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -125,13 +127,124 @@ def _gemm_scatter_kernel_sm90(
         src = gl.load(row_src_ptr + rows).to(gl.int64)
         mask = (src[:, None] >= 0) & (cols[None, :] < N_OUT)
         gl.store(out_ptr + src[:, None] * N_OUT + cols[None, :], out, mask=mask)
+@gluon.jit
+def _ws_tile(tile, n_nt, tile_expert_ptr, BM: gl.constexpr, BN: gl.constexpr):
+    """Output tile -> (row0, n0, expert), row-tile major: the tiles in flight at once share A rows and B."""
+    row0 = (tile // n_nt) * BM
+    return row0, (tile % n_nt) * BN, gl.load(tile_expert_ptr + row0 // SLICE)
+
+
+@gluon.jit
+def _ws_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, n_tiles, n_nt, n_k, N_OUT,
+               STAGES: gl.constexpr):
+    """One warp: TMA loads of every slice of this program's tiles, up to STAGES ahead of the consumers."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    i = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        row0, n0, e = _ws_tile(tile, n_nt, tile_expert_ptr, BM, BN)
+        for k in range(n_k):
+            slot = i % STAGES
+            # a fresh barrier passes a wait for the phase before it: the first STAGES slices do not wait
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            _issue_slice(a_desc, b_desc, row0, e * N_OUT + n0, k * SLICE, ready.index(slot), a_bufs.index(slot),
+                         b_bufs.index(slot), True)
+            i += 1
+
+
+@gluon.jit
+def _ws_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, n_tiles,
+                 n_nt, n_k, N_OUT, sb_e, sb_n, sb_k, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """The default warps: wgmma, rescale and store of every tile; slice i's wgmma runs while slice i-1 is
+    rescaled, and slice i-1's slot goes back to the loader as soon as its wgmma is done."""
+    acc_l: gl.constexpr = _acc_layout(BN, num_warps)
+    sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * n_k
+    i = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        row0, n0, e = _ws_tile(tile, n_nt, tile_expert_ptr, BM, BN)
+        sa_base = sa_ptr + row0.to(gl.int64) * n_k
+        sb_base = sb_ptr + e * sb_e + (n0 // SLICE) * sb_n
+        acc = gl.zeros([BM, BN], gl.float32, acc_l)
+        scale_prev = gl.load(sa_base + sa_offs) * gl.load(sb_base)
+        mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
+        prev = warpgroup_mma(a_bufs.index(i % STAGES), b_bufs.index(i % STAGES).permute((1, 0)),
+                             gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
+        for k in range(1, n_k):
+            slot = (i + 1) % STAGES
+            scale = gl.load(sa_base + k + sa_offs) * gl.load(sb_base + k * sb_k)
+            mbarrier.wait(ready.index(slot), ((i + 1) // STAGES) & 1)
+            cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
+                                gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
+            done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+            mbarrier.arrive(empty.index(i % STAGES))
+            acc += done * scale_prev[:, None]
+            prev = cur
+            scale_prev = scale
+            i += 1
+        done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+        mbarrier.arrive(empty.index(i % STAGES))
+        acc += done * scale_prev[:, None]
+        i += 1
+        st_l: gl.constexpr = _store_layout(num_warps)
+        out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
+        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, st_l))
+        src = gl.load(row_src_ptr + rows).to(gl.int64)
+        mask = (src[:, None] >= 0) & (cols[None, :] < N_OUT)
+        gl.store(out_ptr + src[:, None] * N_OUT + cols[None, :], out, mask=mask)
+
+
+@gluon.jit(do_not_specialize=["n_experts"])
+def _gemm_scatter_kernel_sm90_ws(
+    a_desc, sa_ptr, b_desc, sb_ptr, tile_expert_ptr, pend_ptr, row_src_ptr, out_ptr, n_experts, K, N_OUT,
+    sb_e, sb_n, sb_k, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """_gemm_scatter_kernel_sm90's product, persistent and warp-specialised: a loader warp keeps the TMA ring
+    STAGES slices ahead across tile boundaries (a tile is only 11-22 slices deep here), so the next tile's
+    operands arrive while this one's epilogue runs; the default warps only compute and store."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    n_nt = N_OUT // BN
+    n_k = K // SLICE
+    # the real experts' padded rows end at pend[E-1] (a multiple of 128): the tail tiles have no expert
+    n_tiles = gl.load(pend_ptr + n_experts - 1) // BM * n_nt
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, SLICE], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, SLICE], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)  # one arrival: the consumers' (after their own barrier)
+    gl.warp_specialize(
+        [
+            (_ws_consumer, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr,
+                            n_tiles, n_nt, n_k, N_OUT, sb_e, sb_n, sb_k, STAGES, BM, BN, num_warps)),
+            (_ws_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, n_tiles, n_nt, n_k,
+                          N_OUT, STAGES)),
+        ],
+        [1],
+        [40],
+    )
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
 # fmt: on
 
 
 # ---- launcher ------------------------------------------------------------------------------------------------
-# Tile config (BM, warps, stages); BN is B's 128-wide scaling block. 64 x 128 tiles with one warpgroup: 220
-# registers and 96 KiB of shared memory, two blocks a SM.
-SCATTER_CONFIG = (64, 4, 4)
+# Tile config (BM, warps, stages, warp-specialised); BN is B's 128-wide scaling block. The warp-specialised kernel:
+# 128 x 128 tiles, two consumer warpgroups (240 registers by setmaxnreg) and a loader warp, one persistent block a
+# SM. The plain one at its best, 64 x 128 tiles with one warpgroup (220 registers, 96 KiB of shared memory, two
+# blocks a SM), took 1.64 ms for bench6's dx GEMM on H200 against 1.52-1.55 ms (benchmarks/RESULTS.md).
+SCATTER_CONFIG = (128, 8, 4, True)
+
+
+@functools.cache
+def _n_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _desc(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
@@ -140,12 +253,19 @@ def _desc(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
 
 
 def gemm_scatter_sm90(
-    a, sa, b, sb, tile_expert, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k, config=None
+    a, sa, b, sb, tile_expert, pend, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k, config=None
 ) -> None:
-    """_gemm_scatter_kernel's contract: a (P, K) fp8, b (E, N_OUT, K) fp8; writes out[row_src[p]]."""
-    bm, warps, stages = config or SCATTER_CONFIG
-    grid = (N_OUT // SLICE_ROWS, a.shape[0] // bm)
-    _gemm_scatter_kernel_sm90[grid](
-        _desc(a, bm), sa, _desc(b.reshape(-1, K), SLICE_ROWS), sb, tile_expert, row_src, out, n_experts, K, N_OUT,
-        sb_e, sb_n, sb_k, STAGES=stages, num_warps=warps,
+    """_gemm_scatter_kernel's contract: a (P, K) fp8, b (E, N_OUT, K) fp8; writes out[row_src[p]] for the rows of
+    the experts' padded ranges (pend: where each ends)."""
+    bm, warps, stages, ws = config or SCATTER_CONFIG
+    a_desc, b_desc = _desc(a, bm), _desc(b.reshape(-1, K), SLICE_ROWS)
+    if ws:
+        _gemm_scatter_kernel_sm90_ws[(_n_sms(a.device),)](
+            a_desc, sa, b_desc, sb, tile_expert, pend, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k,
+            STAGES=stages, num_warps=warps,
+        )  # fmt: skip
+        return
+    _gemm_scatter_kernel_sm90[(N_OUT // SLICE_ROWS, a.shape[0] // bm)](
+        a_desc, sa, b_desc, sb, tile_expert, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k,
+        STAGES=stages, num_warps=warps,
     )  # fmt: skip

@@ -75,7 +75,13 @@ def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-SM90_CONFIGS = [(64, 4, 4), (64, 4, 3), (128, 8, 4), (128, 8, 3)]
+SM90_CONFIGS = [
+    (64, 4, 4, False),
+    (64, 4, 3, False),
+    (128, 8, 4, False),
+    (128, 8, 4, True),
+    (128, 8, 6, True),
+]
 
 
 @pytest.mark.gpu
@@ -102,6 +108,8 @@ def test_sm90_scatter_gemm_matches_triton(monkeypatch):
     assert torch.isfinite(want).all()
     for cfg in SM90_CONFIGS:
         got = torch.full_like(want, float("nan"))
-        G.gemm_scatter_sm90(a, sa, b, sb, lay.tile_expert, lay.row_src, got, n_exp, *sizes, config=cfg)
+        G.gemm_scatter_sm90(
+            a, sa, b, sb, lay.tile_expert, lay.pend, lay.row_src, got, n_exp, *sizes, config=cfg
+        )
         assert torch.isfinite(got).all(), cfg
         assert _rel(got, want) < 1e-6, f"{cfg}: {_rel(got, want):.2e}"
