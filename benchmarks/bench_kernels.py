@@ -13,7 +13,7 @@ on one sequence (all heads at S4096, 4 heads at S8192), for the output and every
 
 FP8 experts (bench6: 64 experts x 1536 tokens, 2048 -> 2 x 1408 -> 2048), forward + backward of the SwiGLU FFN:
 bf16 torch._grouped_mm (models.moe.grouped_swiglu), torchao's rowwise FP8 grouped GEMM (eager, compiled), ours (on Hopper also with the Triton
-scatter GEMM in place of the Gluon one; --sweep times the Gluon one's tile configs).
+scatter and weight-gradient GEMMs in place of the Gluon ones; --sweep times their tile configs).
 Errors against float32 math (TF32 off). --profile prints our kernels' time split.
 """
 
@@ -311,10 +311,10 @@ def run_fp8(args) -> None:
     report(f"FP8 {tag} torchao rowwise compiled", fwd_bwd(ao_c, inputs, dy), flops, errors(ao_c))
     ours = lambda x, w1, w2, w3: fp8.fp8_grouped_swiglu(x, counts, w1, w2, w3)  # noqa: E731
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    if sm90:  # the Triton scatter GEMM, which the Gluon one replaces on Hopper
+    if sm90:  # the Triton scatter and weight-gradient GEMMs, which the Gluon ones replace on Hopper
         fp8.SM90_GEMMS = False
-        ms = report(f"FP8 {tag} ours, Triton scatter GEMM", fwd_bwd(ours, inputs, dy), flops, errors(ours))
-        print(f"  ours (Triton scatter GEMM) vs bf16 grouped_mm: {base / ms:.2f}x", flush=True)
+        ms = report(f"FP8 {tag} ours, Triton GEMMs", fwd_bwd(ours, inputs, dy), flops, errors(ours))
+        print(f"  ours (Triton GEMMs) vs bf16 grouped_mm: {base / ms:.2f}x", flush=True)
         if args.profile:
             profile_split(fwd_bwd(ours, inputs, dy))
         fp8.SM90_GEMMS = True
@@ -331,7 +331,8 @@ def run_fp8(args) -> None:
 
 
 def sweep_sm90(fn, flops: float) -> None:
-    """The FFN timed with each tile config (BM, warps, stages, warp-specialised) of the Gluon scatter GEMM."""
+    """The FFN timed with each tile config of the Gluon scatter GEMM (BM, warps, stages, warp-specialised), then of
+    the weight-gradient GEMM (BM, warps, stages)."""
     from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as g
 
     default = g.SCATTER_CONFIG
@@ -345,6 +346,11 @@ def sweep_sm90(fn, flops: float) -> None:
         g.SCATTER_CONFIG = cfg
         report(f"FP8 sweep SCATTER_CONFIG={cfg}", fn, flops)
     g.SCATTER_CONFIG = default
+    wgrad_default = g.WGRAD_CONFIG
+    for cfg in [(128, 8, 4), (128, 8, 5), (128, 8, 6), (64, 4, 4)]:
+        g.WGRAD_CONFIG = cfg
+        report(f"FP8 sweep WGRAD_CONFIG={cfg}", fn, flops)
+    g.WGRAD_CONFIG = wgrad_default
 
 
 def main() -> None:
@@ -352,9 +358,7 @@ def main() -> None:
     p.add_argument("--only", choices=["mla", "fp8"], default=None)
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--profile", action="store_true", help="per-kernel time split of our kernels")
-    p.add_argument(
-        "--sweep", action="store_true", help="FP8: time each tile config of the sm_90 scatter GEMM"
-    )
+    p.add_argument("--sweep", action="store_true", help="FP8: time each tile config of the sm_90 GEMMs")
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     if args.only in (None, "mla"):

@@ -125,7 +125,7 @@ def main() -> None:
 
 
 def sweep_gluon_scatter(fp8_types: dict[str, str]) -> None:
-    """The Gluon scatter GEMM (fp8_grouped_gemm_sm90.py) in each tile config the GPU tests use."""
+    """The Gluon GEMMs (fp8_grouped_gemm_sm90.py) in the tile configs the GPU tests use."""
     import torch
     from triton.runtime.jit import mangle_type
 
@@ -142,6 +142,11 @@ def sweep_gluon_scatter(fp8_types: dict[str, str]) -> None:
         (128, 8, 6, 1),
     ):
         kernel = G._gemm_scatter_kernel_sm90_ws if ws else G._gemm_scatter_kernel_sm90
+        types = {**fp8_types, "a_desc": desc(bm), "b_desc": desc(128)}
+        line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
+        print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
+    kernel = G._wgrad_kernel_sm90_ws
+    for bm, warps, stages in ((128, 8, 4), (128, 8, 5), (64, 4, 4)):
         types = {**fp8_types, "a_desc": desc(bm), "b_desc": desc(128)}
         line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
         print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)

@@ -332,8 +332,8 @@ class _Layout:
         self.pend = pend.to(torch.int32)
 
 
-# The scatter GEMM on Hopper: the Gluon kernel of fp8_grouped_gemm_sm90.py, which overlaps each slice's rescale
-# with the next slice's wgmma; False keeps the Triton kernel (tests compare the two)
+# The scatter and weight-gradient GEMMs on Hopper: the persistent warp-specialised Gluon kernels of
+# fp8_grouped_gemm_sm90.py; False keeps the Triton kernels (the tests compare the two)
 SM90_GEMMS = True
 
 
@@ -358,6 +358,17 @@ def _gemm_scatter(a, sa, b, sb, lay, row_src, out, K, N_OUT, sb_e, sb_n, sb_k) -
         return
     _gemm_scatter_kernel[lambda meta: (triton.cdiv(N_OUT, meta["BLOCK_N"]), a.shape[0] // meta["BLOCK_M"])](
         a, sa, b, sb, lay.tile_expert, row_src, out, n_exp, K, N_OUT, sb_e, sb_n, sb_k
+    )
+
+
+def _wgrad(a, sa, b, sb, lay, out, out2, R, C, R_SPLIT) -> None:
+    """out_e | out2_e = A_e @ B_e^T over each expert's tokens (_wgrad_kernel), on Hopper by the Gluon kernel."""
+    sm90 = _sm90(a)
+    if sm90 is not None:
+        sm90.wgrad_sm90(a, sa, b, sb, lay, out, out2, R, C, R_SPLIT)
+        return
+    _wgrad_kernel[lambda meta: (C // TILE, R // meta["BLOCK_R"], lay.n_exp)](
+        a, sa, b, sb, lay.pstart, lay.pend, out, out2, lay.n_pad, R, C, R_SPLIT
     )
 
 
@@ -467,12 +478,8 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     dw1 = torch.empty(n_exp, hidden, dim, device=dev, dtype=w_dtype)
     dw3 = torch.empty_like(dw1)
     dw2 = torch.empty(n_exp, dim, hidden, device=dev, dtype=w_dtype)
-    _wgrad_kernel[lambda meta: (dim // TILE, 2 * hidden // meta["BLOCK_R"], n_exp)](
-        gqt, gst, xqt, xst, lay.pstart, lay.pend, dw1, dw3, n_pad, 2 * hidden, dim, hidden
-    )
-    _wgrad_kernel[lambda meta: (hidden // TILE, dim // meta["BLOCK_R"], n_exp)](
-        dyqt, dyst, hqt, hst, lay.pstart, lay.pend, dw2, dw2, n_pad, dim, hidden, dim
-    )
+    _wgrad(gqt, gst, xqt, xst, lay, dw1, dw3, 2 * hidden, dim, hidden)
+    _wgrad(dyqt, dyst, hqt, hst, lay, dw2, dw2, dim, hidden, dim)
     return dx, dw1, dw2, dw3
 
 

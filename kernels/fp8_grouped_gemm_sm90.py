@@ -231,6 +231,122 @@ def _gemm_scatter_kernel_sm90_ws(
         mbarrier.invalidate(empty.index(i))
 
 
+@gluon.jit
+def _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM: gl.constexpr, BN: gl.constexpr):
+    """Weight-gradient tile -> (expert, r0, c0, first padded token, slices), the expert slowest: its operand
+    slices stay in L2 while its tiles run."""
+    e = tile // (n_rt * n_ct)
+    rc = tile % (n_rt * n_ct)
+    p0 = gl.load(pstart_ptr + e)
+    return e, (rc // n_ct) * BM, (rc % n_ct) * BN, p0, (gl.load(pend_ptr + e) - p0) // SLICE
+
+
+@gluon.jit
+def _wg_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pstart_ptr, pend_ptr, n_tiles, n_rt, n_ct,
+               STAGES: gl.constexpr):
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    i = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
+        for k in range(n_k):
+            slot = i % STAGES
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            _issue_slice(a_desc, b_desc, r0, c0, p0 + k * SLICE, ready.index(slot), a_bufs.index(slot),
+                         b_bufs.index(slot), True)
+            i += 1
+
+
+@gluon.jit
+def _wg_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr, n_tiles,
+                 n_rt, n_ct, n_tb, R, C, R_SPLIT, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Slice i's wgmma runs while slice i-1 is rescaled, as in _ws_consumer; an expert without tokens gets
+    zeros."""
+    acc_l: gl.constexpr = _acc_layout(BN, num_warps)
+    st_l: gl.constexpr = _store_layout(num_warps)
+    # the column scales are loaded one a thread and spread to the accumulator's layout through shared memory: read
+    # in that layout (32 a thread, each a 64-bit address) they spilled 280 B a thread
+    flat_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+    sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * n_tb
+    sb_offs = gl.arange(0, BN, layout=flat_l) * n_tb
+    i = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
+        sa_base = sa_ptr + r0.to(gl.int64) * n_tb + p0 // SLICE
+        sb_base = sb_ptr + c0.to(gl.int64) * n_tb + p0 // SLICE
+        acc = gl.zeros([BM, BN], gl.float32, acc_l)
+        if n_k > 0:
+            sa_prev = gl.load(sa_base + sa_offs)
+            sb_prev = gl.load(sb_base + sb_offs)
+            mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
+            prev = warpgroup_mma(a_bufs.index(i % STAGES), b_bufs.index(i % STAGES).permute((1, 0)),
+                                 gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
+            for k in range(1, n_k):
+                slot = (i + 1) % STAGES
+                sa = gl.load(sa_base + k + sa_offs)
+                sb = gl.load(sb_base + k + sb_offs)
+                mbarrier.wait(ready.index(slot), ((i + 1) // STAGES) & 1)
+                cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
+                                    gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
+                done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+                mbarrier.arrive(empty.index(i % STAGES))
+                acc += done * sa_prev[:, None] * gl.convert_layout(sb_prev, col_l)[None, :]
+                prev = cur
+                sa_prev = sa
+                sb_prev = sb
+                i += 1
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+            mbarrier.arrive(empty.index(i % STAGES))
+            acc += done * sa_prev[:, None] * gl.convert_layout(sb_prev, col_l)[None, :]
+            i += 1
+        out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
+        rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
+        cols = c0 + gl.arange(0, BN, layout=gl.SliceLayout(0, st_l))
+        if r0 < R_SPLIT:
+            dst = out_ptr + e.to(gl.int64) * R_SPLIT * C + rows[:, None].to(gl.int64) * C + cols[None, :]
+        else:
+            dst = out2_ptr + e.to(gl.int64) * (R - R_SPLIT) * C + (rows[:, None] - R_SPLIT).to(gl.int64) * C
+            dst = dst + cols[None, :]
+        gl.store(dst, out)
+
+
+@gluon.jit
+def _wgrad_kernel_sm90_ws(
+    a_desc, sa_ptr, b_desc, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr, n_pad, R, C, R_SPLIT, n_experts,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """_wgrad_kernel's product (out_e = A[:, rows of e] @ B[:, rows of e]^T over each expert's padded tokens,
+    one scale per channel and 128 tokens; rows >= R_SPLIT into out2; zeros for an expert without tokens),
+    persistent and warp-specialised as _gemm_scatter_kernel_sm90_ws."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    n_rt = R // BM
+    n_ct = C // BN
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, SLICE], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, SLICE], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    n_tiles = n_experts * n_rt * n_ct
+    gl.warp_specialize(
+        [
+            (_wg_consumer, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr,
+                            n_tiles, n_rt, n_ct, n_pad // SLICE, R, C, R_SPLIT, STAGES, BM, BN, num_warps)),
+            (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, pstart_ptr, pend_ptr, n_tiles, n_rt, n_ct,
+                          STAGES)),
+        ],
+        [1],
+        [40],
+    )
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
 # fmt: on
 
 
@@ -268,4 +384,17 @@ def gemm_scatter_sm90(
     _gemm_scatter_kernel_sm90[(N_OUT // SLICE_ROWS, a.shape[0] // bm)](
         a_desc, sa, b_desc, sb, tile_expert, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k,
         STAGES=stages, num_warps=warps,
+    )  # fmt: skip
+
+
+WGRAD_CONFIG = (128, 8, 4)  # (BM, warps, stages); BN 128
+
+
+def wgrad_sm90(a, sa, b, sb, lay, out, out2, R, C, R_SPLIT, config=None) -> None:
+    """_wgrad_kernel's contract: a (R, P) and b (C, P) fp8, scales (R, P/128) and (C, P/128); out_e (R_SPLIT, C),
+    out2_e (R - R_SPLIT, C)."""
+    bm, warps, stages = config or WGRAD_CONFIG
+    _wgrad_kernel_sm90_ws[(_n_sms(a.device),)](
+        _desc(a, bm), sa, _desc(b, SLICE_ROWS), sb, lay.pstart, lay.pend, out, out2, lay.n_pad, R, C, R_SPLIT,
+        lay.n_exp, STAGES=stages, num_warps=warps,
     )  # fmt: skip
