@@ -1,0 +1,71 @@
+"""The Gluon FP8 GEMMs for Hopper (kernels/fp8_grouped_gemm_sm90.py) compile for sm_90 with the installed Triton,
+without a GPU, into the design their docstrings state. Gluon has no interpreter, so on the CPU machine this is
+what can be checked of them: that they build (the Gluon API moves between Triton releases: 3.6 names the TMA
+load async_copy_global_to_shared, 3.9 async_load), and that the compiled code keeps one wgmma in flight while the
+slice before it is rescaled, loads by TMA, and runs a warp-specialised loader beside consumers that were given
+more registers. Their numerics are checked on GPU (tests/gpu/test_fp8_grouped_gemm_gpu.py).
+
+The compile runs in a subprocess: this directory's conftest sets TRITON_INTERPRET=1, under which the JIT builds
+interpreter functions instead.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+
+from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as G
+
+
+def desc(rows):
+    return mangle_type(G._desc(torch.empty(1024, 1024, dtype=torch.float8_e4m3fn), rows))
+
+
+out = {}
+for name, bm, warps in (("_gemm_scatter_kernel_sm90_ws", 128, 8), ("_wgrad_kernel_sm90_ws", 128, 8),
+                        ("_gemm_scatter_kernel_sm90", 64, 4)):
+    fn = getattr(G, name)
+    types = {"a_desc": desc(bm), "b_desc": desc(128), "out_ptr": "*bf16", "out2_ptr": "*bf16"}
+    for ptr in ("sa_ptr", "sb_ptr"):
+        types[ptr] = "*fp32"
+    for ptr in ("tile_expert_ptr", "pend_ptr", "pstart_ptr", "row_src_ptr"):
+        types[ptr] = "*i32"
+    consts = {"STAGES": 4, "num_warps": warps}
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps})
+    ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
+    out[name] = {
+        "in_flight_1": "pendings = 1" in ttgir,
+        "tma": "async_tma_copy_global_to_local" in ttgir,
+        "wgmma": "wgmma.mma_async" in ptx,
+        "warp_specialized": "ttg.warp_specialize" in ttgir,
+        "setmaxnreg_inc": "setmaxnreg.inc" in ptx,
+    }
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_gluon_gemms_compile_for_sm90_as_designed():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT") :])
+    for name in ("_gemm_scatter_kernel_sm90_ws", "_wgrad_kernel_sm90_ws", "_gemm_scatter_kernel_sm90"):
+        feats = got[name]
+        assert feats["wgmma"] and feats["tma"] and feats["in_flight_1"], (name, feats)
+    for name in ("_gemm_scatter_kernel_sm90_ws", "_wgrad_kernel_sm90_ws"):
+        assert got[name]["warp_specialized"] and got[name]["setmaxnreg_inc"], (name, got[name])
+    assert not got["_gemm_scatter_kernel_sm90"]["warp_specialized"]
