@@ -1,6 +1,6 @@
 """Kernel benchmarks on one GPU: fused MLA attention and the FP8 expert FFN, forward + backward.
 
-    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep]
+    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep] [--gemms]
 
 MLA (B2 H16, qk 128 + 64 with one rope key per token, v 128, causal), S4096, S8192, and S4096 with documents
 (exponential lengths, mean 512 tokens). Timed from the projections to the gradients, as the model runs it: q (bsz, seqlen,
@@ -353,11 +353,72 @@ def sweep_sm90(fn, flops: float) -> None:
     g.WGRAD_CONFIG = wgrad_default
 
 
+def run_fp8_gemms() -> None:
+    """bench6's five FP8 GEMMs alone (random fp8 operands and scales in the padded layout): the Triton kernels
+    against the Gluon ones (persistent warp-specialised; the plain scatter kernel beside), and for the dx shape
+    cuBLAS tensorwise FP8 on the same FLOPs as one dense GEMM and bf16 torch._grouped_mm."""
+    from functools import partial
+
+    from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as g
+
+    dev = torch.device("cuda")
+    n_exp, per, dim, hidden = 64, 1536, 2048, 1408
+    n = n_exp * per
+    counts = torch.full((n_exp,), per, device=dev)
+    lay = fp8._Layout(counts, n)
+    pad = lay.n_pad
+
+    def f8(*shape):
+        return torch.randn(*shape, device=dev).to(torch.float8_e4m3fn)
+
+    def scales(*shape):
+        return torch.rand(*shape, device=dev) + 0.5
+
+    fp8.SM90_GEMMS = False  # the launchers' Triton path
+    for name, k, n_out in (("y = h w2^T", hidden, dim), ("dh = dy w2", dim, hidden), ("dx", 2 * hidden, dim)):
+        a, sa, b, sb = (
+            f8(pad, k),
+            scales(pad, k // 128),
+            f8(n_exp, n_out, k),
+            scales(n_exp, n_out // 128, k // 128),
+        )
+        out = torch.empty(n, n_out, device=dev, dtype=torch.bfloat16)
+        sizes = (k, n_out, (n_out // 128) * (k // 128), k // 128, 1)
+        flops, tag = 2 * n * k * n_out, f"FP8 GEMM {name} (K {k}, N {n_out})"
+        report(
+            f"{tag} Triton", partial(fp8._gemm_scatter, a, sa, b, sb, lay, lay.row_src, out, *sizes), flops
+        )
+        gluon = partial(
+            g.gemm_scatter_sm90, a, sa, b, sb, lay.tile_expert, lay.pend, lay.row_src, out, n_exp, *sizes
+        )
+        report(f"{tag} Gluon persistent warp-specialised", partial(gluon, config=(128, 8, 4, True)), flops)
+        report(f"{tag} Gluon plain 64 x 128", partial(gluon, config=(64, 4, 4, False)), flops)
+        if name == "dx":
+            one = torch.ones((), device=dev)
+            dense = partial(torch._scaled_mm, a[:n], b[0].t(), one, one, out_dtype=torch.bfloat16)
+            report(f"{tag} cuBLAS tensorwise FP8, one dense GEMM", dense, flops)
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            bf = partial(torch._grouped_mm, a[:n].bfloat16(), b.bfloat16().transpose(-2, -1), offs=offs)
+            report(f"{tag} bf16 torch._grouped_mm", bf, flops)
+    for name, r, c, split in (("dW1|dW3", 2 * hidden, dim, hidden), ("dW2", dim, hidden, dim)):
+        a, sa, b, sb = f8(r, pad), scales(r, pad // 128), f8(c, pad), scales(c, pad // 128)
+        o1 = torch.empty(n_exp, split, c, device=dev, dtype=torch.bfloat16)
+        o2 = torch.empty(n_exp, max(r - split, 128), c, device=dev, dtype=torch.bfloat16)
+        flops, tag = 2 * n * r * c, f"FP8 GEMM {name} (R {r}, C {c})"
+        args = (a, sa, b, sb, lay, o1, o2, r, c, split)
+        report(f"{tag} Triton", partial(fp8._wgrad, *args), flops)
+        report(f"{tag} Gluon persistent warp-specialised", partial(g.wgrad_sm90, *args), flops)
+    fp8.SM90_GEMMS = True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["mla", "fp8"], default=None)
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--profile", action="store_true", help="per-kernel time split of our kernels")
+    p.add_argument(
+        "--gemms", action="store_true", help="FP8: also each GEMM alone, Triton against Gluon (sm_90)"
+    )
     p.add_argument("--sweep", action="store_true", help="FP8: time each tile config of the sm_90 GEMMs")
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
@@ -365,6 +426,8 @@ def main() -> None:
         run_mla(args)
     if args.only in (None, "fp8"):
         run_fp8(args)
+        if args.gemms and torch.cuda.get_device_capability() == (9, 0):
+            run_fp8_gemms()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1)
