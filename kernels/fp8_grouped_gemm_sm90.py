@@ -1,19 +1,24 @@
-"""The FP8 expert FFN's scaled GEMMs for Hopper (sm_90) in Gluon: each 128-deep slice's wgmma overlaps the rescale
-of the slice before it.
+"""The FP8 expert FFN's scatter and weight-gradient GEMMs for Hopper (sm_90) in Gluon, Triton's lower-level
+language (explicit TMA, mbarriers, asynchronous wgmma, warp specialisation).
 
-Why a second version of the two GEMMs in kernels/fp8_grouped_gemm.py: with DeepSeek-V3 scaling every 128-deep
-slice of the contraction is multiplied by its own scales before it joins the fp32 accumulator
-(acc += (A_k B_k^T) * sa_k sb_k^T). Triton's pipeliner waits for each slice's wgmma at once (`pendings = 0` in its
-TTGIR), so the tensor cores idle during every rescale: its scatter and weight-gradient GEMMs ran at about 550
-TFLOP/s on H200 (bench6's FFN, benchmarks/RESULTS.md), the rate of bf16. Here the loop issues slice k's wgmma,
-then waits until only that one is in flight (warpgroup_mma_wait(1)) and rescales slice k-1 while slice k runs.
-Operands arrive by TMA into a ring of STAGES shared-memory slots, one mbarrier each; slot k-1 is refilled as soon
-as its wgmma is known complete.
+With DeepSeek-V3 scaling each 128-deep slice of the contraction joins the fp32 accumulator through its own scales,
+acc += (A_k B_k^T) * sa_k sb_k^T. The Triton kernels of kernels/fp8_grouped_gemm.py load by cp.async from every
+warp and wait for each slice's wgmma at once; they ran bench6's five GEMMs in 7.44 ms on H200, 500-560 TFLOP/s.
+Here:
+- _gemm_scatter_kernel_sm90_ws and _wgrad_kernel_sm90_ws (the defaults): persistent, one block a SM. A loader warp
+  fills a ring of STAGES shared-memory slots by TMA, running ahead across tile boundaries (a tile is only 11-22
+  slices deep); two consumer warpgroups (setmaxnreg 240) issue slice i's wgmma, then rescale slice i-1 while it
+  runs and hand slice i-1's slot back. 6.39 ms for the five GEMMs, 520-710 TFLOP/s.
+- _gemm_scatter_kernel_sm90: one tile a block, the same ring filled by the consumers themselves; 4-7% slower.
+Measured (benchmarks/RESULTS.md, stop 20): with no rescale at all these loops reach only 730-790 TFLOP/s where
+cuBLAS's tensorwise FP8 GEMM does 1,210 on the same FLOPs: the limit is the loop's structure (tile size, no
+cluster, a CTA barrier before each slot release), not the scaling.
 
-Same operands, scales and row maps as the Triton kernels (their docstrings); the same per-slice products summed in
-the same order, so results agree with them to fp32 rounding (tests/gpu/test_fp8_grouped_gemm_gpu.py). Gluon has no
-interpreter: the CPU tests cover the Triton kernels and the reference; these run on Hopper only.
-Legend: BM x BN output tile, 128-deep slices, P padded rows, E experts, R x C a weight gradient's shape.
+Same operands, scales and row maps as the Triton kernels (their docstrings), the same per-slice products summed in
+the same order: results agree with them to fp32 rounding (tests/gpu/test_fp8_grouped_gemm_gpu.py). Gluon has no
+interpreter, so on CPU the tests compile these for sm_90 (tests/kernels/test_fp8_gemm_sm90_compile.py).
+Legend: BM x BN output tile (BN 128, B's scaling block), 128-deep slices, P padded rows, E experts, R x C a weight
+gradient's shape.
 """
 
 import functools
@@ -127,6 +132,8 @@ def _gemm_scatter_kernel_sm90(
         src = gl.load(row_src_ptr + rows).to(gl.int64)
         mask = (src[:, None] >= 0) & (cols[None, :] < N_OUT)
         gl.store(out_ptr + src[:, None] * N_OUT + cols[None, :], out, mask=mask)
+
+
 @gluon.jit
 def _ws_tile(tile, n_nt, tile_expert_ptr, BM: gl.constexpr, BN: gl.constexpr):
     """Output tile -> (row0, n0, expert), row-tile major: the tiles in flight at once share A rows and B."""
@@ -244,6 +251,7 @@ def _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM: gl.constexpr, BN: gl.co
 @gluon.jit
 def _wg_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pstart_ptr, pend_ptr, n_tiles, n_rt, n_ct,
                STAGES: gl.constexpr):
+    """_ws_loader for the weight-gradient tiles: each expert's own number of slices (none without tokens)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     i = 0
@@ -356,6 +364,7 @@ def _wgrad_kernel_sm90_ws(
 # SM. The plain one at its best, 64 x 128 tiles with one warpgroup (220 registers, 96 KiB of shared memory, two
 # blocks a SM), took 1.64 ms for bench6's dx GEMM on H200 against 1.52-1.55 ms (benchmarks/RESULTS.md).
 SCATTER_CONFIG = (128, 8, 4, True)
+WGRAD_CONFIG = (128, 8, 4)  # (BM, warps, stages), warp-specialised
 
 
 @functools.cache
@@ -385,9 +394,6 @@ def gemm_scatter_sm90(
         a_desc, sa, b_desc, sb, tile_expert, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k,
         STAGES=stages, num_warps=warps,
     )  # fmt: skip
-
-
-WGRAD_CONFIG = (128, 8, 4)  # (BM, warps, stages); BN 128
 
 
 def wgrad_sm90(a, sa, b, sb, lay, out, out2, R, C, R_SPLIT, config=None) -> None:
