@@ -121,10 +121,10 @@ def main() -> None:
     warps = [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
     sweep(F._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": "*fp32"}, dict(EXACT=False), warps)
     sweep(F._wgrad_kernel, fp8_types, {})
-    sweep_gluon_scatter(fp8_types)
+    sweep_gluon(fp8_types)
 
 
-def sweep_gluon_scatter(fp8_types: dict[str, str]) -> None:
+def sweep_gluon(fp8_types: dict[str, str]) -> None:
     """The Gluon GEMMs (fp8_grouped_gemm_sm90.py) in the tile configs the GPU tests use."""
     import torch
     from triton.runtime.jit import mangle_type
