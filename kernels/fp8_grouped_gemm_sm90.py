@@ -59,6 +59,38 @@ def _issue_slice(a_desc, b_desc, a_row, b_row, col, bar, a_buf, b_buf, pred):
 
 
 @gluon.jit
+def _ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The persistent kernels' TMA ring: STAGES slots of A and B slices, a `ready` barrier a slot (the loads
+    landed) and an `empty` one (the consumers are done with it: one arrival, theirs, after their own barrier)."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, SLICE], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, SLICE], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    return a_bufs, b_bufs, ready, empty
+
+
+@gluon.jit
+def _ring_free(ready, empty, STAGES: gl.constexpr):
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+@gluon.jit
+def _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, a_row, b_row, col, STAGES: gl.constexpr):
+    """Slice i of the stream into slot i % STAGES, once the consumers have released the slice before it there; a
+    fresh barrier passes a wait for the phase before it, so the first STAGES slices do not wait."""
+    slot = i % STAGES
+    mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+    _issue_slice(a_desc, b_desc, a_row, b_row, col, ready.index(slot), a_bufs.index(slot), b_bufs.index(slot), True)
+
+
+@gluon.jit
 def _scaled_mainloop(
     a_desc, b_desc, a_row, b_row, n_k, sa_ptr, sa_offs, sa_step, sb_ptr, sb_step,
     STAGES: gl.constexpr, num_warps: gl.constexpr,
@@ -151,11 +183,7 @@ def _ws_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, n_
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         row0, n0, e = _ws_tile(tile, n_nt, tile_expert_ptr, BM, BN)
         for k in range(n_k):
-            slot = i % STAGES
-            # a fresh barrier passes a wait for the phase before it: the first STAGES slices do not wait
-            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            _issue_slice(a_desc, b_desc, row0, e * N_OUT + n0, k * SLICE, ready.index(slot), a_bufs.index(slot),
-                         b_bufs.index(slot), True)
+            _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, row0, e * N_OUT + n0, k * SLICE, STAGES)
             i += 1
 
 
@@ -216,13 +244,7 @@ def _gemm_scatter_kernel_sm90_ws(
     n_k = K // SLICE
     # the real experts' padded rows end at pend[E-1] (a multiple of 128): the tail tiles have no expert
     n_tiles = gl.load(pend_ptr + n_experts - 1) // BM * n_nt
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, SLICE], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, SLICE], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)  # one arrival: the consumers' (after their own barrier)
+    a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, STAGES)
     gl.warp_specialize(
         [
             (_ws_consumer, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr,
@@ -233,9 +255,7 @@ def _gemm_scatter_kernel_sm90_ws(
         [1],
         [40],
     )
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
+    _ring_free(ready, empty, STAGES)
 
 
 @gluon.jit
@@ -258,10 +278,7 @@ def _wg_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pstart_ptr, pend_pt
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
         for k in range(n_k):
-            slot = i % STAGES
-            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            _issue_slice(a_desc, b_desc, r0, c0, p0 + k * SLICE, ready.index(slot), a_bufs.index(slot),
-                         b_bufs.index(slot), True)
+            _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, r0, c0, p0 + k * SLICE, STAGES)
             i += 1
 
 
@@ -332,13 +349,7 @@ def _wgrad_kernel_sm90_ws(
     BN: gl.constexpr = b_desc.block_type.shape[0]
     n_rt = R // BM
     n_ct = C // BN
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, SLICE], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, SLICE], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+    a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, STAGES)
     n_tiles = n_experts * n_rt * n_ct
     gl.warp_specialize(
         [
@@ -350,9 +361,7 @@ def _wgrad_kernel_sm90_ws(
         [1],
         [40],
     )
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
+    _ring_free(ready, empty, STAGES)
 
 
 # fmt: on
