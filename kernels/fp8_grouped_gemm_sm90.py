@@ -4,15 +4,12 @@ language (explicit TMA, mbarriers, asynchronous wgmma, warp specialisation).
 With DeepSeek-V3 scaling each 128-deep slice of the contraction joins the fp32 accumulator through its own scales,
 acc += (A_k B_k^T) * sa_k sb_k^T. The Triton kernels of kernels/fp8_grouped_gemm.py load by cp.async from every
 warp and wait for each slice's wgmma at once; they ran bench6's five GEMMs in 7.44 ms on H200, 500-560 TFLOP/s.
-Here:
-- _gemm_scatter_kernel_sm90_ws and _wgrad_kernel_sm90_ws (the defaults): persistent, one block a SM. A loader warp
-  fills a ring of STAGES shared-memory slots by TMA, running ahead across tile boundaries (a tile is only 11-22
-  slices deep); two consumer warpgroups (setmaxnreg 240) issue slice i's wgmma, then rescale slice i-1 while it
-  runs and hand slice i-1's slot back. 6.39 ms for the five GEMMs, 520-710 TFLOP/s.
-- _gemm_scatter_kernel_sm90: one tile a block, the same ring filled by the consumers themselves; 4-7% slower.
-Measured (benchmarks/RESULTS.md, stop 20): with no rescale at all these loops reach only 730-790 TFLOP/s where
-cuBLAS's tensorwise FP8 GEMM does 1,210 on the same FLOPs: the limit is the loop's structure (tile size, no
-cluster, a CTA barrier before each slot release), not the scaling.
+Here, _gemm_scatter_kernel_sm90_ws and _wgrad_kernel_sm90_ws: persistent, one block a SM. A loader warp fills
+a ring of STAGES shared-memory slots by TMA, running ahead across tile boundaries (a tile is only 11-22 slices
+deep); two consumer warpgroups (setmaxnreg 240) issue slice i's wgmma, then rescale slice i-1 while it runs and
+hand slice i-1's slot back (_ws_tile_acc). Until stop 21 ptxas serialised every wgmma of these kernels (its note
+C7514: the loop copied the in-flight product's registers), which held them to 520-710 TFLOP/s;
+tests/kernels/test_fp8_gemm_sm90_compile.py now fails on any such note.
 
 Same operands, scales and row maps as the Triton kernels (their docstrings), the same per-slice products summed in
 the same order: results agree with them to fp32 rounding (tests/gpu/test_fp8_grouped_gemm_gpu.py). Gluon has no
@@ -91,82 +88,6 @@ def _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, a_row, b_row, co
 
 
 @gluon.jit
-def _scaled_mainloop(
-    a_desc, b_desc, a_row, b_row, n_k, sa_ptr, sa_offs, sa_step, sb_ptr, sb_step,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
-):
-    """acc (BM, BN) = sum over n_k >= 1 slices k of (A[a_row:, 128 k:] @ B[b_row:, 128 k:]^T) * sa_k sb_k, A and B
-    K-major; slice k's scales: sa_ptr + k sa_step + sa_offs (BM,) and the one B block scale sb_ptr + k sb_step.
-    The offsets are an int32 vector on a scalar base: 64-bit pointer vectors in the accumulator's layout cost 64
-    registers a thread and spilled."""
-    BM: gl.constexpr = a_desc.block_type.shape[0]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    acc_l: gl.constexpr = _acc_layout(BN, num_warps)
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, SLICE], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, SLICE], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        _issue_slice(a_desc, b_desc, a_row, b_row, i * SLICE, ready.index(i), a_bufs.index(i), b_bufs.index(i),
-                     i < n_k)
-    acc = gl.zeros([BM, BN], gl.float32, acc_l)
-    mbarrier.wait(ready.index(0), 0)
-    # use_acc=False: wgmma ignores the zeros it is given (made in the loop, so no zero tile stays live)
-    prev = warpgroup_mma(a_bufs.index(0), b_bufs.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, acc_l),
-                         use_acc=False, is_async=True)
-    scale_prev = gl.load(sa_ptr + sa_offs) * gl.load(sb_ptr)
-    for k in range(1, n_k):
-        slot = k % STAGES
-        mbarrier.wait(ready.index(slot), (k // STAGES) & 1)
-        cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
-                            gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
-        scale = gl.load(sa_ptr + k * sa_step + sa_offs) * gl.load(sb_ptr + k * sb_step)
-        # slice k-1 is done when at most slice k is in flight: its rescale runs beside slice k's wgmma
-        done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
-        acc += done * scale_prev[:, None]
-        # and its slot is free for slice k-1+STAGES
-        t = (k - 1) % STAGES
-        _issue_slice(a_desc, b_desc, a_row, b_row, (k - 1 + STAGES) * SLICE, ready.index(t), a_bufs.index(t),
-                     b_bufs.index(t), k - 1 + STAGES < n_k)
-        prev = cur
-        scale_prev = scale
-    done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-    acc += done * scale_prev[:, None]
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    return acc
-
-
-@gluon.jit(do_not_specialize=["n_experts"])
-def _gemm_scatter_kernel_sm90(
-    a_desc, sa_ptr, b_desc, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, n_experts, K, N_OUT,
-    sb_e, sb_n, sb_k, STAGES: gl.constexpr, num_warps: gl.constexpr,
-):
-    """out[row_src[p]] = A[p] @ B_e^T for the real rows of a BM x 128 tile of padded rows: A (P, K) fp8 with
-    scales sa (P, K/128); B (E N_OUT, K) fp8, block (e, n, k)'s scale at sb_ptr + e sb_e + n sb_n + k sb_k."""
-    BM: gl.constexpr = a_desc.block_type.shape[0]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    acc_l: gl.constexpr = _acc_layout(BN, num_warps)
-    row0 = gl.program_id(1) * BM
-    e = gl.load(tile_expert_ptr + row0 // SLICE)
-    if e < n_experts:  # past the last expert's rows: nothing to compute
-        n0 = gl.program_id(0) * BN
-        sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * (K // SLICE)
-        acc = _scaled_mainloop(
-            a_desc, b_desc, row0, e * N_OUT + n0, K // SLICE, sa_ptr + row0.to(gl.int64) * (K // SLICE), sa_offs,
-            1, sb_ptr + e * sb_e + (n0 // SLICE) * sb_n, sb_k, STAGES, num_warps,
-        )
-        st_l: gl.constexpr = _store_layout(num_warps)
-        out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
-        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, st_l))
-        src = gl.load(row_src_ptr + rows).to(gl.int64)
-        mask = (src[:, None] >= 0) & (cols[None, :] < N_OUT)
-        gl.store(out_ptr + src[:, None] * N_OUT + cols[None, :], out, mask=mask)
-
-
-@gluon.jit
 def _ws_tile(tile, n_nt, tile_expert_ptr, BM: gl.constexpr, BN: gl.constexpr):
     """Output tile -> (row0, n0, expert), row-tile major: the tiles in flight at once share A rows and B."""
     row0 = (tile // n_nt) * BM
@@ -188,11 +109,73 @@ def _ws_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, n_
 
 
 @gluon.jit
+def _mma_slice(a_bufs, b_bufs, ready, i, acc_l: gl.constexpr, STAGES: gl.constexpr):
+    """Issue slice i of the ring's wgmma (asynchronous) once its loads have landed; use_acc=False: the zeros it is
+    given are ignored (made here, so no zero tile stays live)."""
+    BM: gl.constexpr = a_bufs.shape[1]
+    BN: gl.constexpr = b_bufs.shape[1]
+    slot = i % STAGES
+    mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+    return warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
+                         gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _retire(acc, prod, scale, empty, i, PENDING: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for slice i's product (PENDING newer wgmma groups may still run), hand its slot back to the loader and
+    add it to acc through its (BM, 1) or (BM, BN) scale."""
+    done = warpgroup_mma_wait(num_outstanding=PENDING, deps=(prod,))
+    mbarrier.arrive(empty.index(i % STAGES))
+    # a second, already satisfied wait that takes the new acc pins the rescale here: left free, the compiler sank
+    # it past the next slice's wgmma, so that product's registers were live twice and copied while in flight
+    return warpgroup_mma_wait(num_outstanding=PENDING, deps=(acc + done * scale,))
+
+
+@gluon.jit
+def _retire_rc(acc, prod, sa, sb, col_l: gl.constexpr, empty, i, PENDING: gl.constexpr, STAGES: gl.constexpr):
+    """_retire with a row scale sa (BM, 1) and column scales sb (BN,) in a flat layout, spread to the columns only
+    after the wait: a (BM, BN) scale tile (or sb in the accumulator's layout, 32 a thread) made before it, beside
+    three products, spilled 216-648 B a thread."""
+    done = warpgroup_mma_wait(num_outstanding=PENDING, deps=(prod,))
+    mbarrier.arrive(empty.index(i % STAGES))
+    return warpgroup_mma_wait(num_outstanding=PENDING, deps=(acc + done * sa * gl.convert_layout(sb, col_l)[None, :],))
+
+
+@gluon.jit
+def _ws_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_k, acc_l: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """acc (BM, BN) of one scatter tile from ring slices i .. i + n_k - 1 (n_k >= 1), slice k's scale
+    sa_base[k + sa_offs] * sb_base[k sb_k]. Each slice's wgmma runs while the slice before it is rescaled. The
+    loop is unrolled by two, so the two products in flight alternate between two fixed register sets (p0: even
+    slices, p1: odd): with one `prev = cur` carried across the loop, the copy of an in-flight product made ptxas
+    serialise every wgmma of the kernel (its note C7514; Triton 3.6 for sm_90)."""
+    BM: gl.constexpr = a_bufs.shape[1]
+    BN: gl.constexpr = b_bufs.shape[1]
+    acc = gl.zeros([BM, BN], gl.float32, acc_l)
+    s0 = (gl.load(sa_base + sa_offs) * gl.load(sb_base))[:, None]
+    p0 = _mma_slice(a_bufs, b_bufs, ready, i, acc_l, STAGES)
+    for k in range(1, n_k - 1, 2):
+        s1 = (gl.load(sa_base + k + sa_offs) * gl.load(sb_base + k * sb_k))[:, None]
+        p1 = _mma_slice(a_bufs, b_bufs, ready, i + k, acc_l, STAGES)
+        acc = _retire(acc, p0, s0, empty, i + k - 1, 1, STAGES)
+        s0 = (gl.load(sa_base + k + 1 + sa_offs) * gl.load(sb_base + (k + 1) * sb_k))[:, None]
+        p0 = _mma_slice(a_bufs, b_bufs, ready, i + k + 1, acc_l, STAGES)
+        acc = _retire(acc, p1, s1, empty, i + k, 1, STAGES)
+    if n_k % 2 == 0:  # slice n_k - 1 is left over
+        s1 = (gl.load(sa_base + n_k - 1 + sa_offs) * gl.load(sb_base + (n_k - 1) * sb_k))[:, None]
+        p1 = _mma_slice(a_bufs, b_bufs, ready, i + n_k - 1, acc_l, STAGES)
+        acc = _retire(acc, p0, s0, empty, i + n_k - 2, 1, STAGES)
+        acc = _retire(acc, p1, s1, empty, i + n_k - 1, 0, STAGES)
+    else:
+        acc = _retire(acc, p0, s0, empty, i + n_k - 1, 0, STAGES)
+    return acc
+
+
+@gluon.jit
 def _ws_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, n_tiles,
                  n_nt, n_k, N_OUT, sb_e, sb_n, sb_k, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                  num_warps: gl.constexpr):
-    """The default warps: wgmma, rescale and store of every tile; slice i's wgmma runs while slice i-1 is
-    rescaled, and slice i-1's slot goes back to the loader as soon as its wgmma is done."""
+    """The default warps: wgmma, rescale and store of every tile (_ws_tile_acc)."""
     acc_l: gl.constexpr = _acc_layout(BN, num_warps)
     sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * n_k
     i = 0
@@ -200,27 +183,8 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, 
         row0, n0, e = _ws_tile(tile, n_nt, tile_expert_ptr, BM, BN)
         sa_base = sa_ptr + row0.to(gl.int64) * n_k
         sb_base = sb_ptr + e * sb_e + (n0 // SLICE) * sb_n
-        acc = gl.zeros([BM, BN], gl.float32, acc_l)
-        scale_prev = gl.load(sa_base + sa_offs) * gl.load(sb_base)
-        mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
-        prev = warpgroup_mma(a_bufs.index(i % STAGES), b_bufs.index(i % STAGES).permute((1, 0)),
-                             gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
-        for k in range(1, n_k):
-            slot = (i + 1) % STAGES
-            scale = gl.load(sa_base + k + sa_offs) * gl.load(sb_base + k * sb_k)
-            mbarrier.wait(ready.index(slot), ((i + 1) // STAGES) & 1)
-            cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
-                                gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
-            done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
-            mbarrier.arrive(empty.index(i % STAGES))
-            acc += done * scale_prev[:, None]
-            prev = cur
-            scale_prev = scale
-            i += 1
-        done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-        mbarrier.arrive(empty.index(i % STAGES))
-        acc += done * scale_prev[:, None]
-        i += 1
+        acc = _ws_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_k, acc_l, STAGES)
+        i += n_k
         st_l: gl.constexpr = _store_layout(num_warps)
         out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
@@ -283,17 +247,47 @@ def _wg_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pstart_ptr, pend_pt
 
 
 @gluon.jit
+def _wg_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_offs, acc_l: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """acc (BM, BN) of one weight-gradient tile from ring slices i .. i + n_k - 1 (n_k >= 1), slice k's scales
+    sa_base[k + sa_offs] (rows) and sb_base[k + sb_offs] (columns); unrolled by two as _ws_tile_acc. The column
+    scales are loaded one a thread and spread to the accumulator's layout through shared memory: read in that
+    layout (32 a thread, each a 64-bit address) they spilled 280 B a thread."""
+    BM: gl.constexpr = a_bufs.shape[1]
+    BN: gl.constexpr = b_bufs.shape[1]
+    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+    acc = gl.zeros([BM, BN], gl.float32, acc_l)
+    sa0 = gl.load(sa_base + sa_offs)[:, None]
+    sb0 = gl.load(sb_base + sb_offs)
+    p0 = _mma_slice(a_bufs, b_bufs, ready, i, acc_l, STAGES)
+    for k in range(1, n_k - 1, 2):
+        sa1 = gl.load(sa_base + k + sa_offs)[:, None]
+        sb1 = gl.load(sb_base + k + sb_offs)
+        p1 = _mma_slice(a_bufs, b_bufs, ready, i + k, acc_l, STAGES)
+        acc = _retire_rc(acc, p0, sa0, sb0, col_l, empty, i + k - 1, 1, STAGES)
+        sa0 = gl.load(sa_base + k + 1 + sa_offs)[:, None]
+        sb0 = gl.load(sb_base + k + 1 + sb_offs)
+        p0 = _mma_slice(a_bufs, b_bufs, ready, i + k + 1, acc_l, STAGES)
+        acc = _retire_rc(acc, p1, sa1, sb1, col_l, empty, i + k, 1, STAGES)
+    if n_k % 2 == 0:
+        sa1 = gl.load(sa_base + n_k - 1 + sa_offs)[:, None]
+        sb1 = gl.load(sb_base + n_k - 1 + sb_offs)
+        p1 = _mma_slice(a_bufs, b_bufs, ready, i + n_k - 1, acc_l, STAGES)
+        acc = _retire_rc(acc, p0, sa0, sb0, col_l, empty, i + n_k - 2, 1, STAGES)
+        acc = _retire_rc(acc, p1, sa1, sb1, col_l, empty, i + n_k - 1, 0, STAGES)
+    else:
+        acc = _retire_rc(acc, p0, sa0, sb0, col_l, empty, i + n_k - 1, 0, STAGES)
+    return acc
+
+
+@gluon.jit
 def _wg_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr, n_tiles,
                  n_rt, n_ct, n_tb, R, C, R_SPLIT, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                  num_warps: gl.constexpr):
-    """Slice i's wgmma runs while slice i-1 is rescaled, as in _ws_consumer; an expert without tokens gets
-    zeros."""
+    """_wg_tile_acc for every tile of this program; an expert without tokens gets zeros."""
     acc_l: gl.constexpr = _acc_layout(BN, num_warps)
     st_l: gl.constexpr = _store_layout(num_warps)
-    # the column scales are loaded one a thread and spread to the accumulator's layout through shared memory: read
-    # in that layout (32 a thread, each a 64-bit address) they spilled 280 B a thread
     flat_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
     sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * n_tb
     sb_offs = gl.arange(0, BN, layout=flat_l) * n_tb
     i = 0
@@ -301,31 +295,12 @@ def _wg_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, pstart_ptr, pend_
         e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
         sa_base = sa_ptr + r0.to(gl.int64) * n_tb + p0 // SLICE
         sb_base = sb_ptr + c0.to(gl.int64) * n_tb + p0 // SLICE
-        acc = gl.zeros([BM, BN], gl.float32, acc_l)
         if n_k > 0:
-            sa_prev = gl.load(sa_base + sa_offs)
-            sb_prev = gl.load(sb_base + sb_offs)
-            mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
-            prev = warpgroup_mma(a_bufs.index(i % STAGES), b_bufs.index(i % STAGES).permute((1, 0)),
-                                 gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
-            for k in range(1, n_k):
-                slot = (i + 1) % STAGES
-                sa = gl.load(sa_base + k + sa_offs)
-                sb = gl.load(sb_base + k + sb_offs)
-                mbarrier.wait(ready.index(slot), ((i + 1) // STAGES) & 1)
-                cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)),
-                                    gl.zeros([BM, BN], gl.float32, acc_l), use_acc=False, is_async=True)
-                done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
-                mbarrier.arrive(empty.index(i % STAGES))
-                acc += done * sa_prev[:, None] * gl.convert_layout(sb_prev, col_l)[None, :]
-                prev = cur
-                sa_prev = sa
-                sb_prev = sb
-                i += 1
-            done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-            mbarrier.arrive(empty.index(i % STAGES))
-            acc += done * sa_prev[:, None] * gl.convert_layout(sb_prev, col_l)[None, :]
-            i += 1
+            acc = _wg_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_offs, acc_l,
+                               STAGES)
+        else:
+            acc = gl.zeros([BM, BN], gl.float32, acc_l)
+        i += n_k
         out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
         rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
         cols = c0 + gl.arange(0, BN, layout=gl.SliceLayout(0, st_l))
@@ -368,12 +343,10 @@ def _wgrad_kernel_sm90_ws(
 
 
 # ---- launcher ------------------------------------------------------------------------------------------------
-# Tile config (BM, warps, stages, warp-specialised); BN is B's 128-wide scaling block. The warp-specialised kernel:
-# 128 x 128 tiles, two consumer warpgroups (240 registers by setmaxnreg) and a loader warp, one persistent block a
-# SM. The plain one at its best, 64 x 128 tiles with one warpgroup (220 registers, 96 KiB of shared memory, two
-# blocks a SM), took 1.64 ms for bench6's dx GEMM on H200 against 1.52-1.55 ms (benchmarks/RESULTS.md).
-SCATTER_CONFIG = (128, 8, 4, True)
-WGRAD_CONFIG = (128, 8, 4)  # (BM, warps, stages), warp-specialised
+# Tile config (BM, consumer warps, stages); BN is B's 128-wide scaling block: 128 x 128 tiles, two consumer
+# warpgroups (240 registers by setmaxnreg) and a loader warp, one persistent block a SM
+SCATTER_CONFIG = (128, 8, 4)
+WGRAD_CONFIG = (128, 8, 4)
 
 
 @functools.cache
@@ -391,17 +364,10 @@ def gemm_scatter_sm90(
 ) -> None:
     """_gemm_scatter_kernel's contract: a (P, K) fp8, b (E, N_OUT, K) fp8; writes out[row_src[p]] for the rows of
     the experts' padded ranges (pend: where each ends)."""
-    bm, warps, stages, ws = config or SCATTER_CONFIG
-    a_desc, b_desc = _desc(a, bm), _desc(b.reshape(-1, K), SLICE_ROWS)
-    if ws:
-        _gemm_scatter_kernel_sm90_ws[(_n_sms(a.device),)](
-            a_desc, sa, b_desc, sb, tile_expert, pend, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k,
-            STAGES=stages, num_warps=warps,
-        )  # fmt: skip
-        return
-    _gemm_scatter_kernel_sm90[(N_OUT // SLICE_ROWS, a.shape[0] // bm)](
-        a_desc, sa, b_desc, sb, tile_expert, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k,
-        STAGES=stages, num_warps=warps,
+    bm, warps, stages = config or SCATTER_CONFIG
+    _gemm_scatter_kernel_sm90_ws[(_n_sms(a.device),)](
+        _desc(a, bm), sa, _desc(b.reshape(-1, K), SLICE_ROWS), sb, tile_expert, pend, row_src, out, n_experts, K,
+        N_OUT, sb_e, sb_n, sb_k, STAGES=stages, num_warps=warps,
     )  # fmt: skip
 
 

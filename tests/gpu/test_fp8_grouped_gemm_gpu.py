@@ -75,18 +75,13 @@ def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-SM90_CONFIGS = [
-    (64, 4, 4, False),
-    (64, 4, 3, False),
-    (128, 8, 4, False),
-    (128, 8, 4, True),
-    (128, 8, 6, True),
-]
+SM90_CONFIGS = [(128, 8, 4), (128, 8, 6), (64, 4, 4)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="the Gluon GEMM is an sm_90 kernel")
-def test_sm90_scatter_gemm_matches_triton(monkeypatch):
+@pytest.mark.parametrize("k", [128, 256, 384, 640])  # 1-5 slices: the main loop is unrolled by two
+def test_sm90_scatter_gemm_matches_triton(k, monkeypatch):
     """The Gluon scatter GEMM (every tile config) against the Triton one on the same fp8 operands and scales:
     the same per-slice products in the same order, so they agree to fp32 rounding. Groups of 0, 1 and odd
     sizes; the padded rows hold garbage that must not be written anywhere."""
@@ -96,7 +91,7 @@ def test_sm90_scatter_gemm_matches_triton(monkeypatch):
     torch.manual_seed(0)
     counts = [0, 1, 300, 129, 0, 1024, 77, 5]
     lay = K._Layout(torch.tensor(counts, device="cuda"), sum(counts))
-    n_exp, k, n_out = len(counts), 384, 512
+    n_exp, n_out = len(counts), 512
     a = (torch.randn(lay.n_pad, k, device="cuda") * 8).to(torch.float8_e4m3fn)
     b = (torch.randn(n_exp, n_out, k, device="cuda") * 8).to(torch.float8_e4m3fn)
     sa = torch.rand(lay.n_pad, k // 128, device="cuda") + 0.5
