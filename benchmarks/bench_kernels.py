@@ -390,7 +390,7 @@ def run_fp8_gemms() -> None:
             bf = partial(torch._grouped_mm, a[:n].bfloat16(), b.bfloat16().transpose(-2, -1), offs=offs)
             report(f"{tag} bf16 torch._grouped_mm", bf, flops)
     for name, r, c, split in (("dW1|dW3", 2 * hidden, dim, hidden), ("dW2", dim, hidden, dim)):
-        a, sa, b, sb = f8(r, pad), scales(r, pad // 128), f8(c, pad), scales(c, pad // 128)
+        a, sa, b, sb = f8(r, pad), scales(pad // 128, r), f8(c, pad), scales(pad // 128, c)
         o1 = torch.empty(n_exp, split, c, device=dev, dtype=torch.bfloat16)
         o2 = torch.empty(n_exp, max(r - split, 128), c, device=dev, dtype=torch.bfloat16)
         flops, tag = 2 * n * r * c, f"FP8 GEMM {name} (R {r}, C {c})"

@@ -79,13 +79,13 @@ def _store_both(
     x, q_ptr, s_ptr, qt_ptr, st_ptr, offs_p, offs_c, cb, tile, n_pad, n_cols, EXACT: tl.constexpr
 ):
     """Quantise the (128 rows, 128 cols) tile of column block cb twice: row-scaled into q (P, cols) and
-    s (P, cols/128), and column-scaled transposed into qt (cols, P) and st (cols, P/128)."""
+    s (P, cols/128), and column-scaled transposed into qt (cols, P) and st (P/128, cols)."""
     q, s = _quant_rows(x, EXACT)
     tl.store(q_ptr + offs_p[:, None] * n_cols + offs_c[None, :], q)
     tl.store(s_ptr + offs_p * (n_cols // 128) + cb, s)
     qt, st = _quant_cols(x, EXACT)
     tl.store(qt_ptr + offs_c[None, :] * n_pad + offs_p[:, None], qt)
-    tl.store(st_ptr + offs_c * (n_pad // 128) + tile, st)
+    tl.store(st_ptr + tile * n_cols + offs_c, st)
 
 
 # fmt: off
@@ -249,7 +249,7 @@ def _swiglu_bwd_quant_kernel(
     h = h1 * sig * h3
     hqt, hst = _quant_cols(h, EXACT)
     tl.store(hqt_ptr + offs_n[None, :] * n_pad + offs_m[:, None], hqt)
-    tl.store(hst_ptr + offs_n * (n_pad // 128) + tile, hst)
+    tl.store(hst_ptr + tile * HIDDEN + offs_n, hst)
     cb = tl.program_id(0)
     _store_both(dh1, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, offs_m, offs_n, cb, tile, n_pad, 2 * HIDDEN, EXACT)
     _store_both(
@@ -273,7 +273,8 @@ def _wgrad_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """out_e = A[:, rows of e] @ B[:, rows of e]^T over the expert's padded token range (both operands stored
-    transposed, tokens contiguous, one scale per channel and 128 tokens); rows >= R_SPLIT go to out2."""
+    transposed, tokens contiguous, one scale per channel and 128 tokens in (P/128, R) and (P/128, C) tables);
+    rows >= R_SPLIT go to out2."""
     # the expert is the slowest grid axis: its tiles run together, so its operand slices (7.4 MB for bench6's
     # dW1|dW3) are read from DRAM about once and then from L2; with the expert fastest, the 64 experts' tiles
     # in flight at once overflowed L2 and each A slice was read again for every column tile
@@ -285,15 +286,14 @@ def _wgrad_kernel(
     p1 = tl.load(pend_ptr + e)
     a_ptrs = a_ptr + offs_r[:, None] * n_pad + p0 + offs_k[None, :]
     b_ptrs = b_ptr + offs_c[:, None] * n_pad + p0 + offs_k[None, :]
-    n_tb = n_pad // 128
-    sa_ptrs = sa_ptr + offs_r * n_tb + p0 // 128
-    sb_ptrs = sb_ptr + offs_c * n_tb + p0 // 128
+    sa_ptrs = sa_ptr + (p0 // 128) * R + offs_r  # scale tables (P/128, R) and (P/128, C)
+    sb_ptrs = sb_ptr + (p0 // 128) * C + offs_c
     acc = tl.zeros([BLOCK_R, 128], tl.float32)
     for kb in range(0, (p1 - p0) // 128):
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
-        sa = tl.load(sa_ptrs + kb)
-        sb = tl.load(sb_ptrs + kb)
+        sa = tl.load(sa_ptrs + kb * R)
+        sb = tl.load(sb_ptrs + kb * C)
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
         a_ptrs += 128
         b_ptrs += 128
@@ -387,10 +387,10 @@ def _f32_empty(*shape, device):
 
 
 def _quant_act(x: torch.Tensor, lay: _Layout):
-    """(N, C) -> fp8 (P, C) + scales (P, C/128), and fp8 (C, P) + scales (C, P/128), in the padded layout."""
+    """(N, C) -> fp8 (P, C) + scales (P, C/128), and fp8 (C, P) + scales (P/128, C), in the padded layout."""
     n_cols, dev, n_pad = x.shape[1], x.device, lay.n_pad
     q, s = _fp8_empty(n_pad, n_cols, device=dev), _f32_empty(n_pad, n_cols // TILE, device=dev)
-    qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_cols, n_pad // TILE, device=dev)
+    qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_pad // TILE, n_cols, device=dev)
     grid = (n_pad // TILE, n_cols // TILE)
     _quant_act_kernel[grid](
         x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET, num_warps=8
@@ -460,8 +460,8 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     n_pad, dev = lay.n_pad, dy.device
     dyq, dys, dyqt, dyst = _quant_act(dy, lay)
     gq, gs = _fp8_empty(n_pad, 2 * hidden, device=dev), _f32_empty(n_pad, 2 * hidden // TILE, device=dev)
-    gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(2 * hidden, n_pad // TILE, device=dev)
-    hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(hidden, n_pad // TILE, device=dev)
+    gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, 2 * hidden, device=dev)
+    hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
     n_ib, n_db = hidden // TILE, dim // TILE
     # dh = dy @ w2 into the padded rows (the identity as row map: pad rows of dy are zeros, so are theirs), in
     # fp32, then the SwiGLU backward as its own pass: on bench6 shapes (H200) about 1.1 ms of GEMM + 1.19 ms of
@@ -509,7 +509,7 @@ def _(x, counts_E, w1, w2, w3):
         return x.new_empty(*s, dtype=torch.float32)
 
     return [
-        x.new_empty(n_rows, dim), fp8(dim, n_pad), f32(dim, n_pad // TILE), x.new_empty(n_pad, 2 * hidden),
+        x.new_empty(n_rows, dim), fp8(dim, n_pad), f32(n_pad // TILE, dim), x.new_empty(n_pad, 2 * hidden),
         fp8(n_exp, dim, 2 * hidden), f32(n_exp, 2 * hidden // TILE, dim // TILE),
         fp8(n_exp, hidden, dim), f32(n_exp, dim // TILE, hidden // TILE),
     ]  # fmt: skip

@@ -132,16 +132,6 @@ def _retire(acc, prod, scale, empty, i, PENDING: gl.constexpr, STAGES: gl.conste
 
 
 @gluon.jit
-def _retire_rc(acc, prod, sa, sb, col_l: gl.constexpr, empty, i, PENDING: gl.constexpr, STAGES: gl.constexpr):
-    """_retire with a row scale sa (BM, 1) and column scales sb (BN,) in a flat layout, spread to the columns only
-    after the wait: a (BM, BN) scale tile (or sb in the accumulator's layout, 32 a thread) made before it, beside
-    three products, spilled 216-648 B a thread."""
-    done = warpgroup_mma_wait(num_outstanding=PENDING, deps=(prod,))
-    mbarrier.arrive(empty.index(i % STAGES))
-    return warpgroup_mma_wait(num_outstanding=PENDING, deps=(acc + done * sa * gl.convert_layout(sb, col_l)[None, :],))
-
-
-@gluon.jit
 def _ws_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_k, acc_l: gl.constexpr,
                  STAGES: gl.constexpr):
     """acc (BM, BN) of one scatter tile from ring slices i .. i + n_k - 1 (n_k >= 1), slice k's scale
@@ -233,71 +223,80 @@ def _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM: gl.constexpr, BN: gl.co
 
 
 @gluon.jit
-def _wg_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pstart_ptr, pend_ptr, n_tiles, n_rt, n_ct,
-               STAGES: gl.constexpr):
-    """_ws_loader for the weight-gradient tiles: each expert's own number of slices (none without tokens)."""
+def _wg_loader(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr,
+               pend_ptr, n_tiles, n_rt, n_ct, R, C, STAGES: gl.constexpr):
+    """_ws_loader for the weight-gradient tiles (each expert's own number of slices, none without tokens); a
+    slice's row and column scales (BM and BN fp32, contiguous in the (P/128, R) and (P/128, C) tables) come by
+    TMA into the same slot, under the same barrier."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes + 4 * (BM + BN)
     i = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
         for k in range(n_k):
-            _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, r0, c0, p0 + k * SLICE, STAGES)
+            slot = i % STAGES
+            bar = ready.index(slot)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(bar, nbytes)
+            kb = p0 // SLICE + k
+            _tma_load(a_desc, [r0, p0 + k * SLICE], bar, a_bufs.index(slot))
+            _tma_load(b_desc, [c0, p0 + k * SLICE], bar, b_bufs.index(slot))
+            _tma_load(sa_desc, [kb * R + r0], bar, sa_bufs.index(slot))
+            _tma_load(sb_desc, [kb * C + c0], bar, sb_bufs.index(slot))
             i += 1
 
 
 @gluon.jit
-def _wg_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_offs, acc_l: gl.constexpr,
-                 STAGES: gl.constexpr):
-    """acc (BM, BN) of one weight-gradient tile from ring slices i .. i + n_k - 1 (n_k >= 1), slice k's scales
-    sa_base[k + sa_offs] (rows) and sb_base[k + sb_offs] (columns); unrolled by two as _ws_tile_acc. The column
-    scales are loaded one a thread and spread to the accumulator's layout through shared memory: read in that
-    layout (32 a thread, each a 64-bit address) they spilled 280 B a thread."""
-    BM: gl.constexpr = a_bufs.shape[1]
-    BN: gl.constexpr = b_bufs.shape[1]
-    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
-    acc = gl.zeros([BM, BN], gl.float32, acc_l)
-    sa0 = gl.load(sa_base + sa_offs)[:, None]
-    sb0 = gl.load(sb_base + sb_offs)
-    p0 = _mma_slice(a_bufs, b_bufs, ready, i, acc_l, STAGES)
-    for k in range(1, n_k - 1, 2):
-        sa1 = gl.load(sa_base + k + sa_offs)[:, None]
-        sb1 = gl.load(sb_base + k + sb_offs)
-        p1 = _mma_slice(a_bufs, b_bufs, ready, i + k, acc_l, STAGES)
-        acc = _retire_rc(acc, p0, sa0, sb0, col_l, empty, i + k - 1, 1, STAGES)
-        sa0 = gl.load(sa_base + k + 1 + sa_offs)[:, None]
-        sb0 = gl.load(sb_base + k + 1 + sb_offs)
-        p0 = _mma_slice(a_bufs, b_bufs, ready, i + k + 1, acc_l, STAGES)
-        acc = _retire_rc(acc, p1, sa1, sb1, col_l, empty, i + k, 1, STAGES)
-    if n_k % 2 == 0:
-        sa1 = gl.load(sa_base + n_k - 1 + sa_offs)[:, None]
-        sb1 = gl.load(sb_base + n_k - 1 + sb_offs)
-        p1 = _mma_slice(a_bufs, b_bufs, ready, i + n_k - 1, acc_l, STAGES)
-        acc = _retire_rc(acc, p0, sa0, sb0, col_l, empty, i + n_k - 2, 1, STAGES)
-        acc = _retire_rc(acc, p1, sa1, sb1, col_l, empty, i + n_k - 1, 0, STAGES)
-    else:
-        acc = _retire_rc(acc, p0, sa0, sb0, col_l, empty, i + n_k - 1, 0, STAGES)
+def _retire_smem(acc, prod, sa_bufs, sb_bufs, empty, i, PENDING: gl.constexpr, STAGES: gl.constexpr):
+    """_retire with slice i's row and column scales read from its ring slot (they landed with its operands),
+    straight into the accumulator's row and column layouts: no global load, no layout conversion (which put a
+    CTA barrier and a shared-memory round trip into every slice)."""
+    acc_l: gl.constexpr = acc.type.layout
+    slot = i % STAGES
+    done = warpgroup_mma_wait(num_outstanding=PENDING, deps=(prod,))
+    sa = sa_bufs.index(slot).load(gl.SliceLayout(1, acc_l))
+    sb = sb_bufs.index(slot).load(gl.SliceLayout(0, acc_l))
+    acc = warpgroup_mma_wait(num_outstanding=PENDING, deps=(acc + done * sa[:, None] * sb[None, :],))
+    mbarrier.arrive(empty.index(slot))
     return acc
 
 
 @gluon.jit
-def _wg_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr, n_tiles,
-                 n_rt, n_ct, n_tb, R, C, R_SPLIT, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+def _wg_tile_acc(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, i, n_k, acc_l: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """acc (BM, BN) of one weight-gradient tile from ring slices i .. i + n_k - 1 (n_k >= 1), unrolled by two as
+    _ws_tile_acc."""
+    BM: gl.constexpr = a_bufs.shape[1]
+    BN: gl.constexpr = b_bufs.shape[1]
+    acc = gl.zeros([BM, BN], gl.float32, acc_l)
+    p0 = _mma_slice(a_bufs, b_bufs, ready, i, acc_l, STAGES)
+    for k in range(1, n_k - 1, 2):
+        p1 = _mma_slice(a_bufs, b_bufs, ready, i + k, acc_l, STAGES)
+        acc = _retire_smem(acc, p0, sa_bufs, sb_bufs, empty, i + k - 1, 1, STAGES)
+        p0 = _mma_slice(a_bufs, b_bufs, ready, i + k + 1, acc_l, STAGES)
+        acc = _retire_smem(acc, p1, sa_bufs, sb_bufs, empty, i + k, 1, STAGES)
+    if n_k % 2 == 0:
+        p1 = _mma_slice(a_bufs, b_bufs, ready, i + n_k - 1, acc_l, STAGES)
+        acc = _retire_smem(acc, p0, sa_bufs, sb_bufs, empty, i + n_k - 2, 1, STAGES)
+        acc = _retire_smem(acc, p1, sa_bufs, sb_bufs, empty, i + n_k - 1, 0, STAGES)
+    else:
+        acc = _retire_smem(acc, p0, sa_bufs, sb_bufs, empty, i + n_k - 1, 0, STAGES)
+    return acc
+
+
+@gluon.jit
+def _wg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr, pend_ptr, out_ptr, out2_ptr,
+                 n_tiles, n_rt, n_ct, R, C, R_SPLIT, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                  num_warps: gl.constexpr):
     """_wg_tile_acc for every tile of this program; an expert without tokens gets zeros."""
     acc_l: gl.constexpr = _acc_layout(BN, num_warps)
     st_l: gl.constexpr = _store_layout(num_warps)
-    flat_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * n_tb
-    sb_offs = gl.arange(0, BN, layout=flat_l) * n_tb
     i = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
-        sa_base = sa_ptr + r0.to(gl.int64) * n_tb + p0 // SLICE
-        sb_base = sb_ptr + c0.to(gl.int64) * n_tb + p0 // SLICE
         if n_k > 0:
-            acc = _wg_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_offs, acc_l,
-                               STAGES)
+            acc = _wg_tile_acc(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, i, n_k, acc_l, STAGES)
         else:
             acc = gl.zeros([BM, BN], gl.float32, acc_l)
         i += n_k
@@ -314,24 +313,27 @@ def _wg_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, pstart_ptr, pend_
 
 @gluon.jit
 def _wgrad_kernel_sm90_ws(
-    a_desc, sa_ptr, b_desc, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr, n_pad, R, C, R_SPLIT, n_experts,
+    a_desc, sa_desc, b_desc, sb_desc, pstart_ptr, pend_ptr, out_ptr, out2_ptr, R, C, R_SPLIT, n_experts,
     STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """_wgrad_kernel's product (out_e = A[:, rows of e] @ B[:, rows of e]^T over each expert's padded tokens,
-    one scale per channel and 128 tokens; rows >= R_SPLIT into out2; zeros for an expert without tokens),
-    persistent and warp-specialised as _gemm_scatter_kernel_sm90_ws."""
+    one scale per channel and 128 tokens, the scale tables (P/128, R) and (P/128, C) flattened; rows >= R_SPLIT
+    into out2; zeros for an expert without tokens), persistent and warp-specialised as
+    _gemm_scatter_kernel_sm90_ws."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     n_rt = R // BM
     n_ct = C // BN
     a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, STAGES)
+    sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
+    sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sb_desc.layout)
     n_tiles = n_experts * n_rt * n_ct
     gl.warp_specialize(
         [
-            (_wg_consumer, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, pstart_ptr, pend_ptr, out_ptr, out2_ptr,
-                            n_tiles, n_rt, n_ct, n_pad // SLICE, R, C, R_SPLIT, STAGES, BM, BN, num_warps)),
-            (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, pstart_ptr, pend_ptr, n_tiles, n_rt, n_ct,
-                          STAGES)),
+            (_wg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr, pend_ptr, out_ptr,
+                            out2_ptr, n_tiles, n_rt, n_ct, R, C, R_SPLIT, STAGES, BM, BN, num_warps)),
+            (_wg_loader, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
+                          pstart_ptr, pend_ptr, n_tiles, n_rt, n_ct, R, C, STAGES)),
         ],
         [1],
         [40],
@@ -371,11 +373,16 @@ def gemm_scatter_sm90(
     )  # fmt: skip
 
 
+def _scale_desc(t: torch.Tensor, block: int) -> TensorDescriptor:
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    return TensorDescriptor.from_tensor(t.reshape(-1), [block], layout)
+
+
 def wgrad_sm90(a, sa, b, sb, lay, out, out2, R, C, R_SPLIT, config=None) -> None:
-    """_wgrad_kernel's contract: a (R, P) and b (C, P) fp8, scales (R, P/128) and (C, P/128); out_e (R_SPLIT, C),
+    """_wgrad_kernel's contract: a (R, P) and b (C, P) fp8, scales (P/128, R) and (P/128, C); out_e (R_SPLIT, C),
     out2_e (R - R_SPLIT, C)."""
     bm, warps, stages = config or WGRAD_CONFIG
     _wgrad_kernel_sm90_ws[(_n_sms(a.device),)](
-        _desc(a, bm), sa, _desc(b, SLICE_ROWS), sb, lay.pstart, lay.pend, out, out2, lay.n_pad, R, C, R_SPLIT,
-        lay.n_exp, STAGES=stages, num_warps=warps,
+        _desc(a, bm), _scale_desc(sa, bm), _desc(b, SLICE_ROWS), _scale_desc(sb, SLICE_ROWS), lay.pstart, lay.pend,
+        out, out2, R, C, R_SPLIT, lay.n_exp, STAGES=stages, num_warps=warps,
     )  # fmt: skip

@@ -125,8 +125,8 @@ def test_sm90_wgrad_gemm_matches_triton(config, monkeypatch):
     n_exp, r, c, r_split = len(counts), 512, 384, 256
     a = (torch.randn(r, lay.n_pad, device="cuda") * 8).to(torch.float8_e4m3fn)
     b = (torch.randn(c, lay.n_pad, device="cuda") * 8).to(torch.float8_e4m3fn)
-    sa = torch.rand(r, lay.n_pad // 128, device="cuda") + 0.5
-    sb = torch.rand(c, lay.n_pad // 128, device="cuda") + 0.5
+    sa = torch.rand(lay.n_pad // 128, r, device="cuda") + 0.5
+    sb = torch.rand(lay.n_pad // 128, c, device="cuda") + 0.5
     monkeypatch.setattr(K, "SM90_GEMMS", False)
     w1, w3 = torch.empty(n_exp, r_split, c, device="cuda"), torch.empty(n_exp, r - r_split, c, device="cuda")
     K._wgrad(a, sa, b, sb, lay, w1, w3, r, c, r_split)

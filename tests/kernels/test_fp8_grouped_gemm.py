@@ -130,7 +130,7 @@ def test_quantised_operands_match_torch_cast():
     want[real] = K._qdq_rows(x[lay.row_src[:used][real].long()])
     assert ((deq - want).abs() <= 2**-6 * scale + 1e-6 * want.abs()).all()
     assert (deq[~real] == 0).all()
-    scale_t = st[:, : used // 128].repeat_interleave(128, dim=1).T  # (used, 256)
+    scale_t = st[: used // 128].repeat_interleave(128, dim=0)  # (used, 256)
     deq_t = qt[:, :used].float().T * scale_t
     want_t = torch.zeros(used, 256)
     for a, b, n in ((0, 1, 1), (128, 131, 130)):  # padded start, end of the source rows, count
