@@ -10,15 +10,16 @@ contraction has one scale. Pad rows are zeros; the outputs are written back to t
 
 Fused stages (each reads its input once):
 - activations -> fp8 row-scaled (for the next GEMM) and fp8 column-scaled transposed (saved for the weight grad);
-- GEMM1 x @ [w1; w3]^T -> epilogue: h1, h3 kept in x's dtype for the backward, h = silu(h1) * h3 quantised;
+- GEMM1 x @ [w1; w3]^T -> epilogue: h1, h3 kept in x's dtype for the backward, h = silu(h1) * h3 from those,
+  quantised (on Hopper GEMM1 is the Gluon GEMM and the SwiGLU a pass over h1 | h3: 2.0 -> about 1.5 ms);
 - GEMM dh = dy @ w2 (fp32, P x I), then one elementwise pass: SwiGLU backward, dh1 and dh3 quantised both ways,
   h recomputed from h1, h3 and quantised per 128 tokens for the w2 gradient. (As the GEMM's epilogue this pass
   held 255 registers and spilled, and the GEMM ran at 99 TFLOP/s on H200; the split costs a 4-byte round trip
   of dh through memory, P x I x 8 bytes, and a transient P x I fp32 buffer);
 - weights -> fp8 blocks in both orientations (K-major operands for the forward and for the input-gradient GEMMs).
 Hopper's fp8 tensor cores take K-major operands only; each operand is stored that way once. On Hopper the scatter
-and weight-gradient GEMMs run as the Gluon kernels of fp8_grouped_gemm_sm90.py (SM90_GEMMS): 7.44 -> 6.39 ms on
-bench6's shapes (H200).
+and weight-gradient GEMMs (and GEMM1) run as the Gluon kernels of fp8_grouped_gemm_sm90.py (SM90_GEMMS); the
+five scatter and weight-gradient GEMMs of bench6 took 7.44 ms in Triton and 5.1 ms in Gluon (H200).
 
 Limits: dim and hidden a multiple of 128; x bf16/fp16/fp32 (outputs in x's dtype); weight grads in the weights'
 dtype. Saved for the backward: h1 | h3 (N x 2I, x's dtype), x column-quantised (N x D fp8), the fp8 weights
@@ -127,6 +128,15 @@ def _quant_weight_kernel(
 # fmt: on
 
 
+@triton.jit
+def _store_swiglu_q(h1, h3, hq_ptr, hs_ptr, offs_m, nb, HIDDEN, EXACT: tl.constexpr):
+    """h = silu(h1) * h3 of rows offs_m, hidden block nb (128 wide), row-quantised into hq (P, I) and hs
+    (P, I/128). h1, h3 are the values as stored for the backward (x's dtype), which recomputes h the same way."""
+    hq, hs = _quant_rows(h1 * tl.sigmoid(h1) * h3, EXACT)
+    tl.store(hq_ptr + offs_m[:, None] * HIDDEN + nb * 128 + tl.arange(0, 128)[None, :], hq)
+    tl.store(hs_ptr + offs_m * (HIDDEN // 128) + nb, hs)
+
+
 # ---- GEMMs ---------------------------------------------------------------------------------------------------
 # Configs were compiled for sm_90 with triton 3.6 before the first GPU run: none spills inside its K loop; 128-row
 # GEMM1 tiles, 256-wide output tiles and 4-warp variants did and were dropped.
@@ -190,11 +200,26 @@ def _gemm_swiglu_fwd_kernel(
         2 * HIDDEN // 128 * n_kb, n_kb, 1, True, BLOCK_M, 128,
     )
     h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
-    tl.store(h13_ptrs, h1.to(h13_ptr.dtype.element_ty))
-    tl.store(h13_ptrs + HIDDEN, h3.to(h13_ptr.dtype.element_ty))
-    hq, hs = _quant_rows(h1 * tl.sigmoid(h1) * h3, EXACT)
-    tl.store(hq_ptr + offs_m[:, None] * HIDDEN + offs_n[None, :], hq)
-    tl.store(hs_ptr + offs_m * (HIDDEN // 128) + tl.program_id(0), hs)
+    h1 = h1.to(h13_ptr.dtype.element_ty)
+    h3 = h3.to(h13_ptr.dtype.element_ty)
+    tl.store(h13_ptrs, h1)
+    tl.store(h13_ptrs + HIDDEN, h3)
+    _store_swiglu_q(h1.to(tl.float32), h3.to(tl.float32), hq_ptr, hs_ptr, offs_m, tl.program_id(0), HIDDEN, EXACT)
+
+
+@triton.jit(do_not_specialize=["n_experts"])
+def _swiglu_quant_kernel(h13_ptr, tile_expert_ptr, hq_ptr, hs_ptr, n_experts, HIDDEN, EXACT: tl.constexpr):
+    """h = silu(h1) * h3 row-quantised for one (128-row, 128-hidden) tile of the stored h1 | h3 (P, 2I): the
+    forward's SwiGLU where GEMM1 is a plain GEMM (Hopper)."""
+    tile = tl.program_id(1)
+    if tl.load(tile_expert_ptr + tile) >= n_experts:
+        return
+    offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
+    offs_n = tl.program_id(0) * 128 + tl.arange(0, 128)
+    h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
+    h1 = tl.load(h13_ptrs).to(tl.float32)
+    h3 = tl.load(h13_ptrs + HIDDEN).to(tl.float32)
+    _store_swiglu_q(h1, h3, hq_ptr, hs_ptr, offs_m, tl.program_id(0), HIDDEN, EXACT)
 
 
 @triton.autotune(
@@ -311,8 +336,9 @@ def _wgrad_kernel(
 class _Layout:
     """The padded layout, built on the device (P is a static bound: no host sync).
 
-    row_src (P,) source row of each padded row or -1; tile_expert (T,) expert of each 128-row tile, E past the
-    last expert; pstart, pend (E,) padded row range of each expert.
+    row_src (P,) source row of each padded row or -1; identity (P,) each padded row itself (for GEMMs whose
+    output stays padded); tile_expert (T,) expert of each 128-row tile, E past the last expert; pstart, pend (E,)
+    padded row range of each expert.
     """
 
     def __init__(self, counts_E: torch.Tensor, n_rows: int):
@@ -330,6 +356,7 @@ class _Layout:
         valid = (e < self.n_exp) & (local < counts[ec])
         self.row_src = torch.where(valid, start[ec] + local, -1).to(torch.int32)
         self.tile_expert = e[::TILE].to(torch.int32).contiguous()
+        self.identity = torch.arange(self.n_pad, device=counts.device, dtype=torch.int32)
         self.pstart = pstart.to(torch.int32)
         self.pend = pend.to(torch.int32)
 
@@ -442,9 +469,19 @@ def _swiglu_fwd(x, counts_E, w1, w2, w3):
     xq, xs, xqt, xst = _quant_act(x, lay)
     h13 = torch.empty(n_pad, 2 * hidden, device=dev, dtype=x.dtype)
     hq, hs = _fp8_empty(n_pad, hidden, device=dev), _f32_empty(n_pad, hidden // TILE, device=dev)
-    _gemm_swiglu_fwd_kernel[lambda meta: (hidden // TILE, n_pad // meta["BLOCK_M"])](
-        xq, xs, w13q, w13s, lay.tile_expert, h13, hq, hs, n_exp, dim, hidden, EXACT=_INTERPRET,
-    )  # fmt: skip
+    if _sm90(x) is not None:
+        # Hopper: GEMM1 is the Gluon GEMM writing h1 | h3 (H200, bench6: about 1.3 ms where the Triton kernel with
+        # the SwiGLU epilogue takes 2.0), then the SwiGLU and h's quantisation as a pass over them
+        n_db = dim // TILE
+        n_hb = 2 * hidden // TILE
+        _gemm_scatter(xq, xs, w13q, w13s, lay, lay.identity, h13, dim, 2 * hidden, n_hb * n_db, n_db, 1)
+        _swiglu_quant_kernel[(hidden // TILE, n_pad // TILE)](
+            h13, lay.tile_expert, hq, hs, n_exp, hidden, EXACT=_INTERPRET, num_warps=8
+        )
+    else:
+        _gemm_swiglu_fwd_kernel[lambda meta: (hidden // TILE, n_pad // meta["BLOCK_M"])](
+            xq, xs, w13q, w13s, lay.tile_expert, h13, hq, hs, n_exp, dim, hidden, EXACT=_INTERPRET,
+        )  # fmt: skip
     y = torch.empty(n_rows, dim, device=dev, dtype=x.dtype)
     n_kb, n_nb = hidden // TILE, dim // TILE
     _gemm_scatter(hq, hs, w2q, w2s, lay, lay.row_src, y, hidden, dim, n_nb * n_kb, n_kb, 1)
@@ -468,8 +505,7 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     # pass against 5.8 ms for the GEMM with the epilogue fused (255 registers, spilled). B = w2^T (E, I, D); the
     # scale of its block (i, d) is w2s[e, d, i].
     dh = _f32_empty(n_pad, hidden, device=dev)
-    rows = torch.arange(n_pad, device=dev, dtype=torch.int32)
-    _gemm_scatter(dyq, dys, w2tq, w2s, lay, rows, dh, dim, hidden, n_db * n_ib, 1, n_ib)
+    _gemm_scatter(dyq, dys, w2tq, w2s, lay, lay.identity, dh, dim, hidden, n_db * n_ib, 1, n_ib)
     _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, n_exp, hidden, EXACT=_INTERPRET,
         num_warps=_EPILOGUE_WARPS,
@@ -591,8 +627,8 @@ def fp8_grouped_swiglu_reference(x_ND, counts_E, w1_EID, w2_EDI, w3_EID, dy_ND=N
     """The same computation in dequantised fp32 torch math, one expert at a time (host sync on the counts).
 
     Returns y, or (y, dx, dw1, dw2, dw3) when dy is given, quantising where the kernels do: x, h, dy, dh1 | dh3
-    per 1x128 (and per 128x1 for the weight gradients), weights per 128x128; h1, h3 rounded to x's dtype for
-    the backward as the kernels store them (h for the w2 gradient is recomputed from those, as in the kernels).
+    per 1x128 (and per 128x1 for the weight gradients), weights per 128x128; h1, h3 rounded to x's dtype as the
+    kernels store them, and h computed from those (forward and backward, as in the kernels).
     """
     outs = {k: [] for k in ("y", "dx", "dw1", "dw2", "dw3")}
     start = 0
@@ -604,13 +640,12 @@ def fp8_grouped_swiglu_reference(x_ND, counts_E, w1_EID, w2_EDI, w3_EID, dy_ND=N
             continue
         w1, w2, w3 = (_qdq_blocks(w[e]) for w in (w1_EID, w2_EDI, w3_EID))
         xq = _qdq_rows(x)
-        h1, h3 = xq @ w1.T, xq @ w3.T
+        h1, h3 = (xq @ w1.T).to(x_ND.dtype).float(), (xq @ w3.T).to(x_ND.dtype).float()  # as stored
         h = torch.nn.functional.silu(h1) * h3
         outs["y"].append(_qdq_rows(h) @ w2.T)
         if dy_ND is not None:
             dy = dy_ND[start : start + n].float()
             dh = _qdq_rows(dy) @ w2
-            h1, h3 = h1.to(x_ND.dtype).float(), h3.to(x_ND.dtype).float()  # as stored for the backward
             sig = torch.sigmoid(h1)
             h = h1 * sig * h3
             dh13 = torch.cat([dh * h3 * sig * (1 + h1 * (1 - sig)), dh * h1 * sig], dim=1)

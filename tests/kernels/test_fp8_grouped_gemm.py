@@ -138,6 +138,23 @@ def test_quantised_operands_match_torch_cast():
     assert ((deq_t - want_t).abs() <= 2**-6 * scale_t + 1e-6 * want_t.abs()).all()
 
 
+def test_swiglu_quant_pass_matches_torch():
+    """The forward's SwiGLU as a pass over the stored h1 | h3 (GEMM1 without its epilogue, as on Hopper): h =
+    silu(h1) * h3 quantised per 1x128 as torch's cast does; a tile past the last expert is left alone."""
+    g = torch.Generator().manual_seed(5)
+    h13 = (torch.randn(384, 2 * HIDDEN, generator=g) * 3).bfloat16()
+    tile_expert = torch.tensor([0, 1, 2], dtype=torch.int32)  # 2 experts: the third tile has none
+    hq = torch.full((384, HIDDEN), 7.0).to(torch.float8_e4m3fn)
+    hs = torch.full((384, HIDDEN // 128), -1.0)
+    K._swiglu_quant_kernel[(HIDDEN // 128, 3)](h13, tile_expert, hq, hs, 2, HIDDEN, EXACT=True)
+    h1, h3 = h13[:256, :HIDDEN].float(), h13[:256, HIDDEN:].float()
+    want = K._qdq_rows(torch.nn.functional.silu(h1) * h3)
+    scale = hs[:256].repeat_interleave(128, dim=1)
+    deq = hq[:256].float() * scale
+    assert ((deq - want).abs() <= 2**-6 * scale + 1e-6 * want.abs()).all()
+    assert (hs[256:] == -1).all() and (hq[256:].float() == 7).all()
+
+
 def test_traced_by_compile():
     x, counts_E, w1, w2, w3, dy = _inputs([5, 3], seed=3)
     ws = [w.requires_grad_() for w in (w1, w2, w3)]
