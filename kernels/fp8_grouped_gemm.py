@@ -12,10 +12,10 @@ Fused stages (each reads its input once):
 - activations -> fp8 row-scaled (for the next GEMM) and fp8 column-scaled transposed (saved for the weight grad);
 - GEMM1 x @ [w1; w3]^T -> epilogue: h1, h3 kept in x's dtype for the backward, h = silu(h1) * h3 from those,
   quantised (on Hopper GEMM1 is the Gluon GEMM and the SwiGLU a pass over h1 | h3: 2.0 -> about 1.5 ms);
-- GEMM dh = dy @ w2 (fp32, P x I), then one elementwise pass: SwiGLU backward, dh1 and dh3 quantised both ways,
-  h recomputed from h1, h3 and quantised per 128 tokens for the w2 gradient. (As the GEMM's epilogue this pass
-  held 255 registers and spilled, and the GEMM ran at 99 TFLOP/s on H200; the split costs a 4-byte round trip
-  of dh through memory, P x I x 8 bytes, and a transient P x I fp32 buffer);
+- GEMM dh = dy @ w2 (P x I, dy's dtype), then one elementwise pass: SwiGLU backward, dh1 and dh3 quantised both
+  ways, h recomputed from h1, h3 and quantised per 128 tokens for the w2 gradient. (As the GEMM's epilogue this pass
+  held 255 registers and spilled, and the GEMM ran at 99 TFLOP/s on H200; the split costs a round trip of dh
+  through memory, P x I x 4 bytes in bf16, and a transient P x I buffer);
 - weights -> fp8 blocks in both orientations (K-major operands for the forward and for the input-gradient GEMMs).
 Hopper's fp8 tensor cores take K-major operands only; each operand is stored that way once. On Hopper the scatter
 and weight-gradient GEMMs (and GEMM1) run as the Gluon kernels of fp8_grouped_gemm_sm90.py (SM90_GEMMS); the
@@ -41,8 +41,11 @@ TILE = 128  # scaling granularity and row-tile size
 _EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to zeros
 # the SwiGLU-backward quantisation pass: on sm_90 with Triton 3.6 (compile_kernels_sm90.py) it spilled 480 B a
 # thread with 8 warps and 136 B with 16 while dh, h1, h3 and sig lived through the first quantisation; with the
-# three outputs computed first, 48 B and 96 B; the 16-warp pass took 1.19 ms on H200 both before and after
-_EPILOGUE_WARPS = 16
+# three outputs computed first, 48 B and 96 B. Timed alone on bench6's shapes (H200, dh in bf16): 0.80 ms with 8
+# warps, 1.09 with 16, 3.28 with 4
+_EPILOGUE_WARPS = 8
+# the activation quantiser on bench6's x (H200): 0.315 ms with 4 warps, 0.339 with 8, 0.418 with 16
+_QUANT_ACT_WARPS = 4
 _FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same two, as the kernels see them
 _EPS_C = tl.constexpr(_EPS)
 
@@ -255,7 +258,7 @@ def _swiglu_bwd_quant_kernel(
     dh_ptr, h13_ptr, tile_expert_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, n_pad, n_experts,
     HIDDEN, EXACT: tl.constexpr,
 ):
-    """SwiGLU backward of one (128-row, 128-hidden) tile from dh = dy @ w2 (P, I) fp32 and the stored h1 | h3:
+    """SwiGLU backward of one (128-row, 128-hidden) tile from dh = dy @ w2 (P, I; dy's dtype) and the stored h1, h3:
     dh1, dh3 quantised row-wise into (P, 2I) and column-wise transposed into (2I, P); h = silu(h1) * h3
     recomputed and column-quantised transposed into (I, P) for the w2 gradient."""
     tile = tl.program_id(1)
@@ -263,7 +266,7 @@ def _swiglu_bwd_quant_kernel(
         return
     offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
     offs_n = tl.program_id(0) * 128 + tl.arange(0, 128)
-    dh = tl.load(dh_ptr + offs_m[:, None] * HIDDEN + offs_n[None, :])
+    dh = tl.load(dh_ptr + offs_m[:, None] * HIDDEN + offs_n[None, :]).to(tl.float32)
     h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
     h1 = tl.load(h13_ptrs).to(tl.float32)
     h3 = tl.load(h13_ptrs + HIDDEN).to(tl.float32)
@@ -420,8 +423,9 @@ def _quant_act(x: torch.Tensor, lay: _Layout):
     qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_pad // TILE, n_cols, device=dev)
     grid = (n_pad // TILE, n_cols // TILE)
     _quant_act_kernel[grid](
-        x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET, num_warps=8
-    )
+        x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET,
+        num_warps=_QUANT_ACT_WARPS,
+    )  # fmt: skip
     return q, s, qt, st
 
 
@@ -501,10 +505,11 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
     n_ib, n_db = hidden // TILE, dim // TILE
     # dh = dy @ w2 into the padded rows (the identity as row map: pad rows of dy are zeros, so are theirs), in
-    # fp32, then the SwiGLU backward as its own pass: on bench6 shapes (H200) about 1.1 ms of GEMM + 1.19 ms of
-    # pass against 5.8 ms for the GEMM with the epilogue fused (255 registers, spilled). B = w2^T (E, I, D); the
-    # scale of its block (i, d) is w2s[e, d, i].
-    dh = _f32_empty(n_pad, hidden, device=dev)
+    # dy's dtype (bf16: half the bytes of fp32 through memory; dh1 and dh3 are quantised to fp8 right after),
+    # then the SwiGLU backward as its own pass: on bench6 shapes (H200) about 1.1 ms of GEMM + 1.19 ms of pass
+    # against 5.8 ms for the GEMM with the epilogue fused (255 registers, spilled). B = w2^T (E, I, D); the scale
+    # of its block (i, d) is w2s[e, d, i].
+    dh = torch.empty(n_pad, hidden, device=dev, dtype=dy.dtype)
     _gemm_scatter(dyq, dys, w2tq, w2s, lay, lay.identity, dh, dim, hidden, n_db * n_ib, 1, n_ib)
     _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, n_exp, hidden, EXACT=_INTERPRET,
@@ -627,8 +632,8 @@ def fp8_grouped_swiglu_reference(x_ND, counts_E, w1_EID, w2_EDI, w3_EID, dy_ND=N
     """The same computation in dequantised fp32 torch math, one expert at a time (host sync on the counts).
 
     Returns y, or (y, dx, dw1, dw2, dw3) when dy is given, quantising where the kernels do: x, h, dy, dh1 | dh3
-    per 1x128 (and per 128x1 for the weight gradients), weights per 128x128; h1, h3 rounded to x's dtype as the
-    kernels store them, and h computed from those (forward and backward, as in the kernels).
+    per 1x128 (and per 128x1 for the weight gradients), weights per 128x128; h1, h3 and dh rounded to x's dtype
+    as the kernels store them, and h computed from h1, h3 so rounded (forward and backward, as in the kernels).
     """
     outs = {k: [] for k in ("y", "dx", "dw1", "dw2", "dw3")}
     start = 0
@@ -645,7 +650,7 @@ def fp8_grouped_swiglu_reference(x_ND, counts_E, w1_EID, w2_EDI, w3_EID, dy_ND=N
         outs["y"].append(_qdq_rows(h) @ w2.T)
         if dy_ND is not None:
             dy = dy_ND[start : start + n].float()
-            dh = _qdq_rows(dy) @ w2
+            dh = (_qdq_rows(dy) @ w2).to(x_ND.dtype).float()  # as the dh GEMM writes it
             sig = torch.sigmoid(h1)
             h = h1 * sig * h3
             dh13 = torch.cat([dh * h3 * sig * (1 + h1 * (1 - sig)), dh * h1 * sig], dim=1)

@@ -4,7 +4,8 @@ what can be checked of them: that they build (the Gluon API moves between Triton
 load async_copy_global_to_shared, 3.9 async_load), and that the compiled code keeps one wgmma in flight while the
 slice before it is rescaled, loads by TMA, and runs a warp-specialised loader beside consumers that were given
 more registers; and that ptxas did not serialise the wgmmas (its C751x notes), which a loop-carried copy of an
-in-flight product made it do in every Gluon GEMM until stop 21. Their numerics are checked on GPU (tests/gpu/test_fp8_grouped_gemm_gpu.py).
+in-flight product made it do in every Gluon GEMM until stop 21. Their numerics are checked on GPU
+(tests/gpu/test_fp8_grouped_gemm_gpu.py).
 
 The compile runs in a subprocess: this directory's conftest sets TRITON_INTERPRET=1, under which the JIT builds
 interpreter functions instead.
