@@ -23,12 +23,19 @@ import functools
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import constexpr_function
 
 # Triton 3.6 (the GPU machines) names the TMA load async_copy_global_to_shared; newer ones async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # 3.6 has only the latter
 SLICE_ROWS = 128  # contraction slice = scaling granularity
 SLICE = gl.constexpr(SLICE_ROWS)  # the same, as the kernels see it
 
@@ -39,12 +46,6 @@ def _acc_layout(block_n, num_warps):
     return gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_n, 32]
     )
-
-
-@constexpr_function
-def _store_layout(num_warps):
-    # 16 consecutive outputs a thread (32 B of bf16), a warp covers 4 rows x 128 columns: coalesced stores
-    return gl.BlockedLayout([1, 16], [4, 8], [num_warps, 1], [1, 0])
 
 
 # fmt: off
@@ -85,6 +86,17 @@ def _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, a_row, b_row, co
     slot = i % STAGES
     mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
     _issue_slice(a_desc, b_desc, a_row, b_row, col, ready.index(slot), a_bufs.index(slot), b_bufs.index(slot), True)
+
+
+@gluon.jit
+def _tma_store_tile(acc, out_desc, out_smem, row, col):
+    """acc -> out[row:, col:] by TMA from shared memory: the consumers write the tile there and go on to the next
+    tile's wgmmas while the copy runs (the global stores of the tile were about 2 us of every tile's 7.7-13 us,
+    bench6 on H200); the copy before must have left the buffer first."""
+    tma.store_wait(0)
+    out_smem.store(acc.to(out_desc.dtype))
+    fence_async_shared()
+    _tma_store(out_desc, [row, col], out_smem)
 
 
 @gluon.jit
@@ -162,9 +174,9 @@ def _ws_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base
 
 
 @gluon.jit
-def _ws_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, n_tiles,
-                 n_nt, n_k, N_OUT, sb_e, sb_n, sb_k, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 num_warps: gl.constexpr):
+def _ws_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr, out_desc,
+                 out_smem, n_tiles, n_nt, n_k, N_OUT, sb_e, sb_n, sb_k, STAGES: gl.constexpr, BM: gl.constexpr,
+                 BN: gl.constexpr, num_warps: gl.constexpr):
     """The default warps: wgmma, rescale and store of every tile (_ws_tile_acc)."""
     acc_l: gl.constexpr = _acc_layout(BN, num_warps)
     sa_offs = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l)) * n_k
@@ -175,19 +187,24 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, 
         sb_base = sb_ptr + e * sb_e + (n0 // SLICE) * sb_n
         acc = _ws_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_k, acc_l, STAGES)
         i += n_k
-        st_l: gl.constexpr = _store_layout(num_warps)
-        out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
-        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, st_l))
-        src = gl.load(row_src_ptr + rows).to(gl.int64)
-        mask = (src[:, None] >= 0) & (cols[None, :] < N_OUT)
-        gl.store(out_ptr + src[:, None] * N_OUT + cols[None, :], out, mask=mask)
+        # a tile's real rows go to consecutive rows (its expert's), the padding last: all real -> one TMA box
+        last = gl.load(row_src_ptr + row0 + BM - 1)
+        if last >= 0:
+            _tma_store_tile(acc, out_desc, out_smem, last - (BM - 1), n0)
+        else:  # an expert's last, partly padded tile: row by row, straight from the accumulator's layout (a
+            # conversion to a coalesced one would take shared memory beside the ring and the TMA buffer)
+            rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_l))
+            src = gl.load(row_src_ptr + rows)
+            dst = out_ptr + src.to(gl.int64)[:, None] * N_OUT + cols[None, :]
+            gl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(src[:, None] >= 0) & (cols[None, :] < N_OUT))
+    tma.store_wait(0)
 
 
 @gluon.jit(do_not_specialize=["n_experts"])
 def _gemm_scatter_kernel_sm90_ws(
-    a_desc, sa_ptr, b_desc, sb_ptr, tile_expert_ptr, pend_ptr, row_src_ptr, out_ptr, n_experts, K, N_OUT,
-    sb_e, sb_n, sb_k, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    a_desc, sa_ptr, b_desc, sb_ptr, tile_expert_ptr, pend_ptr, row_src_ptr, out_ptr, out_desc, n_experts, K,
+    N_OUT, sb_e, sb_n, sb_k, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """_gemm_scatter_kernel_sm90's product, persistent and warp-specialised: a loader warp keeps the TMA ring
     STAGES slices ahead across tile boundaries (a tile is only 11-22 slices deep here), so the next tile's
@@ -199,10 +216,12 @@ def _gemm_scatter_kernel_sm90_ws(
     # the real experts' padded rows end at pend[E-1] (a multiple of 128): the tail tiles have no expert
     n_tiles = gl.load(pend_ptr + n_experts - 1) // BM * n_nt
     a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, STAGES)
+    out_smem = gl.allocate_shared_memory(out_desc.dtype, [BM, BN], out_desc.layout)
     gl.warp_specialize(
         [
             (_ws_consumer, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, tile_expert_ptr, row_src_ptr, out_ptr,
-                            n_tiles, n_nt, n_k, N_OUT, sb_e, sb_n, sb_k, STAGES, BM, BN, num_warps)),
+                            out_desc, out_smem, n_tiles, n_nt, n_k, N_OUT, sb_e, sb_n, sb_k, STAGES, BM, BN,
+                            num_warps)),
             (_ws_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, n_tiles, n_nt, n_k,
                           N_OUT, STAGES)),
         ],
@@ -286,12 +305,11 @@ def _wg_tile_acc(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, i, n_k, acc_l: 
 
 
 @gluon.jit
-def _wg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr, pend_ptr, out_ptr, out2_ptr,
-                 n_tiles, n_rt, n_ct, R, C, R_SPLIT, STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """_wg_tile_acc for every tile of this program; an expert without tokens gets zeros."""
+def _wg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr, pend_ptr, out_desc, out2_desc,
+                 out_smem, n_tiles, n_rt, n_ct, R, C, R_SPLIT, STAGES: gl.constexpr, BM: gl.constexpr,
+                 BN: gl.constexpr, num_warps: gl.constexpr):
+    """_wg_tile_acc for every tile of this program, stored by TMA; an expert without tokens gets zeros."""
     acc_l: gl.constexpr = _acc_layout(BN, num_warps)
-    st_l: gl.constexpr = _store_layout(num_warps)
     i = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
@@ -300,20 +318,16 @@ def _wg_consumer(a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr, pen
         else:
             acc = gl.zeros([BM, BN], gl.float32, acc_l)
         i += n_k
-        out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st_l)
-        rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, st_l))
-        cols = c0 + gl.arange(0, BN, layout=gl.SliceLayout(0, st_l))
-        if r0 < R_SPLIT:
-            dst = out_ptr + e.to(gl.int64) * R_SPLIT * C + rows[:, None].to(gl.int64) * C + cols[None, :]
+        if r0 < R_SPLIT:  # out, out2 as (E R_SPLIT, C) and (E (R - R_SPLIT), C)
+            _tma_store_tile(acc, out_desc, out_smem, e * R_SPLIT + r0, c0)
         else:
-            dst = out2_ptr + e.to(gl.int64) * (R - R_SPLIT) * C + (rows[:, None] - R_SPLIT).to(gl.int64) * C
-            dst = dst + cols[None, :]
-        gl.store(dst, out)
+            _tma_store_tile(acc, out2_desc, out_smem, e * (R - R_SPLIT) + r0 - R_SPLIT, c0)
+    tma.store_wait(0)
 
 
 @gluon.jit
 def _wgrad_kernel_sm90_ws(
-    a_desc, sa_desc, b_desc, sb_desc, pstart_ptr, pend_ptr, out_ptr, out2_ptr, R, C, R_SPLIT, n_experts,
+    a_desc, sa_desc, b_desc, sb_desc, pstart_ptr, pend_ptr, out_desc, out2_desc, R, C, R_SPLIT, n_experts,
     STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """_wgrad_kernel's product (out_e = A[:, rows of e] @ B[:, rows of e]^T over each expert's padded tokens,
@@ -327,11 +341,12 @@ def _wgrad_kernel_sm90_ws(
     a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, STAGES)
     sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
     sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sb_desc.layout)
+    out_smem = gl.allocate_shared_memory(out_desc.dtype, [BM, BN], out_desc.layout)
     n_tiles = n_experts * n_rt * n_ct
     gl.warp_specialize(
         [
-            (_wg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr, pend_ptr, out_ptr,
-                            out2_ptr, n_tiles, n_rt, n_ct, R, C, R_SPLIT, STAGES, BM, BN, num_warps)),
+            (_wg_consumer, (a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty, pstart_ptr, pend_ptr, out_desc,
+                            out2_desc, out_smem, n_tiles, n_rt, n_ct, R, C, R_SPLIT, STAGES, BM, BN, num_warps)),
             (_wg_loader, (a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_bufs, ready, empty,
                           pstart_ptr, pend_ptr, n_tiles, n_rt, n_ct, R, C, STAGES)),
         ],
@@ -351,6 +366,16 @@ SCATTER_CONFIG = (128, 8, 4)
 WGRAD_CONFIG = (128, 8, 4)
 
 
+_SMEM_BYTES = 220 * 1024  # of the 227 KiB a block may have on sm_90, with room for the barriers
+
+
+def _stages(stages: int, bm: int, out: torch.Tensor) -> int:
+    """At most `stages` ring slots (A, B and 1 KiB of scales each) beside the TMA output tile: 6 fit with bf16
+    outputs, 5 with fp32."""
+    slot = (bm + SLICE_ROWS) * SLICE_ROWS + 1024
+    return min(stages, (_SMEM_BYTES - bm * SLICE_ROWS * out.element_size()) // slot)
+
+
 @functools.cache
 def _n_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -361,6 +386,15 @@ def _desc(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, [block_rows, SLICE_ROWS], layout)
 
 
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
+def _out_desc(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """A 2-D output (rows, cols) as TMA store boxes of block_rows x 128."""
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, SLICE_ROWS], _GL_DTYPES[t.dtype])
+    return TensorDescriptor.from_tensor(t, [block_rows, SLICE_ROWS], layout)
+
+
 def gemm_scatter_sm90(
     a, sa, b, sb, tile_expert, pend, row_src, out, n_experts, K, N_OUT, sb_e, sb_n, sb_k, config=None
 ) -> None:
@@ -368,8 +402,8 @@ def gemm_scatter_sm90(
     the experts' padded ranges (pend: where each ends)."""
     bm, warps, stages = config or SCATTER_CONFIG
     _gemm_scatter_kernel_sm90_ws[(_n_sms(a.device),)](
-        _desc(a, bm), sa, _desc(b.reshape(-1, K), SLICE_ROWS), sb, tile_expert, pend, row_src, out, n_experts, K,
-        N_OUT, sb_e, sb_n, sb_k, STAGES=stages, num_warps=warps,
+        _desc(a, bm), sa, _desc(b.reshape(-1, K), SLICE_ROWS), sb, tile_expert, pend, row_src, out,
+        _out_desc(out, bm), n_experts, K, N_OUT, sb_e, sb_n, sb_k, STAGES=_stages(stages, bm, out), num_warps=warps,
     )  # fmt: skip
 
 
@@ -384,5 +418,6 @@ def wgrad_sm90(a, sa, b, sb, lay, out, out2, R, C, R_SPLIT, config=None) -> None
     bm, warps, stages = config or WGRAD_CONFIG
     _wgrad_kernel_sm90_ws[(_n_sms(a.device),)](
         _desc(a, bm), _scale_desc(sa, bm), _desc(b, SLICE_ROWS), _scale_desc(sb, SLICE_ROWS), lay.pstart, lay.pend,
-        out, out2, R, C, R_SPLIT, lay.n_exp, STAGES=stages, num_warps=warps,
+        _out_desc(out.reshape(-1, C), bm), _out_desc(out2.reshape(-1, C), bm), R, C, R_SPLIT, lay.n_exp,
+        STAGES=_stages(stages, bm, out), num_warps=warps,
     )  # fmt: skip

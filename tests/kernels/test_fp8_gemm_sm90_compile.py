@@ -45,6 +45,7 @@ for name, bm, warps in (("_gemm_scatter_kernel_sm90_ws", 128, 8), ("_wgrad_kerne
     types = {"a_desc": desc(bm), "b_desc": desc(128), "out_ptr": "*bf16", "out2_ptr": "*bf16"}
     types["sa_desc"] = mangle_type(G._scale_desc(torch.empty(64, 1024), bm))
     types["sb_desc"] = mangle_type(G._scale_desc(torch.empty(64, 1024), 128))
+    types["out_desc"] = types["out2_desc"] = mangle_type(G._out_desc(torch.empty(64, 1024, dtype=torch.bfloat16), bm))
     for ptr in ("sa_ptr", "sb_ptr"):
         types[ptr] = "*fp32"
     for ptr in ("tile_expert_ptr", "pend_ptr", "pstart_ptr", "row_src_ptr"):
