@@ -25,6 +25,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from titan_dsv3.kernels import fp8_grouped_gemm as F  # noqa: E402
+from titan_dsv3.kernels import fp8_quant as Q  # noqa: E402
 from titan_dsv3.kernels import mla_attention as M  # noqa: E402
 from titan_dsv3.kernels import mla_attention_bwd as MB  # noqa: E402
 
@@ -115,12 +116,12 @@ def main() -> None:
     fp8_types.update({n: f32 for n in ("gst_ptr", "hst_ptr")})
     fp8_types.update({n: i32 for n in ("row_src_ptr", "tile_expert_ptr", "pstart_ptr", "pend_ptr")})
     fp8_types["w_ptr"] = bf16
-    sweep(F._quant_act_kernel, fp8_types, dict(EXACT=False))
-    sweep(F._quant_weight_kernel, fp8_types, dict(EXACT=False))
+    sweep(Q._quant_act_kernel, fp8_types, dict(EXACT=False))
+    sweep(Q._quant_weight_kernel, fp8_types, dict(EXACT=False))
     sweep(F._gemm_swiglu_fwd_kernel, {**fp8_types, "w_ptr": f8}, dict(EXACT=False))
     sweep(F._gemm_scatter_kernel, fp8_types, {})
     warps = [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
-    sweep(F._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": "*fp32"}, dict(EXACT=False), warps)
+    sweep(Q._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": "*fp32"}, dict(EXACT=False), warps)
     sweep(F._wgrad_kernel, fp8_types, {})
     sweep_gluon(fp8_types)
 

@@ -11,7 +11,8 @@ contraction has one scale. Pad rows are zeros; the outputs are written back to t
 Fused stages (each reads its input once):
 - activations -> fp8 row-scaled (for the next GEMM) and fp8 column-scaled transposed (saved for the weight grad);
 - GEMM1 x @ [w1; w3]^T -> epilogue: h1, h3 kept in x's dtype for the backward, h = silu(h1) * h3 from those,
-  quantised (on Hopper GEMM1 is the Gluon GEMM and the SwiGLU a pass over h1 | h3: 2.0 -> about 1.5 ms);
+  quantised (on Hopper GEMM1 is the Gluon GEMM and the SwiGLU a pass over h1 | h3: bench6's forward 3.69 ->
+  3.16 ms on H200);
 - GEMM dh = dy @ w2 (P x I, dy's dtype), then one elementwise pass: SwiGLU backward, dh1 and dh3 quantised both
   ways, h recomputed from h1, h3 and quantised per 128 tokens for the w2 gradient. (As the GEMM's epilogue this pass
   held 255 registers and spilled, and the GEMM ran at 99 TFLOP/s on H200; the split costs a round trip of dh
@@ -19,126 +20,33 @@ Fused stages (each reads its input once):
 - weights -> fp8 blocks in both orientations (K-major operands for the forward and for the input-gradient GEMMs).
 Hopper's fp8 tensor cores take K-major operands only; each operand is stored that way once. On Hopper the scatter
 and weight-gradient GEMMs (and GEMM1) run as the Gluon kernels of fp8_grouped_gemm_sm90.py (SM90_GEMMS); the
-five scatter and weight-gradient GEMMs of bench6 took 7.44 ms in Triton and 5.1 ms in Gluon (H200).
+five scatter and weight-gradient GEMMs of bench6 take 7.44 ms in Triton and 4.46 ms in Gluon (H200).
 
 Limits: dim and hidden a multiple of 128; x bf16/fp16/fp32 (outputs in x's dtype); weight grads in the weights'
 dtype. Saved for the backward: h1 | h3 (N x 2I, x's dtype), x column-quantised (N x D fp8), the fp8 weights
 in their backward orientation (E x 3 x I x D bytes), instead of x, h1, h3 and h in bf16.
 Legend: N token copies (rows, sorted by expert), P padded rows, D dim, I hidden, E experts, T 128-row tiles.
-Under TRITON_INTERPRET=1 the fp32 -> e4m3 cast is rounded by hand first (the interpreter's own cast is wrong when
-rounding carries into the exponent) and e4m3 subnormals (< 2^-6 after scaling) are flushed to zero.
+The quantisation passes (and their torch references) are in fp8_quant.py, with how the interpreter rounds.
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FP8_MAX = 448.0  # largest finite e4m3fn value
-TILE = 128  # scaling granularity and row-tile size
-_EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to zeros
-# the SwiGLU-backward quantisation pass: on sm_90 with Triton 3.6 (compile_kernels_sm90.py) it spilled 480 B a
-# thread with 8 warps and 136 B with 16 while dh, h1, h3 and sig lived through the first quantisation; with the
-# three outputs computed first, 48 B and 96 B. Timed alone on bench6's shapes (H200, dh in bf16): 0.80 ms with 8
-# warps, 1.09 with 16, 3.28 with 4
-_EPILOGUE_WARPS = 8
-# the activation quantiser on bench6's x (H200): 0.315 ms with 4 warps, 0.339 with 8, 0.418 with 16
-_QUANT_ACT_WARPS = 4
-_FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same two, as the kernels see them
-_EPS_C = tl.constexpr(_EPS)
-
-
-# ---- quantisation helpers ------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _to_e4m3(x, EXACT: tl.constexpr):
-    """x (already scaled into [-448, 448]) -> e4m3, round to nearest even."""
-    x = tl.minimum(tl.maximum(x, -_FP8_MAX_C), _FP8_MAX_C)
-    if EXACT:  # keep 3 mantissa bits by integer rounding, so the interpreter's cast has nothing left to round
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
-        x = tl.where(tl.abs(x) < 0.015625, 0.0, bits.to(tl.float32, bitcast=True))
-    return x.to(tl.float8e4nv)
-
-
-@triton.jit
-def _quant_rows(x, EXACT: tl.constexpr):
-    """(R, 128) fp32 -> e4m3 with one scale per row (dequantised value = q * scale)."""
-    scale = tl.maximum(tl.max(tl.abs(x), 1), _EPS_C) / _FP8_MAX_C
-    return _to_e4m3(x / scale[:, None], EXACT), scale
-
-
-@triton.jit
-def _quant_cols(x, EXACT: tl.constexpr):
-    """(128, C) fp32 -> e4m3 with one scale per column."""
-    scale = tl.maximum(tl.max(tl.abs(x), 0), _EPS_C) / _FP8_MAX_C
-    return _to_e4m3(x / scale[None, :], EXACT), scale
-
-
-@triton.jit
-def _store_both(
-    x, q_ptr, s_ptr, qt_ptr, st_ptr, offs_p, offs_c, cb, tile, n_pad, n_cols, EXACT: tl.constexpr
-):
-    """Quantise the (128 rows, 128 cols) tile of column block cb twice: row-scaled into q (P, cols) and
-    s (P, cols/128), and column-scaled transposed into qt (cols, P) and st (P/128, cols)."""
-    q, s = _quant_rows(x, EXACT)
-    tl.store(q_ptr + offs_p[:, None] * n_cols + offs_c[None, :], q)
-    tl.store(s_ptr + offs_p * (n_cols // 128) + cb, s)
-    qt, st = _quant_cols(x, EXACT)
-    tl.store(qt_ptr + offs_c[None, :] * n_pad + offs_p[:, None], qt)
-    tl.store(st_ptr + tile * n_cols + offs_c, st)
-
-
-# fmt: off
-@triton.jit(do_not_specialize=["n_experts"])
-def _quant_act_kernel(
-    x_ptr, row_src_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
-    EXACT: tl.constexpr,
-):
-    """Gather the rows of one 128-row padded tile (zeros for pad rows) and quantise both ways."""
-    tile = tl.program_id(0)
-    if tl.load(tile_expert_ptr + tile) >= n_experts:
-        return  # beyond the last expert's padded rows
-    offs_p = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
-    offs_c = tl.program_id(1) * 128 + tl.arange(0, 128)
-    src = tl.load(row_src_ptr + offs_p).to(tl.int64)
-    x = tl.load(x_ptr + src[:, None] * n_cols + offs_c[None, :], mask=src[:, None] >= 0, other=0.0)
-    _store_both(
-        x.to(tl.float32), q_ptr, s_ptr, qt_ptr, st_ptr, offs_p, offs_c, tl.program_id(1), tile, n_pad, n_cols, EXACT
-    )
-
-
-@triton.jit
-def _quant_weight_kernel(
-    w_ptr, q_ptr, qt_ptr, s_ptr, n_rows, n_cols, rows_total, row_off, EXACT: tl.constexpr,
-):
-    """One 128x128 block of w (E, R, C) -> q (E, R_total, C) at row_off, its transpose qt (E, C, R_total), and the
-    block scale s (E, R_total/128, C/128)."""
-    e = tl.program_id(0).to(tl.int64)
-    offs_r = tl.program_id(1) * 128 + tl.arange(0, 128)
-    offs_c = tl.program_id(2) * 128 + tl.arange(0, 128)
-    w = tl.load(w_ptr + e * n_rows * n_cols + offs_r[:, None] * n_cols + offs_c[None, :]).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.max(tl.abs(w), 1), 0), _EPS_C) / _FP8_MAX_C
-    q = _to_e4m3(w / scale, EXACT)
-    rows = row_off + offs_r
-    tl.store(q_ptr + e * rows_total * n_cols + rows[:, None] * n_cols + offs_c[None, :], q)
-    tl.store(qt_ptr + e * rows_total * n_cols + offs_c[None, :] * rows_total + rows[:, None], q)
-    row_block = row_off // 128 + tl.program_id(1)
-    tl.store(s_ptr + (e * (rows_total // 128) + row_block) * (n_cols // 128) + tl.program_id(2), scale)
-# fmt: on
-
-
-@triton.jit
-def _store_swiglu_q(h1, h3, hq_ptr, hs_ptr, offs_m, nb, HIDDEN, EXACT: tl.constexpr):
-    """h = silu(h1) * h3 of rows offs_m, hidden block nb (128 wide), row-quantised into hq (P, I) and hs
-    (P, I/128). h1, h3 are the values as stored for the backward (x's dtype), which recomputes h the same way."""
-    hq, hs = _quant_rows(h1 * tl.sigmoid(h1) * h3, EXACT)
-    tl.store(hq_ptr + offs_m[:, None] * HIDDEN + nb * 128 + tl.arange(0, 128)[None, :], hq)
-    tl.store(hs_ptr + offs_m * (HIDDEN // 128) + nb, hs)
-
+from titan_dsv3.kernels.fp8_quant import (
+    _INTERPRET,
+    TILE,
+    _f32_empty,
+    _fp8_empty,
+    _qdq_blocks,
+    _qdq_rows,
+    _qdq_tokens,
+    _quant_act,
+    _quant_weights,
+    _store_swiglu_q,
+    _swiglu_bwd_quant,
+    _swiglu_quant,
+)
 
 # ---- GEMMs ---------------------------------------------------------------------------------------------------
 # Configs were compiled for sm_90 with triton 3.6 before the first GPU run: none spills inside its K loop; 128-row
@@ -210,21 +118,6 @@ def _gemm_swiglu_fwd_kernel(
     _store_swiglu_q(h1.to(tl.float32), h3.to(tl.float32), hq_ptr, hs_ptr, offs_m, tl.program_id(0), HIDDEN, EXACT)
 
 
-@triton.jit(do_not_specialize=["n_experts"])
-def _swiglu_quant_kernel(h13_ptr, tile_expert_ptr, hq_ptr, hs_ptr, n_experts, HIDDEN, EXACT: tl.constexpr):
-    """h = silu(h1) * h3 row-quantised for one (128-row, 128-hidden) tile of the stored h1 | h3 (P, 2I): the
-    forward's SwiGLU where GEMM1 is a plain GEMM (Hopper)."""
-    tile = tl.program_id(1)
-    if tl.load(tile_expert_ptr + tile) >= n_experts:
-        return
-    offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
-    offs_n = tl.program_id(0) * 128 + tl.arange(0, 128)
-    h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
-    h1 = tl.load(h13_ptrs).to(tl.float32)
-    h3 = tl.load(h13_ptrs + HIDDEN).to(tl.float32)
-    _store_swiglu_q(h1, h3, hq_ptr, hs_ptr, offs_m, tl.program_id(0), HIDDEN, EXACT)
-
-
 @triton.autotune(
     configs=[
         triton.Config({"BLOCK_M": m, "BLOCK_N": 128}, num_warps=w, num_stages=s)
@@ -251,39 +144,6 @@ def _gemm_scatter_kernel(
     src = tl.load(row_src_ptr + offs_m).to(tl.int64)
     mask = (src[:, None] >= 0) & (offs_n[None, :] < N_OUT)
     tl.store(out_ptr + src[:, None] * N_OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=["n_experts"])
-def _swiglu_bwd_quant_kernel(
-    dh_ptr, h13_ptr, tile_expert_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, n_pad, n_experts,
-    HIDDEN, EXACT: tl.constexpr,
-):
-    """SwiGLU backward of one (128-row, 128-hidden) tile from dh = dy @ w2 (P, I; dy's dtype) and the stored h1, h3:
-    dh1, dh3 quantised row-wise into (P, 2I) and column-wise transposed into (2I, P); h = silu(h1) * h3
-    recomputed and column-quantised transposed into (I, P) for the w2 gradient."""
-    tile = tl.program_id(1)
-    if tl.load(tile_expert_ptr + tile) >= n_experts:
-        return
-    offs_m = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
-    offs_n = tl.program_id(0) * 128 + tl.arange(0, 128)
-    dh = tl.load(dh_ptr + offs_m[:, None] * HIDDEN + offs_n[None, :]).to(tl.float32)
-    h13_ptrs = h13_ptr + offs_m[:, None] * (2 * HIDDEN) + offs_n[None, :]
-    h1 = tl.load(h13_ptrs).to(tl.float32)
-    h3 = tl.load(h13_ptrs + HIDDEN).to(tl.float32)
-    sig = tl.sigmoid(h1)
-    # the three outputs first, so that only they (not dh, h1, h3 and sig as well) live through the quantisations
-    dh1 = dh * h3 * sig * (1.0 + h1 * (1.0 - sig))
-    dh3 = dh * h1 * sig
-    h = h1 * sig * h3
-    hqt, hst = _quant_cols(h, EXACT)
-    tl.store(hqt_ptr + offs_n[None, :] * n_pad + offs_m[:, None], hqt)
-    tl.store(hst_ptr + tile * HIDDEN + offs_n, hst)
-    cb = tl.program_id(0)
-    _store_both(dh1, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, offs_m, offs_n, cb, tile, n_pad, 2 * HIDDEN, EXACT)
-    _store_both(
-        dh3, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, offs_m, offs_n + HIDDEN, cb + HIDDEN // 128, tile, n_pad,
-        2 * HIDDEN, EXACT,
-    )
 
 
 # 64-row 4-warp tiles fit 2 blocks a SM (202 registers), 3 with maxnreg 168 (32 B of spill): one block's per-slice
@@ -408,43 +268,6 @@ def _padded_rows(n_rows: int, n_exp: int) -> int:
     return triton.cdiv(n_rows, TILE) * TILE + n_exp * TILE
 
 
-def _fp8_empty(*shape, device):
-    return torch.empty(*shape, device=device, dtype=torch.float8_e4m3fn)
-
-
-def _f32_empty(*shape, device):
-    return torch.empty(*shape, device=device, dtype=torch.float32)
-
-
-def _quant_act(x: torch.Tensor, lay: _Layout):
-    """(N, C) -> fp8 (P, C) + scales (P, C/128), and fp8 (C, P) + scales (P/128, C), in the padded layout."""
-    n_cols, dev, n_pad = x.shape[1], x.device, lay.n_pad
-    q, s = _fp8_empty(n_pad, n_cols, device=dev), _f32_empty(n_pad, n_cols // TILE, device=dev)
-    qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_pad // TILE, n_cols, device=dev)
-    grid = (n_pad // TILE, n_cols // TILE)
-    _quant_act_kernel[grid](
-        x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET,
-        num_warps=_QUANT_ACT_WARPS,
-    )  # fmt: skip
-    return q, s, qt, st
-
-
-def _quant_weights(*ws: torch.Tensor):
-    """Stack ws (E, R_i, C) along rows -> fp8 (E, R, C), its transpose (E, C, R), block scales (E, R/128, C/128)."""
-    n_exp, _, n_cols = ws[0].shape
-    rows, dev = sum(w.shape[1] for w in ws), ws[0].device
-    q, qt = _fp8_empty(n_exp, rows, n_cols, device=dev), _fp8_empty(n_exp, n_cols, rows, device=dev)
-    s = _f32_empty(n_exp, rows // TILE, n_cols // TILE, device=dev)
-    off = 0
-    for w in ws:
-        grid = (n_exp, w.shape[1] // TILE, n_cols // TILE)
-        _quant_weight_kernel[grid](
-            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, num_warps=8
-        )
-        off += w.shape[1]
-    return q, qt, s
-
-
 def _check(x, counts_E, w1, w2, w3) -> None:
     if not (x.is_cuda or _INTERPRET):
         raise ValueError("fp8_grouped_swiglu runs on CUDA (or under TRITON_INTERPRET=1); use the reference")
@@ -472,17 +295,15 @@ def _swiglu_fwd(x, counts_E, w1, w2, w3):
     w2q, w2tq, w2s = _quant_weights(w2)  # (E, D, I), (E, I, D), (E, D/128, I/128)
     xq, xs, xqt, xst = _quant_act(x, lay)
     h13 = torch.empty(n_pad, 2 * hidden, device=dev, dtype=x.dtype)
-    hq, hs = _fp8_empty(n_pad, hidden, device=dev), _f32_empty(n_pad, hidden // TILE, device=dev)
     if _sm90(x) is not None:
-        # Hopper: GEMM1 is the Gluon GEMM writing h1 | h3 (H200, bench6: about 1.3 ms where the Triton kernel with
-        # the SwiGLU epilogue takes 2.0), then the SwiGLU and h's quantisation as a pass over them
+        # Hopper: GEMM1 is the Gluon GEMM writing h1 | h3, then the SwiGLU and h's quantisation as a pass over
+        # them (H200, bench6: the forward 3.69 -> 3.16 ms against the Triton GEMM with the SwiGLU epilogue)
         n_db = dim // TILE
         n_hb = 2 * hidden // TILE
         _gemm_scatter(xq, xs, w13q, w13s, lay, lay.identity, h13, dim, 2 * hidden, n_hb * n_db, n_db, 1)
-        _swiglu_quant_kernel[(hidden // TILE, n_pad // TILE)](
-            h13, lay.tile_expert, hq, hs, n_exp, hidden, EXACT=_INTERPRET, num_warps=8
-        )
+        hq, hs = _swiglu_quant(h13, lay, hidden)
     else:
+        hq, hs = _fp8_empty(n_pad, hidden, device=dev), _f32_empty(n_pad, hidden // TILE, device=dev)
         _gemm_swiglu_fwd_kernel[lambda meta: (hidden // TILE, n_pad // meta["BLOCK_M"])](
             xq, xs, w13q, w13s, lay.tile_expert, h13, hq, hs, n_exp, dim, hidden, EXACT=_INTERPRET,
         )  # fmt: skip
@@ -500,9 +321,6 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     lay = _Layout(counts_E, n_rows)
     n_pad, dev = lay.n_pad, dy.device
     dyq, dys, dyqt, dyst = _quant_act(dy, lay)
-    gq, gs = _fp8_empty(n_pad, 2 * hidden, device=dev), _f32_empty(n_pad, 2 * hidden // TILE, device=dev)
-    gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, 2 * hidden, device=dev)
-    hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
     n_ib, n_db = hidden // TILE, dim // TILE
     # dh = dy @ w2 into the padded rows (the identity as row map: pad rows of dy are zeros, so are theirs), in
     # dy's dtype (bf16: half the bytes of fp32 through memory; dh1 and dh3 are quantised to fp8 right after),
@@ -511,10 +329,7 @@ def _swiglu_bwd(dy, counts_E, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     # of its block (i, d) is w2s[e, d, i].
     dh = torch.empty(n_pad, hidden, device=dev, dtype=dy.dtype)
     _gemm_scatter(dyq, dys, w2tq, w2s, lay, lay.identity, dh, dim, hidden, n_db * n_ib, 1, n_ib)
-    _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
-        dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, n_exp, hidden, EXACT=_INTERPRET,
-        num_warps=_EPILOGUE_WARPS,
-    )  # fmt: skip
+    gq, gs, gqt, gst, hqt, hst = _swiglu_bwd_quant(dh, h13, lay)
     dx = torch.empty(n_rows, dim, device=dev, dtype=dy.dtype)
     # B = [w1; w3]^T (E, D, 2I); the scale of its block (d, j) is w13s[e, j, d]
     _gemm_scatter(gq, gs, w13tq, w13s, lay, lay.row_src, dx, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db)
@@ -605,27 +420,6 @@ def fp8_grouped_swiglu(
 
 
 # ---- reference -----------------------------------------------------------------------------------------------
-
-
-def _qdq(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Quantise-dequantise with one scale over `dims` of t (fp32 math, torch's round-to-nearest cast)."""
-    scale = t.abs().amax(dim=dims, keepdim=True).clamp(min=_EPS) / FP8_MAX
-    return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
-
-
-def _qdq_rows(t: torch.Tensor) -> torch.Tensor:  # (n, C): 1 x 128 tiles
-    return _qdq(t.float().unflatten(1, (-1, TILE)), (2,)).flatten(1)
-
-
-def _qdq_tokens(t: torch.Tensor) -> torch.Tensor:  # (n, C): 128 x 1 tiles from the group's first row
-    n = t.shape[0]
-    padded = torch.nn.functional.pad(t.float(), (0, 0, 0, -n % TILE))
-    return _qdq(padded.unflatten(0, (-1, TILE)), (1,)).flatten(0, 1)[:n]
-
-
-def _qdq_blocks(w: torch.Tensor) -> torch.Tensor:  # (R, C): 128 x 128 blocks
-    r, c = w.shape
-    return _qdq(w.float().reshape(r // TILE, TILE, c // TILE, TILE), (1, 3)).reshape(r, c)
 
 
 def fp8_grouped_swiglu_reference(x_ND, counts_E, w1_EID, w2_EDI, w3_EID, dy_ND=None):
