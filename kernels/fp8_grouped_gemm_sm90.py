@@ -210,9 +210,10 @@ def _gemm_scatter_kernel_sm90_ws(
     a_desc, sa_ptr, b_desc, sb_ptr, tile_expert_ptr, pend_ptr, row_src_ptr, out_ptr, out_desc, n_experts, K,
     N_OUT, sb_e, sb_n, sb_k, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """_gemm_scatter_kernel_sm90's product, persistent and warp-specialised: a loader warp keeps the TMA ring
-    STAGES slices ahead across tile boundaries (a tile is only 11-22 slices deep here), so the next tile's
-    operands arrive while this one's epilogue runs; the default warps only compute and store."""
+    """_gemm_scatter_kernel's product (fp8_grouped_gemm.py), persistent and warp-specialised: a loader warp keeps
+    the TMA ring STAGES slices ahead across tile boundaries (a tile is only 11-22 slices deep here), so the next
+    tile's operands arrive while this one's epilogue runs; the default warps compute and store (by TMA, but for
+    an expert's partly padded last tile)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     n_nt = N_OUT // BN
