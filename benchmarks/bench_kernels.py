@@ -1,6 +1,6 @@
 """Kernel benchmarks on one GPU: fused MLA attention and the FP8 expert FFN, forward + backward.
 
-    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep] [--gemms]
+    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep] [--gemms] [--passes]
 
 MLA (B2 H16, qk 128 + 64 with one rope key per token, v 128, causal), S4096, S8192, and S4096 with documents
 (exponential lengths, mean 512 tokens). Timed from the projections to the gradients, as the model runs it: q (bsz, seqlen,
@@ -400,6 +400,61 @@ def run_fp8_gemms() -> None:
     fp8.SM90_GEMMS = True
 
 
+def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> None:
+    """The FP8 FFN's memory-bound passes (kernels/fp8_quant.py) alone on bench6's shapes, for each warp count:
+    ms and the DRAM bytes they must move per ms (reads and writes, scales left out)."""
+    from titan_dsv3.kernels import fp8_quant as Q
+
+    dev = torch.device(device)
+    n = n_exp * per
+    lay = fp8._Layout(torch.full((n_exp,), per, device=dev), n)
+    pad, tiles = lay.n_pad, lay.n_pad // 128
+    x = torch.randn(n, dim, device=dev, dtype=torch.bfloat16)
+    dh = torch.randn(pad, hidden, device=dev, dtype=torch.bfloat16)
+    h13 = torch.randn(pad, 2 * hidden, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n_exp, hidden, dim, device=dev, dtype=torch.bfloat16)
+    f8, f32 = Q._fp8_empty, Q._f32_empty
+    act = (f8(pad, dim, device=dev), f32(pad, dim // 128, device=dev), f8(dim, pad, device=dev))
+    act += (f32(tiles, dim, device=dev),)
+    bwd = (f8(pad, 2 * hidden, device=dev), f32(pad, 2 * hidden // 128, device=dev))
+    bwd += (f8(2 * hidden, pad, device=dev), f32(tiles, 2 * hidden, device=dev))
+    bwd += (f8(hidden, pad, device=dev), f32(tiles, hidden, device=dev))
+    hq = (f8(pad, hidden, device=dev), f32(pad, hidden // 128, device=dev))
+    wq = (f8(n_exp, hidden, dim, device=dev), f8(n_exp, dim, hidden, device=dev))
+    wq += (f32(n_exp, hidden // 128, dim // 128, device=dev),)
+    passes = {  # name: (launch(warps), bytes moved)
+        "activation quantiser (x)": (
+            lambda nw: Q._quant_act_kernel[(tiles, dim // 128)](
+                x, lay.row_src, lay.tile_expert, *act, pad, dim, n_exp, EXACT=False, num_warps=nw
+            ),
+            n * dim * 4,
+        ),
+        "SwiGLU backward (dh bf16)": (
+            lambda nw: Q._swiglu_bwd_quant_kernel[(hidden // 128, tiles)](
+                dh, h13, lay.tile_expert, *bwd, pad, n_exp, hidden, EXACT=False, num_warps=nw
+            ),
+            n * hidden * 11,
+        ),
+        "SwiGLU forward quantisation": (
+            lambda nw: Q._swiglu_quant_kernel[(hidden // 128, tiles)](
+                h13, lay.tile_expert, *hq, n_exp, hidden, EXACT=False, num_warps=nw
+            ),
+            n * hidden * 5,
+        ),
+        "weight quantiser (one E x I x D weight)": (
+            lambda nw: Q._quant_weight_kernel[(n_exp, hidden // 128, dim // 128)](
+                w, *wq, hidden, dim, hidden, 0, EXACT=False, num_warps=nw
+            ),
+            n_exp * hidden * dim * 4,
+        ),
+    }
+    for name, (launch, nbytes) in passes.items():
+        for nw in (4, 8, 16):
+            ms = bench(lambda: launch(nw))  # noqa: B023
+            ROWS.append({"name": f"FP8 pass {name} w{nw}", "ms": round(ms, 4), "tflops": 0.0, "err": ""})
+            print(f"FP8 pass {name:40s} w{nw:<3d} {ms:8.3f} ms {nbytes / ms / 1e9:6.2f} TB/s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["mla", "fp8"], default=None)
@@ -409,6 +464,7 @@ def main() -> None:
         "--gemms", action="store_true", help="FP8: also each GEMM alone, Triton against Gluon (sm_90)"
     )
     p.add_argument("--sweep", action="store_true", help="FP8: time each tile config of the sm_90 GEMMs")
+    p.add_argument("--passes", action="store_true", help="FP8: the quantisation passes alone, per warp count")
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     if args.only in (None, "mla"):
@@ -417,6 +473,8 @@ def main() -> None:
         run_fp8(args)
         if args.gemms and torch.cuda.get_device_capability() == (9, 0):
             run_fp8_gemms()
+        if args.passes:
+            run_fp8_passes()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1)
