@@ -148,6 +148,12 @@ def _retire(acc, prod, scale, empty, i, PENDING: gl.constexpr, STAGES: gl.conste
 
 
 @gluon.jit
+def _slice_scale(sa_base, sa_offs, sb_base, sb_k, k):
+    """Slice k's scale of a scatter tile, (BM, 1): its rows' scales times B's block scale."""
+    return (gl.load(sa_base + k + sa_offs) * gl.load(sb_base + k * sb_k))[:, None]
+
+
+@gluon.jit
 def _ws_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base, sb_k, acc_l: gl.constexpr,
                  STAGES: gl.constexpr):
     """acc (BM, BN) of one scatter tile from ring slices i .. i + n_k - 1 (n_k >= 1), slice k's scale
@@ -158,17 +164,17 @@ def _ws_tile_acc(a_bufs, b_bufs, ready, empty, i, n_k, sa_base, sa_offs, sb_base
     BM: gl.constexpr = a_bufs.shape[1]
     BN: gl.constexpr = b_bufs.shape[1]
     acc = gl.zeros([BM, BN], gl.float32, acc_l)
-    s0 = (gl.load(sa_base + sa_offs) * gl.load(sb_base))[:, None]
+    s0 = _slice_scale(sa_base, sa_offs, sb_base, sb_k, 0)
     p0 = _mma_slice(a_bufs, b_bufs, ready, i, acc_l, STAGES)
     for k in range(1, n_k - 1, 2):
-        s1 = (gl.load(sa_base + k + sa_offs) * gl.load(sb_base + k * sb_k))[:, None]
+        s1 = _slice_scale(sa_base, sa_offs, sb_base, sb_k, k)
         p1 = _mma_slice(a_bufs, b_bufs, ready, i + k, acc_l, STAGES)
         acc = _retire(acc, p0, s0, empty, i + k - 1, 1, STAGES)
-        s0 = (gl.load(sa_base + k + 1 + sa_offs) * gl.load(sb_base + (k + 1) * sb_k))[:, None]
+        s0 = _slice_scale(sa_base, sa_offs, sb_base, sb_k, k + 1)
         p0 = _mma_slice(a_bufs, b_bufs, ready, i + k + 1, acc_l, STAGES)
         acc = _retire(acc, p1, s1, empty, i + k, 1, STAGES)
     if n_k % 2 == 0:  # slice n_k - 1 is left over
-        s1 = (gl.load(sa_base + n_k - 1 + sa_offs) * gl.load(sb_base + (n_k - 1) * sb_k))[:, None]
+        s1 = _slice_scale(sa_base, sa_offs, sb_base, sb_k, n_k - 1)
         p1 = _mma_slice(a_bufs, b_bufs, ready, i + n_k - 1, acc_l, STAGES)
         acc = _retire(acc, p0, s0, empty, i + n_k - 2, 1, STAGES)
         acc = _retire(acc, p1, s1, empty, i + n_k - 1, 0, STAGES)
@@ -375,8 +381,8 @@ _SMEM_BYTES = 220 * 1024  # of the 227 KiB a block may have on sm_90, with room 
 
 
 def _stages(stages: int, bm: int, out: torch.Tensor) -> int:
-    """At most `stages` ring slots (A, B and 1 KiB of scales each) beside the TMA output tile: 6 fit with bf16
-    outputs, 5 with fp32."""
+    """At most `stages` ring slots (A, B and 1 KiB of scales each) beside the TMA output tile: with 128-row tiles
+    5 with bf16 outputs, 4 with fp32 (the scatter kernel has no scales; counting them costs it no slot here)."""
     slot = (bm + SLICE_ROWS) * SLICE_ROWS + 1024
     return min(stages, (_SMEM_BYTES - bm * SLICE_ROWS * out.element_size()) // slot)
 
