@@ -121,7 +121,8 @@ def main() -> None:
     sweep(F._gemm_swiglu_fwd_kernel, {**fp8_types, "w_ptr": f8}, dict(EXACT=False))
     sweep(F._gemm_scatter_kernel, fp8_types, {})
     warps = [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
-    sweep(Q._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": "*fp32"}, dict(EXACT=False), warps)
+    # dh arrives in dy's dtype (bf16)
+    sweep(Q._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": bf16}, dict(EXACT=False), warps)
     sweep(F._wgrad_kernel, fp8_types, {})
     sweep_gluon(fp8_types)
 

@@ -25,8 +25,8 @@ TILE = 128  # scaling granularity and row-tile size
 _EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to zeros
 # the SwiGLU-backward quantisation pass: on sm_90 with Triton 3.6 (compile_kernels_sm90.py) it spilled 480 B a
 # thread with 8 warps and 136 B with 16 while dh, h1, h3 and sig lived through the first quantisation; with the
-# three outputs computed first, 48 B and 96 B. Timed alone on bench6's shapes (H200, dh in bf16): 0.80 ms with 8
-# warps, 1.09 with 16, 3.28 with 4
+# three outputs computed first, 48 B and 96 B; with dh in bf16, 0 and 80 B. Timed alone on bench6's shapes (H200,
+# dh in bf16): 0.80 ms with 8 warps, 1.09 with 16, 3.28 with 4
 _EPILOGUE_WARPS = 8
 # the activation quantiser on bench6's x (H200): 0.315 ms with 4 warps, 0.339 with 8, 0.418 with 16
 _QUANT_ACT_WARPS = 4
