@@ -464,17 +464,19 @@ def main() -> None:
         "--gemms", action="store_true", help="FP8: also each GEMM alone, Triton against Gluon (sm_90)"
     )
     p.add_argument("--sweep", action="store_true", help="FP8: time each tile config of the sm_90 GEMMs")
-    p.add_argument("--passes", action="store_true", help="FP8: the quantisation passes alone, per warp count")
+    p.add_argument(
+        "--passes", action="store_true", help="only the FP8 quantisation passes, alone, per warp count"
+    )
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    if args.only in (None, "mla"):
+    if args.passes:  # only the passes
+        run_fp8_passes()
+    if args.only in (None, "mla") and not args.passes:
         run_mla(args)
-    if args.only in (None, "fp8"):
+    if args.only in (None, "fp8") and not args.passes:
         run_fp8(args)
         if args.gemms and torch.cuda.get_device_capability() == (9, 0):
             run_fp8_gemms()
-        if args.passes:
-            run_fp8_passes()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1)

@@ -124,6 +124,9 @@ def main() -> None:
     # dh arrives in dy's dtype (bf16)
     sweep(Q._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": bf16}, dict(EXACT=False), warps)
     sweep(F._wgrad_kernel, fp8_types, {})
+    layout_types = {"counts_ptr": "*i64", "out_ptr": i32, "n_exp": "i32", "n_pad": "i32"}
+    for eb, block in ((64, 64), (256, 16)):  # _Layout's block for 64 and 256 experts
+        sweep(F._layout_kernel, layout_types, dict(EB=eb, BLOCK=block), [triton.Config({}, num_warps=4)])
     sweep_gluon(fp8_types)
 
 

@@ -118,6 +118,36 @@ def test_layout_pads_each_group():
     assert lay.tile_expert.tolist() == [1, 2, 2, 4, 5, 5, 5, 5]
 
 
+@pytest.mark.parametrize("n_exp", [3, 40, 256])
+def test_layout_kernel_matches_its_definition(n_exp):
+    """The one-kernel layout against its definition, row by row, with empty and multi-tile experts."""
+    g = torch.Generator().manual_seed(n_exp)
+    counts = torch.randint(0, 300, (n_exp,), generator=g)
+    counts[::3] = 0
+    lay = K._Layout(counts, int(counts.sum()))
+    src, pstart, pend = [-1] * lay.n_pad, [], []
+    row = pos = 0
+    for c in counts.tolist():
+        pstart.append(pos)
+        src[pos : pos + c] = range(row, row + c)
+        row, pos = row + c, pos + -(-c // 128) * 128
+        pend.append(pos)
+    assert lay.row_src.tolist() == src and lay.pstart.tolist() == pstart and lay.pend.tolist() == pend
+    assert lay.identity.tolist() == list(range(lay.n_pad))
+    ends = torch.tensor(pend)
+    assert lay.tile_expert.tolist() == [int((ends <= t * 128).sum()) for t in range(lay.n_pad // 128)]
+
+
+def test_backward_reuses_the_forward_layout(monkeypatch):
+    built = []
+    init = K._Layout.__init__
+    monkeypatch.setattr(K._Layout, "__init__", lambda self, *a: built.append(1) or init(self, *a))
+    x, counts_E, *ws, dy = _inputs([5, 0, 130], seed=3)
+    x.requires_grad_()
+    K.fp8_grouped_swiglu(x, counts_E, *ws).backward(dy)
+    assert len(built) == 1 and x.grad is not None
+
+
 def test_quantised_operands_match_torch_cast():
     """The activation quantiser gathers rows into the padded layout and scales 1x128 and 128x1 tiles as torch's
     cast does; the interpreter flushes e4m3 subnormals (|x| / scale < 2^-6), hence that much slack per element."""
