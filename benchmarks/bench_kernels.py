@@ -1,6 +1,6 @@
 """Kernel benchmarks on one GPU: fused MLA attention and the FP8 expert FFN, forward + backward.
 
-    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep] [--gemms] [--passes]
+    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep] [--gemms] [--passes] [--no-peers]
 
 MLA (B2 H16, qk 128 + 64 with one rope key per token, v 128, causal), S4096, S8192, and S4096 with documents
 (exponential lengths, mean 512 tokens). Timed from the projections to the gradients, as the model runs it: q (bsz, seqlen,
@@ -305,13 +305,15 @@ def run_fp8(args) -> None:
 
     bf16 = lambda x, w1, w2, w3: grouped_swiglu(x, counts, w1, w2, w3)  # noqa: E731
     base = report(f"FP8 {tag} bf16 grouped_mm", fwd_bwd(bf16, inputs, dy), flops, errors(bf16))
-    ao = lambda x, w1, w2, w3: torchao_rowwise_swiglu(x, counts, w1, w2, w3)  # noqa: E731
-    report(f"FP8 {tag} torchao rowwise eager", fwd_bwd(ao, inputs, dy), flops, errors(ao))
-    ao_c = torch.compile(ao)
-    report(f"FP8 {tag} torchao rowwise compiled", fwd_bwd(ao_c, inputs, dy), flops, errors(ao_c))
+    if not args.no_peers:
+        ao = lambda x, w1, w2, w3: torchao_rowwise_swiglu(x, counts, w1, w2, w3)  # noqa: E731
+        report(f"FP8 {tag} torchao rowwise eager", fwd_bwd(ao, inputs, dy), flops, errors(ao))
+        ao_c = torch.compile(ao)
+        report(f"FP8 {tag} torchao rowwise compiled", fwd_bwd(ao_c, inputs, dy), flops, errors(ao_c))
     ours = lambda x, w1, w2, w3: fp8.fp8_grouped_swiglu(x, counts, w1, w2, w3)  # noqa: E731
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    if sm90:  # the Triton scatter and weight-gradient GEMMs, which the Gluon ones replace on Hopper
+    # the Triton scatter and weight-gradient GEMMs, which the Gluon ones replace on Hopper
+    if sm90 and not args.no_peers:
         fp8.SM90_GEMMS = False
         ms = report(f"FP8 {tag} ours, Triton GEMMs", fwd_bwd(ours, inputs, dy), flops, errors(ours))
         print(f"  ours (Triton GEMMs) vs bf16 grouped_mm: {base / ms:.2f}x", flush=True)
@@ -464,6 +466,9 @@ def main() -> None:
         "--gemms", action="store_true", help="FP8: also each GEMM alone, Triton against Gluon (sm_90)"
     )
     p.add_argument("--sweep", action="store_true", help="FP8: time each tile config of the sm_90 GEMMs")
+    p.add_argument(
+        "--no-peers", action="store_true", help="FP8: only ours and bf16 (no torchao, no Triton-GEMM rows)"
+    )
     p.add_argument(
         "--passes", action="store_true", help="only the FP8 quantisation passes, alone, per warp count"
     )

@@ -23,25 +23,36 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FP8_MAX = 448.0  # largest finite e4m3fn value
 TILE = 128  # scaling granularity and row-tile size
 _EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to zeros
-# the SwiGLU-backward quantisation pass: on sm_90 with Triton 3.6 (compile_kernels_sm90.py) it spilled 480 B a
-# thread with 8 warps and 136 B with 16 while dh, h1, h3 and sig lived through the first quantisation; with the
-# three outputs computed first, 48 B and 96 B; with dh in bf16, 0 and 80 B. Timed alone on bench6's shapes (H200,
-# dh in bf16): 0.80 ms with 8 warps, 1.09 with 16, 3.28 with 4
-_EPILOGUE_WARPS = 8
-# the activation quantiser on bench6's x (H200): 0.315 ms with 4 warps, 0.339 with 8, 0.418 with 16
-_QUANT_ACT_WARPS = 4
+# Warps of the passes. Compiled for sm_90 with Triton 3.6 (compile_kernels_sm90.py), after the cast lost its clamp
+# and its per-element division (_to_e4m3): the SwiGLU backward takes 255 registers a thread with 8 warps (one CTA,
+# 8 warps an SM) and 128 with 16, no spill (it spilled 80 B with 16 before); the weight quantiser 129 with 8 (one
+# CTA; 128 before, two) and 66 with 16; the activation quantiser 165 with 4 (three CTAs). Stop 21's timings alone
+# on bench6 (H200, before that change): SwiGLU backward 0.80 ms with 8 warps, 1.09 with 16 (spilling), 3.28 with
+# 4; activation quantiser 0.315 with 4, 0.339 with 8; weight quantiser 0.216 with 8 and with 16.
+_BWD_WARPS = 16
+_ACT_WARPS = 4
+_WEIGHT_WARPS = 16
 _FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same two, as the kernels see them
 _EPS_C = tl.constexpr(_EPS)
 
 
 @triton.jit
-def _to_e4m3(x, EXACT: tl.constexpr):
-    """x (already scaled into [-448, 448]) -> e4m3, round to nearest even."""
-    x = tl.minimum(tl.maximum(x, -_FP8_MAX_C), _FP8_MAX_C)
-    if EXACT:  # keep 3 mantissa bits by integer rounding, so the interpreter's cast has nothing left to round
+def _to_e4m3(x, scale, EXACT: tl.constexpr):
+    """x / scale -> e4m3, round to nearest even (scale broadcasts against x; |x| / scale <= 448 up to rounding)."""
+    if EXACT:
+        # the interpreter: exact division, then 3 mantissa bits kept by integer rounding (its cast has nothing left
+        # to round)
+        x = tl.minimum(tl.maximum(x / scale, -_FP8_MAX_C), _FP8_MAX_C)
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
         x = tl.where(tl.abs(x) < 0.015625, 0.0, bits.to(tl.float32, bitcast=True))
+    else:
+        # one multiply an element: the reciprocal is taken once a row (or column) of scales, where x / scale
+        # (div.full.f32) cost its range checks and scaling for every element. No clamp: the cast is
+        # cvt.rn.satfinite, which saturates at +-448 and keeps NaN a NaN (the clamp had turned NaN into -448).
+        # Together (sm_90, Triton 3.6, SASS instructions a thread at the same warps): SwiGLU backward 5,688 ->
+        # 4,424, activation quantiser 3,112 -> 2,008, weight quantiser 1,248 -> 744.
+        x = x * (1.0 / scale)
     return x.to(tl.float8e4nv)
 
 
@@ -49,14 +60,14 @@ def _to_e4m3(x, EXACT: tl.constexpr):
 def _quant_rows(x, EXACT: tl.constexpr):
     """(R, 128) fp32 -> e4m3 with one scale per row (dequantised value = q * scale)."""
     scale = tl.maximum(tl.max(tl.abs(x), 1), _EPS_C) / _FP8_MAX_C
-    return _to_e4m3(x / scale[:, None], EXACT), scale
+    return _to_e4m3(x, scale[:, None], EXACT), scale
 
 
 @triton.jit
 def _quant_cols(x, EXACT: tl.constexpr):
     """(128, C) fp32 -> e4m3 with one scale per column."""
     scale = tl.maximum(tl.max(tl.abs(x), 0), _EPS_C) / _FP8_MAX_C
-    return _to_e4m3(x / scale[None, :], EXACT), scale
+    return _to_e4m3(x, scale[None, :], EXACT), scale
 
 
 @triton.jit
@@ -103,7 +114,7 @@ def _quant_weight_kernel(
     offs_c = tl.program_id(2) * 128 + tl.arange(0, 128)
     w = tl.load(w_ptr + e * n_rows * n_cols + offs_r[:, None] * n_cols + offs_c[None, :]).to(tl.float32)
     scale = tl.maximum(tl.max(tl.max(tl.abs(w), 1), 0), _EPS_C) / _FP8_MAX_C
-    q = _to_e4m3(w / scale, EXACT)
+    q = _to_e4m3(w, scale, EXACT)
     rows = row_off + offs_r
     tl.store(q_ptr + e * rows_total * n_cols + rows[:, None] * n_cols + offs_c[None, :], q)
     tl.store(qt_ptr + e * rows_total * n_cols + offs_c[None, :] * rows_total + rows[:, None], q)
@@ -191,7 +202,7 @@ def _quant_act(x: torch.Tensor, lay):
     grid = (n_pad // TILE, n_cols // TILE)
     _quant_act_kernel[grid](
         x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET,
-        num_warps=_QUANT_ACT_WARPS,
+        num_warps=_ACT_WARPS,
     )  # fmt: skip
     return q, s, qt, st
 
@@ -206,7 +217,7 @@ def _quant_weights(*ws: torch.Tensor):
     for w in ws:
         grid = (n_exp, w.shape[1] // TILE, n_cols // TILE)
         _quant_weight_kernel[grid](
-            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, num_warps=8
+            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, num_warps=_WEIGHT_WARPS
         )
         off += w.shape[1]
     return q, qt, s
@@ -231,7 +242,7 @@ def _swiglu_bwd_quant(dh: torch.Tensor, h13: torch.Tensor, lay):
     hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
     _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, lay.n_exp, hidden, EXACT=_INTERPRET,
-        num_warps=_EPILOGUE_WARPS,
+        num_warps=_BWD_WARPS,
     )  # fmt: skip
     return gq, gs, gqt, gst, hqt, hst
 

@@ -158,3 +158,24 @@ def test_sm90_wgrad_gemm_matches_triton(config, monkeypatch):
     for got, want in ((g1, w1), (g3, w3)):
         assert torch.isfinite(got).all()
         assert _rel(got, want) < 1e-6, f"{config}: {_rel(got, want):.2e}"
+
+
+@pytest.mark.gpu
+def test_quantisers_keep_nan_and_match_torch_cast():
+    """On the GPU the e4m3 cast saturates by itself (cvt.rn.satfinite), with no clamp before it: a NaN stays a NaN
+    in both fp8 copies (the clamp had made it -448 x scale, hiding a diverged step), and the other elements are
+    torch's cast of x / scale."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+    from titan_dsv3.kernels import fp8_quant as Q
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 256, device="cuda") * torch.logspace(-3, 2, 256, device="cuda")
+    x[7, 5] = float("nan")
+    lay = K._Layout(torch.tensor([200], device="cuda"), 200)
+    q, s, qt, st = Q._quant_act(x, lay)
+    assert q[7, 5].float().isnan() and qt[5, 7].float().isnan()
+    used = int(lay.pend[-1])  # rows past it are never written
+    assert q[:used].float().isnan().sum() == 1 and qt[:, :used].float().isnan().sum() == 1
+    # row 8 (no NaN): the kernel's fp8 equals torch's cast of x / scale, but for ties a reciprocal moves
+    want = (x[8] / s[8].repeat_interleave(128)).to(torch.float8_e4m3fn).float()
+    assert (q[8].float() == want).float().mean() > 0.99
