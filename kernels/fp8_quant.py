@@ -3,9 +3,9 @@
 forward and backward fused with the quantisations of their outputs. Memory-bound; kernels/fp8_grouped_gemm.py
 runs them around its GEMMs, in its padded layout (each expert's rows padded to a multiple of 128).
 
-Measured alone on bench6's shapes (H200, 2026-12-01, benchmarks/RESULTS.md, stop 21): the SwiGLU backward 0.80 ms
-(1.9 TB/s), the activation quantiser 0.315 ms (2.55 TB/s), the SwiGLU forward 0.18 ms (3.8 TB/s), the weight
-quantiser 0.22 ms per weight (3.4 TB/s).
+Measured alone on bench6's shapes (H200, 2026-12-01, benchmarks/RESULTS.md, stop 22): the SwiGLU backward 0.80 ms
+(1.9 TB/s), the activation quantiser 0.289 ms (2.8 TB/s), the SwiGLU forward 0.18 ms (3.9 TB/s), the weight
+quantiser 0.213 ms per weight (3.5 TB/s).
 
 Under TRITON_INTERPRET=1 the fp32 -> e4m3 cast is rounded by hand first (the interpreter's own cast is wrong when
 rounding carries into the exponent) and e4m3 subnormals (< 2^-6 after scaling) are flushed to zero. The torch
@@ -23,15 +23,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FP8_MAX = 448.0  # largest finite e4m3fn value
 TILE = 128  # scaling granularity and row-tile size
 _EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to zeros
-# Warps of the passes. Compiled for sm_90 with Triton 3.6 (compile_kernels_sm90.py), after the cast lost its clamp
-# and its per-element division (_to_e4m3): the SwiGLU backward takes 255 registers a thread with 8 warps (one CTA,
-# 8 warps an SM) and 128 with 16, no spill (it spilled 80 B with 16 before); the weight quantiser 129 with 8 (one
-# CTA; 128 before, two) and 66 with 16; the activation quantiser 165 with 4 (three CTAs). Stop 21's timings alone
-# on bench6 (H200, before that change): SwiGLU backward 0.80 ms with 8 warps, 1.09 with 16 (spilling), 3.28 with
-# 4; activation quantiser 0.315 with 4, 0.339 with 8; weight quantiser 0.216 with 8 and with 16.
-_BWD_WARPS = 16
+# Warps of the passes, timed alone on bench6's shapes (H200, 2026-12-01, `bench_kernels.py --passes`, after the cast
+# lost its clamp and its per-element division): SwiGLU backward 1.98 / 0.797 / 0.908 ms with 4 / 8 / 16 warps (255
+# registers a thread with 8: one CTA an SM; 128 with 16); activation quantiser 0.289 / 0.318 / 0.389; weight
+# quantiser 0.213 / 0.270 / 0.264 (with 8 warps it now takes 129 registers, one CTA an SM where 128 allowed two).
+_BWD_WARPS = 8
 _ACT_WARPS = 4
-_WEIGHT_WARPS = 16
+_WEIGHT_WARPS = 4
 _FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same two, as the kernels see them
 _EPS_C = tl.constexpr(_EPS)
 
