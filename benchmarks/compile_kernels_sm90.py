@@ -132,25 +132,11 @@ def main() -> None:
 
 def sweep_gluon(fp8_types: dict[str, str]) -> None:
     """The Gluon GEMMs (fp8_grouped_gemm_sm90.py) in the tile configs the GPU tests use."""
-    import torch
-    from triton.runtime.jit import mangle_type
-
     from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as G
-
-    def desc(rows: int) -> str:  # a TMA descriptor's type string, as the JIT derives it at launch
-        return mangle_type(G._desc(torch.empty(1024, 1024, dtype=torch.float8_e4m3fn), rows))
-
-    def out_desc(rows: int) -> str:
-        return mangle_type(G._out_desc(torch.empty(1024, 1024, dtype=torch.bfloat16), rows))
-
-    def scale_desc(n: int) -> str:
-        return mangle_type(G._scale_desc(torch.empty(64, 1024), n))
 
     for kernel in (G._gemm_scatter_kernel_sm90_ws, G._wgrad_kernel_sm90_ws):
         for bm, warps, stages in ((128, 8, 4), (128, 8, 6), (64, 4, 4)):
-            types = {**fp8_types, "a_desc": desc(bm), "b_desc": desc(128)}
-            types.update(sa_desc=scale_desc(bm), sb_desc=scale_desc(128))
-            types["out_desc"] = types["out2_desc"] = out_desc(bm)
+            types = {**fp8_types, **G.descriptor_types(bm)}
             line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
             print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
 

@@ -54,13 +54,6 @@ def _acc_layout(block_n, num_warps):
 
 # fmt: off
 @gluon.jit
-def _issue_slice(a_desc, b_desc, a_row, b_row, col, bar, a_buf, b_buf, pred):
-    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-    _tma_load(a_desc, [a_row, col], bar, a_buf, pred=pred)
-    _tma_load(b_desc, [b_row, col], bar, b_buf, pred=pred)
-
-
-@gluon.jit
 def _ring(a_desc, b_desc, STAGES: gl.constexpr):
     """The persistent kernels' TMA ring: STAGES slots of A and B slices, a `ready` barrier a slot (the loads
     landed) and an `empty` one (the consumers are done with it: one arrival, theirs, after their own barrier)."""
@@ -84,12 +77,18 @@ def _ring_free(ready, empty, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, a_row, b_row, col, STAGES: gl.constexpr):
+def _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, a_row, b_row, col, STAGES: gl.constexpr,
+               EXTRA_BYTES: gl.constexpr):
     """Slice i of the stream into slot i % STAGES, once the consumers have released the slice before it there; a
-    fresh barrier passes a wait for the phase before it, so the first STAGES slices do not wait."""
+    fresh barrier passes a wait for the phase before it, so the first STAGES slices do not wait. Returns the slot
+    and its `ready` barrier, which also expects EXTRA_BYTES of loads the caller issues on it."""
     slot = i % STAGES
+    bar = ready.index(slot)
     mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-    _issue_slice(a_desc, b_desc, a_row, b_row, col, ready.index(slot), a_bufs.index(slot), b_bufs.index(slot), True)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes + EXTRA_BYTES)
+    _tma_load(a_desc, [a_row, col], bar, a_bufs.index(slot))
+    _tma_load(b_desc, [b_row, col], bar, b_bufs.index(slot))
+    return slot, bar
 
 
 @gluon.jit
@@ -120,7 +119,7 @@ def _ws_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, n_
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         row0, n0, e = _ws_tile(tile, n_nt, tile_expert_ptr, BM, BN)
         for k in range(n_k):
-            _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, row0, e * N_OUT + n0, k * SLICE, STAGES)
+            _ring_fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, row0, e * N_OUT + n0, k * SLICE, STAGES, 0)
             i += 1
 
 
@@ -260,18 +259,14 @@ def _wg_loader(a_desc, b_desc, sa_desc, sb_desc, a_bufs, b_bufs, sa_bufs, sb_buf
     TMA into the same slot, under the same barrier."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes + 4 * (BM + BN)
     i = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         e, r0, c0, p0, n_k = _wg_tile(tile, n_rt, n_ct, pstart_ptr, pend_ptr, BM, BN)
         for k in range(n_k):
-            slot = i % STAGES
-            bar = ready.index(slot)
-            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(bar, nbytes)
+            slot, bar = _ring_fill(
+                a_desc, b_desc, a_bufs, b_bufs, ready, empty, i, r0, c0, p0 + k * SLICE, STAGES, 4 * (BM + BN)
+            )
             kb = p0 // SLICE + k
-            _tma_load(a_desc, [r0, p0 + k * SLICE], bar, a_bufs.index(slot))
-            _tma_load(b_desc, [c0, p0 + k * SLICE], bar, b_bufs.index(slot))
             _tma_load(sa_desc, [kb * R + r0], bar, sa_bufs.index(slot))
             _tma_load(sb_desc, [kb * C + c0], bar, sb_bufs.index(slot))
             i += 1
@@ -421,6 +416,22 @@ def gemm_scatter_sm90(
 def _scale_desc(t: torch.Tensor, block: int) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     return TensorDescriptor.from_tensor(t.reshape(-1), [block], layout)
+
+
+def descriptor_types(bm: int) -> dict[str, str]:
+    """The descriptor arguments' types as the JIT derives them at launch, with BM-row A and output tiles: what a
+    compile without a GPU needs (tests/kernels/test_fp8_gemm_sm90_compile.py, benchmarks/compile_kernels_sm90.py)."""
+    from triton.runtime.jit import mangle_type
+
+    def fp8(rows: int) -> str:
+        return mangle_type(_desc(torch.empty(1024, 1024, dtype=torch.float8_e4m3fn), rows))
+
+    def scales(block: int) -> str:
+        return mangle_type(_scale_desc(torch.empty(64, 1024), block))
+
+    out = mangle_type(_out_desc(torch.empty(1024, 1024, dtype=torch.bfloat16), bm))
+    return {"a_desc": fp8(bm), "b_desc": fp8(SLICE_ROWS), "sa_desc": scales(bm), "sb_desc": scales(SLICE_ROWS),
+            "out_desc": out, "out2_desc": out}  # fmt: skip
 
 
 def wgrad_sm90(a, sa, b, sb, lay, out, out2, R, C, R_SPLIT, config=None) -> None:

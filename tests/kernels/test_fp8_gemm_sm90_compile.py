@@ -25,27 +25,18 @@ import re
 import subprocess
 import tempfile
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.backends.nvidia.compiler import get_ptxas
-from triton.runtime.jit import mangle_type
 
 from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as G
-
-
-def desc(rows):
-    return mangle_type(G._desc(torch.empty(1024, 1024, dtype=torch.float8_e4m3fn), rows))
 
 
 out = {}
 for name, bm, warps in (("_gemm_scatter_kernel_sm90_ws", 128, 8), ("_wgrad_kernel_sm90_ws", 128, 8)):
     fn = getattr(G, name)
-    types = {"a_desc": desc(bm), "b_desc": desc(128), "out_ptr": "*bf16", "out2_ptr": "*bf16"}
-    types["sa_desc"] = mangle_type(G._scale_desc(torch.empty(64, 1024), bm))
-    types["sb_desc"] = mangle_type(G._scale_desc(torch.empty(64, 1024), 128))
-    types["out_desc"] = types["out2_desc"] = mangle_type(G._out_desc(torch.empty(64, 1024, dtype=torch.bfloat16), bm))
+    types = {**G.descriptor_types(bm), "out_ptr": "*bf16", "out2_ptr": "*bf16"}
     for ptr in ("sa_ptr", "sb_ptr"):
         types[ptr] = "*fp32"
     for ptr in ("tile_expert_ptr", "pend_ptr", "pstart_ptr", "row_src_ptr"):
