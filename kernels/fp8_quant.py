@@ -26,7 +26,8 @@ _EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to 
 # Warps of the passes, timed alone on bench6's shapes (H200, 2026-12-01, `bench_kernels.py --passes`, after the cast
 # lost its clamp and its per-element division): SwiGLU backward 1.98 / 0.797 / 0.908 ms with 4 / 8 / 16 warps (255
 # registers a thread with 8: one CTA an SM; 128 with 16); activation quantiser 0.289 / 0.318 / 0.389; weight
-# quantiser 0.213 / 0.270 / 0.264 (with 8 warps it now takes 129 registers, one CTA an SM where 128 allowed two).
+# quantiser 0.213 / 0.270 / 0.264 (with 8 warps it now takes 129 registers, one CTA an SM where 128 allowed two;
+# with 4, 255 and an 8 B spill, yet the fastest).
 _BWD_WARPS = 8
 _ACT_WARPS = 4
 _WEIGHT_WARPS = 4
