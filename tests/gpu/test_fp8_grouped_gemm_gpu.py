@@ -176,6 +176,6 @@ def test_quantisers_keep_nan_and_match_torch_cast():
     assert q[7, 5].float().isnan() and qt[5, 7].float().isnan()
     used = int(lay.pend[-1])  # rows past it are never written
     assert q[:used].float().isnan().sum() == 1 and qt[:, :used].float().isnan().sum() == 1
-    # row 8 (no NaN): the kernel's fp8 equals torch's cast of x / scale, but for ties a reciprocal moves
+    # row 8 (no NaN): torch's cast of x / scale, but where multiplying by the reciprocal moves a value across a tie
     want = (x[8] / s[8].repeat_interleave(128)).to(torch.float8_e4m3fn).float()
     assert (q[8].float() == want).float().mean() > 0.99
