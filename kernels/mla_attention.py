@@ -54,6 +54,34 @@ def _key_block_scores(
 
 # fmt: off
 @triton.jit
+def _query_block(
+    qn_ptr, qp_ptr, dstart_ptr, sqn_b, sqn_s, sqn_h, sqp_b, sqp_s, sqp_h, seqlen, n_heads,
+    DN: tl.constexpr, DR: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """This program's batch, head and query block, for the kernels that loop over key blocks (forward, dq). Heads
+    vary fastest and query blocks run last-to-first: the longest causal rows start first. Returns off_b, off_h,
+    the block's first row, its rows (BLOCK_M,) and their mask, q_nope (BLOCK_M, DN), q_pe (BLOCK_M, DR), each row's
+    document start (the row itself without documents) and the first key block any of its rows sees."""
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    start = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen
+    qn_base = qn_ptr + off_b * sqn_b + off_h * sqn_h
+    qp_base = qp_ptr + off_b * sqp_b + off_h * sqp_h
+    qn = tl.load(qn_base + offs_m[:, None] * sqn_s + tl.arange(0, DN)[None, :], mask=m_ok[:, None], other=0.0)
+    qp = tl.load(qp_base + offs_m[:, None] * sqp_s + tl.arange(0, DR)[None, :], mask=m_ok[:, None], other=0.0)
+    if HAS_DOC:
+        dstart_m = tl.load(dstart_ptr + off_b * seqlen + offs_m, mask=m_ok, other=0)
+        lo = (tl.load(dstart_ptr + off_b * seqlen + start) // BLOCK_N) * BLOCK_N
+    else:
+        dstart_m = offs_m
+        lo = 0
+    return off_b, off_h, start, offs_m, m_ok, qn, qp, dstart_m, lo
+
+
+@triton.jit
 def _fwd_inner(
     acc, m_i, l_i, qn, qp, kn_base, kp_base, v_base, skn_s, skp_s, sv_s,
     offs_m, dstart_m, lo, hi, seqlen, qk_scale,
@@ -103,32 +131,14 @@ def _mla_fwd_kernel(
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, HAS_DOC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Heads vary fastest and query blocks run last-to-first: the longest causal rows start first.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    off_b = (pid_bh // n_heads).to(tl.int64)
-    off_h = (pid_bh % n_heads).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
-    offs_dn = tl.arange(0, DN)
-    offs_dr = tl.arange(0, DR)
-    offs_dv = tl.arange(0, DV)
-
-    qn_base = qn_ptr + off_b * sqn_b + off_h * sqn_h
-    qp_base = qp_ptr + off_b * sqp_b + off_h * sqp_h
-    qn = tl.load(qn_base + offs_m[:, None] * sqn_s + offs_dn[None, :], mask=m_ok[:, None], other=0.0)
-    qp = tl.load(qp_base + offs_m[:, None] * sqp_s + offs_dr[None, :], mask=m_ok[:, None], other=0.0)
+    """Output and base-2 log-sum-exp of one query block (_query_block), over the key blocks it sees."""
+    off_b, off_h, start_m, offs_m, m_ok, qn, qp, dstart_m, lo = _query_block(
+        qn_ptr, qp_ptr, dstart_ptr, sqn_b, sqn_s, sqn_h, sqp_b, sqp_s, sqp_h, seqlen, n_heads,
+        DN, DR, HAS_DOC, BLOCK_M, BLOCK_N,
+    )
     kn_base = kn_ptr + off_b * skn_b + off_h * skn_h
     kp_base = kp_ptr + off_b * skp_b + off_h * skp_h  # skp_h = 0: one rope key for all heads
     v_base = v_ptr + off_b * sv_b + off_h * sv_h
-
-    if HAS_DOC:
-        dstart_m = tl.load(dstart_ptr + off_b * seqlen + offs_m, mask=m_ok, other=0)
-        lo = (tl.load(dstart_ptr + off_b * seqlen + start_m) // BLOCK_N) * BLOCK_N
-    else:
-        dstart_m = offs_m
-        lo = 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -143,8 +153,9 @@ def _mla_fwd_kernel(
     )
     acc = acc / l_i[:, None]
     o_base = o_ptr + off_b * so_b + off_h * so_h
+    offs_dv = tl.arange(0, DV)
     tl.store(o_base + offs_m[:, None] * so_s + offs_dv[None, :], acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * seqlen + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+    tl.store(lse_ptr + tl.program_id(0).to(tl.int64) * seqlen + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------

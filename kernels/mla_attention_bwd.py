@@ -17,6 +17,7 @@ from titan_dsv3.kernels.mla_attention import (
     _LOG2E,
     _key_block_scores,
     _last_dim_contiguous,
+    _query_block,
     _strides,
 )
 
@@ -189,32 +190,21 @@ def _mla_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq_nope, dq_pe of one query block, looping over the key blocks it sees; the last block starts first."""
-    pid_bh = tl.program_id(0)
-    off_b = (pid_bh // n_heads).to(tl.int64)
-    off_h = (pid_bh % n_heads).to(tl.int64)
-    start = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
+    off_b, off_h, start, offs_m, m_ok, qn, qp, dstart_m, lo = _query_block(
+        qn_ptr, qp_ptr, dstart_ptr, sqn_b, sqn_s, sqn_h, sqp_b, sqp_s, sqp_h, seqlen, n_heads,
+        DN, DR, HAS_DOC, BLOCK_M, BLOCK_N,
+    )
     offs_dn = tl.arange(0, DN)
     offs_dr = tl.arange(0, DR)
     offs_dv = tl.arange(0, DV)
-    qn_base = qn_ptr + off_b * sqn_b + off_h * sqn_h
-    qp_base = qp_ptr + off_b * sqp_b + off_h * sqp_h
     do_base = do_ptr + off_b * sdo_b + off_h * sdo_h
-    qn = tl.load(qn_base + offs_m[:, None] * sqn_s + offs_dn[None, :], mask=m_ok[:, None], other=0.0)
-    qp = tl.load(qp_base + offs_m[:, None] * sqp_s + offs_dr[None, :], mask=m_ok[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdo_s + offs_dv[None, :], mask=m_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * seqlen + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * seqlen + offs_m, mask=m_ok, other=0.0)
+    bh = tl.program_id(0).to(tl.int64) * seqlen
+    lse = tl.load(lse_ptr + bh + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh + offs_m, mask=m_ok, other=0.0)
     kn_base = kn_ptr + off_b * skn_b + off_h * skn_h
     kp_base = kp_ptr + off_b * skp_b + off_h * skp_h
     v_base = v_ptr + off_b * sv_b + off_h * sv_h
-    if HAS_DOC:
-        dstart_m = tl.load(dstart_ptr + off_b * seqlen + offs_m, mask=m_ok, other=0)
-        lo = (tl.load(dstart_ptr + off_b * seqlen + start) // BLOCK_N) * BLOCK_N
-    else:
-        dstart_m = offs_m
-        lo = 0
     dqn = tl.zeros([BLOCK_M, DN], tl.float32)
     dqp = tl.zeros([BLOCK_M, DR], tl.float32)
     # key blocks left of the diagonal, then the diagonal ones (causal mask)
