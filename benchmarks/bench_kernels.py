@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -349,8 +350,6 @@ def run_fp8_gemms() -> None:
     """bench6's five FP8 GEMMs alone (random fp8 operands and scales in the padded layout): the Triton kernels
     against the Gluon ones (persistent, warp-specialised), and for the dx shape
     cuBLAS tensorwise FP8 on the same FLOPs as one dense GEMM and bf16 torch._grouped_mm."""
-    from functools import partial
-
     from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as g
 
     dev = torch.device("cuda")
@@ -450,11 +449,22 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
             n_exp * hidden * dim * 4,
         ),
     }
-    for name, (launch, nbytes) in passes.items():
-        for nw in (4, 8, 16):
-            ms = bench(lambda: launch(nw))  # noqa: B023
-            ROWS.append({"name": f"FP8 pass {name} w{nw}", "ms": round(ms, 4), "tflops": 0.0, "err": ""})
-            print(f"FP8 pass {name:40s} w{nw:<3d} {ms:8.3f} ms {nbytes / ms / 1e9:6.2f} TB/s", flush=True)
+    n_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    runs = [
+        (name, f"w{nw}", partial(launch, nw), nbytes)
+        for name, (launch, nbytes) in passes.items()
+        for nw in (4, 8, 16)
+    ]
+    for nw, stages in ((8, 2), (8, 3), (16, 2), (16, 3)):  # the persistent candidate, one CTA an SM
+        launch = partial(
+            Q._swiglu_bwd_quant_persistent_kernel[(n_sms,)], dh, h13, lay.pend, *bwd, pad, n_exp, hidden,
+            EXACT=False, STAGES=stages, num_warps=nw,
+        )  # fmt: skip
+        runs.append(("SwiGLU backward, persistent", f"w{nw} s{stages}", launch, n * hidden * 11))
+    for name, cfg, launch, nbytes in runs:
+        ms = bench(launch)
+        ROWS.append({"name": f"FP8 pass {name} {cfg}", "ms": round(ms, 4), "tflops": 0.0, "err": ""})
+        print(f"FP8 pass {name:40s} {cfg:6s} {ms:8.3f} ms {nbytes / ms / 1e9:6.2f} TB/s", flush=True)
 
 
 def main() -> None:

@@ -186,6 +186,29 @@ def test_swiglu_quant_pass_matches_torch():
     assert hq.shape == (384, HIDDEN) and hs.shape == (384, HIDDEN // 128)
 
 
+def test_persistent_swiglu_backward_pass_matches_the_tiled_one():
+    """The persistent, software-pipelined SwiGLU-backward pass (a candidate) writes what the one-tile-a-program
+    pass writes, bit for bit, over three experts (one empty) and two hidden blocks."""
+    g = torch.Generator().manual_seed(7)
+    lay = K._Layout(torch.tensor([130, 0, 5]), 135)
+    n_pad, hidden = lay.n_pad, 256
+    dh = torch.randn(n_pad, hidden, generator=g).bfloat16()
+    h13 = (torch.randn(n_pad, 2 * hidden, generator=g) * 3).bfloat16()
+    want = Q._swiglu_bwd_quant(dh, h13, lay)
+    got = [torch.zeros_like(t) for t in want]
+    Q._swiglu_bwd_quant_persistent_kernel[(3,)](
+        dh, h13, lay.pend, *got, n_pad, lay.n_exp, hidden, EXACT=True, STAGES=2
+    )  # fmt: skip
+    rows = int(lay.pend[-1])  # the tiles past the last expert are written by neither
+    # gq (P, 2I), gs (P, 2I/128), gqt (2I, P), gst (P/128, 2I), hqt (I, P), hst (P/128, I)
+    written = [(slice(rows),), (slice(rows),), (slice(None), slice(rows)), (slice(rows // 128),)]
+    written += [(slice(None), slice(rows)), (slice(rows // 128),)]
+    for w, o, part in zip(want, got, written):
+        if w.dtype == torch.float8_e4m3fn:
+            w, o = w.view(torch.uint8), o.view(torch.uint8)
+        assert torch.equal(w[part], o[part])
+
+
 def test_traced_by_compile():
     x, counts_E, w1, w2, w3, dy = _inputs([5, 3], seed=3)
     ws = [w.requires_grad_() for w in (w1, w2, w3)]
