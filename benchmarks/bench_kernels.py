@@ -461,6 +461,12 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
             EXACT=False, STAGES=stages, num_warps=nw,
         )  # fmt: skip
         runs.append(("SwiGLU backward, persistent", f"w{nw} s{stages}", launch, n * hidden * 11))
+    for nw, ctas in ((4, 2), (8, 1), (8, 2)):  # the persistent activation quantiser, 3 stages, CTAs an SM
+        launch = partial(
+            Q._quant_act_persistent_kernel[(ctas * n_sms,)], x, lay.row_src, lay.pend, *act, pad, dim, n_exp,
+            EXACT=False, STAGES=3, num_warps=nw,
+        )  # fmt: skip
+        runs.append(("activation quantiser (x), persistent", f"w{nw} x{ctas}", launch, n * dim * 4))
     for name, cfg, launch, nbytes in runs:
         ms = bench(launch)
         ROWS.append({"name": f"FP8 pass {name} {cfg}", "ms": round(ms, 4), "tflops": 0.0, "err": ""})

@@ -131,6 +131,8 @@ def main() -> None:
             dict(EXACT=False, STAGES=stages),
             configs,
         )
+    act3 = [triton.Config({}, num_warps=w, num_stages=3) for w in (4, 8)]
+    sweep(Q._quant_act_persistent_kernel, fp8_types, dict(EXACT=False, STAGES=3), act3)
     sweep(F._wgrad_kernel, fp8_types, {})
     layout_types = {"counts_ptr": "*i64", "out_ptr": i32, "n_exp": "i32", "n_pad": "i32"}
     for eb, block in ((64, 64), (256, 16)):  # _Layout's block for 64 and 256 experts
