@@ -9,6 +9,7 @@ error, < 8% (see the CPU tests).
 
 import pytest
 import torch
+from fp8_checks import QUANT_ACT_OUTPUTS, SWIGLU_BWD_OUTPUTS, assert_same_where_written
 
 from titan_dsv3.kernels.fp8_grouped_gemm import fp8_grouped_swiglu, fp8_grouped_swiglu_reference
 from titan_dsv3.models.moe import grouped_swiglu
@@ -197,13 +198,7 @@ def test_persistent_swiglu_backward_pass_matches_the_tiled_one(warps, stages):
     Q._swiglu_bwd_quant_persistent_kernel[(5,)](
         dh, h13, lay.pend, *got, lay.n_pad, lay.n_exp, 384, EXACT=False, STAGES=stages, num_warps=warps
     )
-    rows = int(lay.pend[-1])  # gq, gs, gqt, gst, hqt, hst; rows past the last expert are written by neither
-    written = [(slice(rows),), (slice(rows),), (slice(None), slice(rows)), (slice(rows // 128),)]
-    written += [(slice(None), slice(rows)), (slice(rows // 128),)]
-    for w, o, part in zip(want, got, written):
-        if w.dtype == torch.float8_e4m3fn:
-            w, o = w.view(torch.uint8), o.view(torch.uint8)
-        assert torch.equal(w[part], o[part])
+    assert_same_where_written(want, got, lay, SWIGLU_BWD_OUTPUTS)
 
 
 @pytest.mark.gpu
@@ -221,9 +216,4 @@ def test_persistent_activation_quantiser_matches_the_tiled_one(warps):
     Q._quant_act_persistent_kernel[(5,)](
         x, lay.row_src, lay.pend, *got, lay.n_pad, 512, lay.n_exp, EXACT=False, STAGES=3, num_warps=warps
     )
-    rows = int(lay.pend[-1])  # q, s, qt, st; rows past the last expert are written by neither
-    written = [(slice(rows),), (slice(rows),), (slice(None), slice(rows)), (slice(rows // 128),)]
-    for w, o, part in zip(want, got, written):
-        if w.dtype == torch.float8_e4m3fn:
-            w, o = w.view(torch.uint8), o.view(torch.uint8)
-        assert torch.equal(w[part], o[part])
+    assert_same_where_written(want, got, lay, QUANT_ACT_OUTPUTS)

@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from fp8_checks import QUANT_ACT_OUTPUTS, SWIGLU_BWD_OUTPUTS, assert_same_where_written  # noqa: E402
 
 from titan_dsv3.kernels import fp8_grouped_gemm as K  # noqa: E402
 from titan_dsv3.kernels import fp8_quant as Q  # noqa: E402
@@ -199,14 +200,7 @@ def test_persistent_swiglu_backward_pass_matches_the_tiled_one():
     Q._swiglu_bwd_quant_persistent_kernel[(3,)](
         dh, h13, lay.pend, *got, n_pad, lay.n_exp, hidden, EXACT=True, STAGES=2
     )  # fmt: skip
-    rows = int(lay.pend[-1])  # the tiles past the last expert are written by neither
-    # gq (P, 2I), gs (P, 2I/128), gqt (2I, P), gst (P/128, 2I), hqt (I, P), hst (P/128, I)
-    written = [(slice(rows),), (slice(rows),), (slice(None), slice(rows)), (slice(rows // 128),)]
-    written += [(slice(None), slice(rows)), (slice(rows // 128),)]
-    for w, o, part in zip(want, got, written):
-        if w.dtype == torch.float8_e4m3fn:
-            w, o = w.view(torch.uint8), o.view(torch.uint8)
-        assert torch.equal(w[part], o[part])
+    assert_same_where_written(want, got, lay, SWIGLU_BWD_OUTPUTS)
 
 
 def test_persistent_activation_quantiser_matches_the_tiled_one():
@@ -219,12 +213,7 @@ def test_persistent_activation_quantiser_matches_the_tiled_one():
     Q._quant_act_persistent_kernel[(3,)](
         x, lay.row_src, lay.pend, *got, lay.n_pad, 256, lay.n_exp, EXACT=True, STAGES=3
     )  # fmt: skip
-    rows = int(lay.pend[-1])  # q (P, C), s (P, C/128), qt (C, P), st (P/128, C)
-    written = [(slice(rows),), (slice(rows),), (slice(None), slice(rows)), (slice(rows // 128),)]
-    for w, o, part in zip(want, got, written):
-        if w.dtype == torch.float8_e4m3fn:
-            w, o = w.view(torch.uint8), o.view(torch.uint8)
-        assert torch.equal(w[part], o[part])
+    assert_same_where_written(want, got, lay, QUANT_ACT_OUTPUTS)
 
 
 def test_traced_by_compile():
