@@ -449,24 +449,11 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
             n_exp * hidden * dim * 4,
         ),
     }
-    n_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     runs = [
         (name, f"w{nw}", partial(launch, nw), nbytes)
         for name, (launch, nbytes) in passes.items()
         for nw in (4, 8, 16)
     ]
-    for nw, stages in ((8, 2), (8, 3), (16, 2), (16, 3)):  # the persistent candidate, one CTA an SM
-        launch = partial(
-            Q._swiglu_bwd_quant_persistent_kernel[(n_sms,)], dh, h13, lay.pend, *bwd, pad, n_exp, hidden,
-            EXACT=False, STAGES=stages, num_warps=nw,
-        )  # fmt: skip
-        runs.append(("SwiGLU backward, persistent", f"w{nw} s{stages}", launch, n * hidden * 11))
-    for nw, ctas in ((4, 2), (8, 1), (8, 2)):  # the persistent activation quantiser, 3 stages, CTAs an SM
-        launch = partial(
-            Q._quant_act_persistent_kernel[(ctas * n_sms,)], x, lay.row_src, lay.pend, *act, pad, dim, n_exp,
-            EXACT=False, STAGES=3, num_warps=nw,
-        )  # fmt: skip
-        runs.append(("activation quantiser (x), persistent", f"w{nw} x{ctas}", launch, n * dim * 4))
     for name, cfg, launch, nbytes in runs:
         ms = bench(launch)
         ROWS.append({"name": f"FP8 pass {name} {cfg}", "ms": round(ms, 4), "tflops": 0.0, "err": ""})

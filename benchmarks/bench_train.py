@@ -246,7 +246,10 @@ def main() -> int:
         rows.append((label, r))
         if rank == 0:
             tps = r["tokens_per_step"] / r["sec_per_step"] / r["world_size"]
-            print(f"{label}: {tps:,.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB", flush=True)
+            print(
+                f"{label}: {tps:,.0f} tok/s/GPU, peak {r['peak_gib']:.1f} GiB, loss {r['loss']:.3f}",
+                flush=True,
+            )
             if "ep_rank_load" in r:  # first, a few in between, last
                 loads = r["ep_rank_load"]
                 at = sorted({1, 2, 5, *range(10, len(loads), 10), len(loads)} & set(range(1, len(loads) + 1)))

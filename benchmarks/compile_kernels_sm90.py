@@ -123,16 +123,6 @@ def main() -> None:
     warps = [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
     # dh arrives in dy's dtype (bf16)
     sweep(Q._swiglu_bwd_quant_kernel, {**fp8_types, "dh_ptr": bf16}, dict(EXACT=False), warps)
-    for stages in (2, 3):  # the persistent candidate, its loop pipelined (cp.async) STAGES deep
-        configs = [triton.Config({}, num_warps=w, num_stages=stages) for w in (8, 16)]
-        sweep(
-            Q._swiglu_bwd_quant_persistent_kernel,
-            {**fp8_types, "dh_ptr": bf16},
-            dict(EXACT=False, STAGES=stages),
-            configs,
-        )
-    act3 = [triton.Config({}, num_warps=w, num_stages=3) for w in (4, 8)]
-    sweep(Q._quant_act_persistent_kernel, fp8_types, dict(EXACT=False, STAGES=3), act3)
     sweep(F._wgrad_kernel, fp8_types, {})
     layout_types = {"counts_ptr": "*i64", "out_ptr": i32, "n_exp": "i32", "n_pad": "i32"}
     for eb, block in ((64, 64), (256, 16)):  # _Layout's block for 64 and 256 experts

@@ -5,7 +5,9 @@ runs them around its GEMMs, in its padded layout (each expert's rows padded to a
 
 Measured alone on bench6's shapes (H200, 2026-12-01, benchmarks/RESULTS.md, stop 22): the SwiGLU backward 0.80 ms
 (1.9 TB/s), the activation quantiser 0.289 ms (2.8 TB/s), the SwiGLU forward 0.18 ms (3.9 TB/s), the weight
-quantiser 0.213 ms per weight (3.5 TB/s).
+quantiser 0.213 ms per weight (3.5 TB/s). Persistent grids whose loops copy the next tile into shared memory
+(cp.async) while this one is computed measured slower (SwiGLU backward 1.035 ms, activation quantiser 0.378 ms;
+stop 23) and were removed.
 
 Under TRITON_INTERPRET=1 the fp32 -> e4m3 cast is rounded by hand first (the interpreter's own cast is wrong when
 rounding carries into the exponent) and e4m3 subnormals (< 2^-6 after scaling) are flushed to zero. The torch
@@ -106,21 +108,6 @@ def _quant_act_kernel(
     _quant_act_tile(x_ptr, row_src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile, tl.program_id(1), n_pad, n_cols, EXACT)
 
 
-@triton.jit(do_not_specialize=["n_experts"])
-def _quant_act_persistent_kernel(
-    x_ptr, row_src_ptr, pend_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
-    EXACT: tl.constexpr, STAGES: tl.constexpr,
-):
-    """A candidate, not yet timed on a GPU (bench_kernels.py --passes times it): the same tiles from a persistent
-    grid whose loop is software-pipelined (the next tile's rows gathered into shared memory by cp.async while this
-    one is quantised). The one-tile-a-program kernel runs at 2.8 TB/s on bench6's x (H200). Compiled for sm_90
-    with Triton 3.6: 8 warps 3 stages 128 registers, no spill, 69 KiB (two CTAs an SM)."""
-    n_cb = n_cols // 128
-    n_items = tl.load(pend_ptr + n_experts - 1) // 128 * n_cb  # the tiles of the experts' padded rows
-    for w in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=STAGES):
-        _quant_act_tile(x_ptr, row_src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, w // n_cb, w % n_cb, n_pad, n_cols, EXACT)
-
-
 @triton.jit
 def _quant_weight_kernel(
     w_ptr, q_ptr, qt_ptr, s_ptr, n_rows, n_cols, rows_total, row_off, EXACT: tl.constexpr,
@@ -208,26 +195,6 @@ def _swiglu_bwd_quant_kernel(
         dh_ptr, h13_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, tile, tl.program_id(0), n_pad, HIDDEN,
         EXACT,
     )
-
-
-@triton.jit(do_not_specialize=["n_experts"])
-def _swiglu_bwd_quant_persistent_kernel(
-    dh_ptr, h13_ptr, pend_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, n_pad, n_experts, HIDDEN,
-    EXACT: tl.constexpr, STAGES: tl.constexpr,
-):
-    """A candidate, not yet timed on a GPU (bench_kernels.py --passes times it): the same tiles from a persistent
-    grid whose loop is software-pipelined, so that the next tile's dh, h1 and h3 are copied into shared memory
-    (cp.async, STAGES - 1 tiles ahead) while this one is computed. The one-tile-a-program kernel holds 255
-    registers with 8 warps: one CTA an SM, whose loads, math and stores do not overlap (0.80 ms, 1.9 TB/s on
-    bench6, H200). Compiled for sm_90 with Triton 3.6: 8 warps 2 stages 255 registers, 160 B spill, 112 KiB;
-    16 warps 3 stages 128 registers, 88 B spill, 208 KiB."""
-    n_cb = HIDDEN // 128
-    n_items = tl.load(pend_ptr + n_experts - 1) // 128 * n_cb  # the tiles of the experts' padded rows
-    for w in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=STAGES):
-        _swiglu_bwd_tile(
-            dh_ptr, h13_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, w // n_cb, w % n_cb, n_pad,
-            HIDDEN, EXACT,
-        )
 # fmt: on
 
 

@@ -18,7 +18,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from fp8_checks import QUANT_ACT_OUTPUTS, SWIGLU_BWD_OUTPUTS, assert_same_where_written  # noqa: E402
 
 from titan_dsv3.kernels import fp8_grouped_gemm as K  # noqa: E402
 from titan_dsv3.kernels import fp8_quant as Q  # noqa: E402
@@ -185,35 +184,6 @@ def test_swiglu_quant_pass_matches_torch():
     deq = hq[:256].float() * scale
     assert ((deq - want).abs() <= 2**-6 * scale + 1e-6 * want.abs()).all()
     assert hq.shape == (384, HIDDEN) and hs.shape == (384, HIDDEN // 128)
-
-
-def test_persistent_swiglu_backward_pass_matches_the_tiled_one():
-    """The persistent, software-pipelined SwiGLU-backward pass (a candidate) writes what the one-tile-a-program
-    pass writes, bit for bit, over three experts (one empty) and two hidden blocks."""
-    g = torch.Generator().manual_seed(7)
-    lay = K._Layout(torch.tensor([130, 0, 5]), 135)
-    n_pad, hidden = lay.n_pad, 256
-    dh = torch.randn(n_pad, hidden, generator=g).bfloat16()
-    h13 = (torch.randn(n_pad, 2 * hidden, generator=g) * 3).bfloat16()
-    want = Q._swiglu_bwd_quant(dh, h13, lay)
-    got = [torch.zeros_like(t) for t in want]
-    Q._swiglu_bwd_quant_persistent_kernel[(3,)](
-        dh, h13, lay.pend, *got, n_pad, lay.n_exp, hidden, EXACT=True, STAGES=2
-    )  # fmt: skip
-    assert_same_where_written(want, got, lay, SWIGLU_BWD_OUTPUTS)
-
-
-def test_persistent_activation_quantiser_matches_the_tiled_one():
-    """The persistent, software-pipelined activation quantiser (a candidate) writes what _quant_act writes, bit
-    for bit, with empty and partly padded experts."""
-    x = torch.randn(135, 256, generator=torch.Generator().manual_seed(8)) * torch.logspace(-2, 2, 256)
-    lay = K._Layout(torch.tensor([130, 0, 5]), 135)
-    want = Q._quant_act(x, lay)
-    got = [torch.zeros_like(t) for t in want]
-    Q._quant_act_persistent_kernel[(3,)](
-        x, lay.row_src, lay.pend, *got, lay.n_pad, 256, lay.n_exp, EXACT=True, STAGES=3
-    )  # fmt: skip
-    assert_same_where_written(want, got, lay, QUANT_ACT_OUTPUTS)
 
 
 def test_traced_by_compile():
