@@ -5,8 +5,8 @@ Scores are q_nope . k_nope + q_pe . k_pe, with the RoPE key k_pe one vector per 
 returns its gradient summed over heads. Causal, optionally also within documents of a packed row (doc_ids).
 Flash-attention style: the forward keeps a running max and sum (base-2 exponentials, the scale folded into
 log2(e)) and saves the log-sum-exp per row. The backward (kernels/mla_attention_bwd.py) recomputes the
-probabilities per key block for dk/dv and gets dq from the dS that pass stores, or, past a buffer budget, by
-recomputing per query block; no atomics, results are deterministic. Longest causal loops start first.
+probabilities twice: per key block for dk/dv, and per query block for dq; no atomics, results are deterministic.
+Longest causal loops start first.
 
 Scope and limits:
 - q_nope, k_nope: (bsz, seqlen, heads, nope); q_pe: (bsz, seqlen, heads, rope); k_pe: (bsz, seqlen, 1 or heads,
