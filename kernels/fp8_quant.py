@@ -30,9 +30,9 @@ _EPS = 1e-12  # amax floor: an all-zero tile gets a tiny scale and quantises to 
 # registers a thread with 8: one CTA an SM; 128 with 16); activation quantiser 0.289 / 0.318 / 0.389; weight
 # quantiser 0.213 / 0.270 / 0.264 (with 8 warps it now takes 129 registers, one CTA an SM where 128 allowed two;
 # with 4, 255 and an 8 B spill, yet the fastest).
-_BWD_WARPS = 8
-_ACT_WARPS = 4
-_WEIGHT_WARPS = 4
+_BWD_LAUNCH = dict(num_warps=8)  # launch options of each pass
+_ACT_LAUNCH = dict(num_warps=4)
+_WEIGHT_LAUNCH = dict(num_warps=4)
 _FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same two, as the kernels see them
 _EPS_C = tl.constexpr(_EPS)
 
@@ -218,7 +218,7 @@ def _quant_act(x: torch.Tensor, lay):
     grid = (n_pad // TILE, n_cols // TILE)
     _quant_act_kernel[grid](
         x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET,
-        num_warps=_ACT_WARPS,
+        **_ACT_LAUNCH,
     )  # fmt: skip
     return q, s, qt, st
 
@@ -233,7 +233,7 @@ def _quant_weights(*ws: torch.Tensor):
     for w in ws:
         grid = (n_exp, w.shape[1] // TILE, n_cols // TILE)
         _quant_weight_kernel[grid](
-            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, num_warps=_WEIGHT_WARPS
+            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, **_WEIGHT_LAUNCH
         )
         off += w.shape[1]
     return q, qt, s
@@ -258,7 +258,7 @@ def _swiglu_bwd_quant(dh: torch.Tensor, h13: torch.Tensor, lay):
     hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
     _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, lay.n_exp, hidden, EXACT=_INTERPRET,
-        num_warps=_BWD_WARPS,
+        **_BWD_LAUNCH,
     )  # fmt: skip
     return gq, gs, gqt, gst, hqt, hst
 
