@@ -65,7 +65,9 @@ def autotune_picks(*kernels) -> None:
         timings = getattr(k, "configs_timings", None) or {}
         ranked = sorted(((v[0] if isinstance(v, list) else v, str(c)) for c, v in timings.items()))
         name = getattr(k.fn, "__name__", str(k.fn))
-        print(f"  {name}: best {k.best_config}; " + "; ".join(f"{c} {t:.3f}" for t, c in ranked[:6]))
+        # absent where the kernel never ran (on Hopper the Gluon GEMMs replace it)
+        best = getattr(k, "best_config", None)
+        print(f"  {name}: best {best}; " + "; ".join(f"{c} {t:.3f}" for t, c in ranked[:6]))
 
 
 def profile_split(fn, steps: int = 3) -> None:
