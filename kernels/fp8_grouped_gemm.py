@@ -197,11 +197,15 @@ def _wgrad_kernel(
 
 
 @triton.jit
-def _layout_kernel(counts_ptr, out_ptr, n_exp, n_pad, EB: tl.constexpr, BLOCK: tl.constexpr):
+def _layout_kernel(counts_ptr, out_ptr, n_exp, n_rows, n_pad, EB: tl.constexpr, BLOCK: tl.constexpr):
     """The padded layout of _Layout for padded rows [pid * BLOCK, +BLOCK), into out = [row_src | identity |
     tile_expert | pstart | pend] (int32). Every program scans the E counts itself (E <= EB)."""
     offs_e = tl.arange(0, EB)
-    counts = tl.load(counts_ptr + offs_e, mask=offs_e < n_exp, other=0).to(tl.int32)
+    counts = tl.maximum(tl.load(counts_ptr + offs_e, mask=offs_e < n_exp, other=0).to(tl.int32), 0)
+    # counts that claim more than the n_rows rows there are: the rows past n_rows are dropped (an expert keeps the
+    # rows up to n_rows), so that no kernel reads or writes outside x, y, dx and the padded buffers (n_pad bounds
+    # the layout only when the counts sum to at most n_rows; checking that they sum to it would cost a host sync)
+    counts = tl.minimum(counts, tl.maximum(n_rows - (tl.cumsum(counts, 0) - counts), 0))
     padded = (counts + 127) // 128 * 128
     pend = tl.cumsum(padded, 0)
     pstart = pend - padded
@@ -241,7 +245,9 @@ class _Layout:
         packed = torch.empty(2 * n_pad + n_pad // TILE + 2 * n_exp, device=counts_E.device, dtype=torch.int32)
         eb = max(16, triton.next_power_of_2(n_exp))
         block = max(16, min(1024, 4096 // eb))  # (BLOCK, EB) compares of 4K elements: 32 a thread
-        _layout_kernel[(triton.cdiv(n_pad, block),)](counts_E, packed, n_exp, n_pad, EB=eb, BLOCK=block)
+        _layout_kernel[(triton.cdiv(n_pad, block),)](
+            counts_E, packed, n_exp, n_rows, n_pad, EB=eb, BLOCK=block
+        )
         self._unpack(packed, n_exp, n_pad)
 
     @classmethod
@@ -446,7 +452,9 @@ def fp8_grouped_swiglu(
 ) -> torch.Tensor:
     """SwiGLU experts w2(silu(w1 x) * w3 x) over token groups (x sorted by expert, counts on device), in FP8.
 
-    Same contract as models.moe.grouped_swiglu; differentiable in x and the three weights.
+    Same contract as models.moe.grouped_swiglu; differentiable in x and the three weights. The counts should sum
+    to N; that is not checked (it would cost a host sync). Rows they claim past N are dropped, so nothing outside
+    the op's tensors is read or written; rows of x past their sum get no y (and no dx) written.
     """
     return _fwd_op(x_ND, counts_E, w1_EID, w2_EDI, w3_EID)[0]
 

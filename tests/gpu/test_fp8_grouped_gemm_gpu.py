@@ -190,7 +190,8 @@ def _fill_free_memory_with_nan():
 
 
 def _random_counts(n_exp, per):
-    # the counts of the run that found it: device RNG, seed 1; the last expert takes the rest, or none
+    # as stop 23's harness drew them (device RNG, seed 1): the last expert takes the rest of n_exp x per rows, or
+    # none when the others already claim more than that, so the counts may sum past n_exp x per
     torch.manual_seed(1)
     counts = torch.randint(0, 2 * per, (n_exp,), device="cuda")
     counts[-1] = n_exp * per - counts[:-1].sum()
@@ -199,13 +200,13 @@ def _random_counts(n_exp, per):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("sm90", [True, False])
-@pytest.mark.parametrize("case", ["random", "fixed", "last_empty"])
+@pytest.mark.parametrize("case", ["random", "fixed", "last_empty", "past_rows"])
 def test_backward_gives_the_same_bits_every_call(case, sm90, monkeypatch):
     """Five forward + backward calls on the same inputs, the free memory filled with NaN before each, give the
-    same bits, all finite. Found in stop 23 (H200, Gluon GEMMs): with these shapes and the random counts, y and
-    dx were the same in every call, but dw1, dw2 and dw3 differed from call to call (up to 1.5 and 30 apart,
-    9-12% of their elements), and from the fourth call on 2 of the 8 experts' weight gradients were all NaN.
-    With the free memory filled with NaN, the Triton kernels in the interpreter (CPU) read nothing unwritten."""
+    same bits, all finite: no kernel reads memory that nothing wrote in the call. In stop 23 a harness (H200,
+    Gluon GEMMs) saw dw1, dw2 and dw3 differ from call to call and two experts' come out NaN, while y and dx did
+    not; its counts could sum past x's rows, and the kernels then read and wrote past their tensors (now bounded
+    by the layout kernel). "past_rows" gives x 2,400 rows and counts that claim 2,600."""
     from titan_dsv3.kernels import fp8_grouped_gemm as K
 
     if sm90 and not _sm90():
@@ -215,8 +216,11 @@ def test_backward_gives_the_same_bits_every_call(case, sm90, monkeypatch):
         "random": _random_counts(8, 300),
         "fixed": [0, 1, 300, 129, 0, 1024, 77, 5],
         "last_empty": [257, 600, 0, 31, 512, 128, 300, 0],
+        "past_rows": [300, 600, 0, 500, 400, 300, 500, 0],
     }[case]
     x, ws, dy, counts_E = _case(counts, seed=1)
+    if case == "past_rows":  # x and dy keep the first 2,400 rows; the counts still claim 2,600
+        x, dy = x[:2400], dy[:2400]
     runs = []
     for _ in range(5):
         _fill_free_memory_with_nan()
@@ -230,3 +234,37 @@ def test_backward_gives_the_same_bits_every_call(case, sm90, monkeypatch):
             assert torch.isfinite(g).all(), f"{counts} call {call}: {name} has NaN (per expert {per_expert})"
             differ = int((g != want).sum())
             assert differ == 0, f"{counts} call {call}: {name} differs from call 0 in {differ} elements"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sm90", [True, False])
+def test_every_buffer_a_later_kernel_reads_is_written(sm90, monkeypatch):
+    """Stage by stage, with the free memory filled with NaN before the forward and before the backward: the
+    layout matches its definition, and the padded rows (up to pend[-1]) of every buffer the weight-gradient
+    GEMMs read are finite, so a NaN in dw names the stage that left memory unwritten (see the test above)."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+
+    if sm90 and not _sm90():
+        pytest.skip("the Gluon GEMMs are sm_90 kernels")
+    monkeypatch.setattr(K, "SM90_GEMMS", sm90)
+    counts = _random_counts(8, 300)
+    x, (w1, w2, w3), dy, counts_E = _case(counts, seed=1)
+    _fill_free_memory_with_nan()
+    y, packed, xqt, xst, h13, w13tq, w13s, w2tq, w2s = K._swiglu_fwd(x, counts_E, w1, w2, w3)
+    lay = K._Layout.from_packed(packed, len(counts), sum(counts))
+    padded = (torch.tensor(counts) + 127) // 128 * 128
+    assert lay.pend.tolist() == padded.cumsum(0).tolist(), counts
+    assert lay.pstart.tolist() == (padded.cumsum(0) - padded).tolist(), counts
+    p = int(lay.pend[-1])
+    seen = {"y": y, "xqt": xqt[:, :p], "xst": xst[: p // 128], "h13": h13[:p]}
+    _fill_free_memory_with_nan()
+    dyq, dys, dyqt, dyst = K._quant_act(dy, lay)
+    hidden, dim = w2.shape[2], w2.shape[1]
+    dh = torch.empty(lay.n_pad, hidden, device="cuda", dtype=dy.dtype)
+    n_ib, n_db = hidden // 128, dim // 128
+    K._gemm_scatter(dyq, dys, w2tq, w2s, lay, lay.identity, dh, dim, hidden, n_db * n_ib, 1, n_ib)
+    gq, gs, gqt, gst, hqt, hst = K._swiglu_bwd_quant(dh, h13, lay)
+    seen.update(dyqt=dyqt[:, :p], dyst=dyst[: p // 128], dh=dh[:p], gqt=gqt[:, :p], gst=gst[: p // 128])
+    seen.update(hqt=hqt[:, :p], hst=hst[: p // 128])
+    bad = {k: int((~torch.isfinite(t.float())).sum()) for k, t in seen.items()}
+    assert not any(bad.values()), f"{counts}: non-finite elements {bad}"

@@ -210,3 +210,21 @@ def test_backward_gets_no_zero_filled_gradients_for_the_saved_outputs():
         y.backward(dy)
     assert not {e.name for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros")}
     assert all(p.grad is not None for p in params)
+
+
+def test_counts_past_the_rows_are_dropped_not_read():
+    """Counts that claim more rows than x has (80 + 50 for 100 rows) act as if the last group ended at row 100:
+    the same bits as counts 80 + 20, forward and backward; before the layout kernel bounded the groups, the kernels
+    read x and wrote y and dx past their ends (found through a GPU harness whose weight gradients then differed
+    from call to call)."""
+    x, _, w1, w2, w3, dy = _inputs([80, 20], seed=5)
+    outs = []
+    for counts in ([80, 50], [80, 20]):
+        ins = [t.clone().requires_grad_() for t in (x, w1, w2, w3)]
+        y = K.fp8_grouped_swiglu(ins[0], torch.tensor(counts), *ins[1:])
+        y.backward(dy)
+        outs.append([y.detach(), *(t.grad for t in ins)])
+        lay = K._Layout(torch.tensor(counts), 100)
+        assert int(lay.pend[-1]) == 256 and int(lay.row_src.max()) == 99
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
