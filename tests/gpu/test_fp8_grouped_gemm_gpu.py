@@ -205,8 +205,8 @@ def test_backward_gives_the_same_bits_every_call(case, sm90, monkeypatch):
     """Five forward + backward calls on the same inputs, the free memory filled with NaN before each, give the
     same bits, all finite: no kernel reads memory that nothing wrote in the call. In stop 23 a harness (H200,
     Gluon GEMMs) saw dw1, dw2 and dw3 differ from call to call and two experts' come out NaN, while y and dx did
-    not; its counts could sum past x's rows, and the kernels then read and wrote past their tensors (now bounded
-    by the layout kernel). "past_rows" gives x 2,400 rows and counts that claim 2,600."""
+    not. Its counts could sum past x's rows, which made the kernels read and write past their tensors: the
+    likely cause, now bounded by the layout kernel. "past_rows" gives x 2,400 rows and counts that claim 2,600."""
     from titan_dsv3.kernels import fp8_grouped_gemm as K
 
     if sm90 and not _sm90():
