@@ -466,6 +466,23 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
         launch, nbytes = passes[name]
         for nw, cap in caps:
             runs.append((name, f"w{nw} r{cap}", partial(launch, dict(num_warps=nw, maxnreg=cap)), nbytes))
+    # the Gluon candidates (sm_90): the bf16 inputs transposed instead of the fp8 outputs
+    if torch.cuda.get_device_capability(dev) == (9, 0):
+        from titan_dsv3.kernels import fp8_quant_sm90 as G
+
+        bwd_grid, act_grid = (hidden // 128, tiles), (tiles, dim // 128)
+        for nw in (8, 16):
+            launch = partial(
+                G._swiglu_bwd_quant_kernel_sm90[bwd_grid], dh, h13, lay.tile_expert, *bwd, pad, n_exp, hidden,
+                num_warps=nw,
+            )  # fmt: skip
+            runs.append(("SwiGLU backward, Gluon", f"w{nw}", launch, n * hidden * 11))
+        for nw in (4, 8, 16):
+            launch = partial(
+                G._quant_act_kernel_sm90[act_grid], x, lay.row_src, lay.tile_expert, *act, pad, dim, n_exp,
+                num_warps=nw,
+            )  # fmt: skip
+            runs.append(("activation quantiser (x), Gluon", f"w{nw}", launch, n * dim * 4))
     for name, cfg, launch, nbytes in runs:
         ms = bench(launch)
         ROWS.append({"name": f"FP8 pass {name} {cfg}", "ms": round(ms, 4), "tflops": 0.0, "err": ""})

@@ -131,14 +131,24 @@ def main() -> None:
 
 
 def sweep_gluon(fp8_types: dict[str, str]) -> None:
-    """The Gluon GEMMs (fp8_grouped_gemm_sm90.py) in the tile configs the GPU tests use."""
+    """The Gluon GEMMs (fp8_grouped_gemm_sm90.py) in the tile configs the GPU tests use, and the Gluon
+    quantisation passes (fp8_quant_sm90.py)."""
     from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as G
+    from titan_dsv3.kernels import fp8_quant_sm90 as S
 
     for kernel in (G._gemm_scatter_kernel_sm90_ws, G._wgrad_kernel_sm90_ws):
         for bm, warps, stages in ((128, 8, 4), (128, 8, 6), (64, 4, 4)):
             types = {**fp8_types, **G.descriptor_types(bm)}
             line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
             print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
+    types = {**fp8_types, "dh_ptr": "*bf16"}
+    for kernel, warp_counts in (
+        (S._swiglu_bwd_quant_kernel_sm90, (8, 16)),
+        (S._quant_act_kernel_sm90, (4, 8, 16)),
+    ):
+        for warps in warp_counts:
+            line = compile_report(kernel, types, dict(num_warps=warps), warps, 1)
+            print(f"{kernel.fn.__name__:30s} {'':38s} w{warps}     {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -268,3 +268,48 @@ def test_every_buffer_a_later_kernel_reads_is_written(sm90, monkeypatch):
     seen.update(hqt=hqt[:, :p], hst=hst[: p // 128])
     bad = {k: int((~torch.isfinite(t.float())).sum()) for k, t in seen.items()}
     assert not any(bad.values()), f"{counts}: non-finite elements {bad}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
+@pytest.mark.parametrize("warps", [8, 16])
+def test_gluon_swiglu_backward_pass_writes_the_triton_bits(warps):
+    """The Gluon SwiGLU-backward pass (a candidate, kernels/fp8_quant_sm90.py) writes what the Triton pass
+    writes, bit for bit, in the experts' padded rows (the only rows either writes or anything reads)."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+    from titan_dsv3.kernels import fp8_quant as Q
+    from titan_dsv3.kernels.fp8_quant_sm90 import swiglu_bwd_quant_sm90
+
+    torch.manual_seed(0)
+    lay = K._Layout(torch.tensor([700, 0, 1, 300], device="cuda"), 1001)
+    dh = torch.randn(lay.n_pad, 384, device="cuda").bfloat16()
+    h13 = (torch.randn(lay.n_pad, 768, device="cuda") * 3).bfloat16()
+    want = Q._swiglu_bwd_quant(dh, h13, lay)
+    got = swiglu_bwd_quant_sm90(dh, h13, lay, num_warps=warps)
+    p = int(lay.pend[-1])
+    rows, cols, tiles = (slice(p),), (slice(None), slice(p)), (slice(p // 128),)
+    parts = (rows, rows, cols, tiles, cols, tiles)  # gq, gs: (P, .); gqt, hqt: (., P); gst, hst: (P/128, .)
+    for name, w, g, part in zip(("gq", "gs", "gqt", "gst", "hqt", "hst"), want, got, parts):
+        w, g = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (w[part], g[part]))
+        assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
+@pytest.mark.parametrize("warps", [4, 8])
+def test_gluon_activation_quantiser_writes_the_triton_bits(warps):
+    """The Gluon activation quantiser (a candidate, kernels/fp8_quant_sm90.py) writes what the Triton one writes,
+    bit for bit, in the experts' padded rows, pad rows (zeros) included."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+    from titan_dsv3.kernels import fp8_quant as Q
+    from titan_dsv3.kernels.fp8_quant_sm90 import quant_act_sm90
+
+    torch.manual_seed(0)
+    x = (torch.randn(1001, 512, device="cuda") * torch.logspace(-3, 2, 512, device="cuda")).bfloat16()
+    lay = K._Layout(torch.tensor([700, 0, 1, 300], device="cuda"), 1001)
+    want, got = Q._quant_act(x, lay), quant_act_sm90(x, lay, num_warps=warps)
+    p = int(lay.pend[-1])
+    rows, cols, tiles = (slice(p),), (slice(None), slice(p)), (slice(p // 128),)
+    for name, w, g, part in zip(("q", "s", "qt", "st"), want, got, (rows, rows, cols, tiles)):
+        w, g = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (w[part], g[part]))
+        assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"

@@ -76,3 +76,47 @@ def test_gluon_gemms_compile_for_sm90_as_designed():
         assert feats["warp_specialized"] and feats["setmaxnreg_inc"], (name, feats)
         # ptxas's C751x notes: it waits for every wgmma before issuing the next (tensor cores idle in between)
         assert not feats["ptxas_serialised"], (name, feats["ptxas_serialised"])
+
+
+PASS_SCRIPT = r"""
+import json
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from titan_dsv3.kernels import fp8_quant_sm90 as S
+
+types = {"dh_ptr": "*bf16", "h13_ptr": "*bf16", "x_ptr": "*bf16", "tile_expert_ptr": "*i32", "row_src_ptr": "*i32"}
+types.update({p: "*fp8e4nv" for p in ("gq_ptr", "gqt_ptr", "hqt_ptr", "q_ptr", "qt_ptr")})
+types.update({p: "*fp32" for p in ("gs_ptr", "gst_ptr", "hst_ptr", "s_ptr", "st_ptr")})
+out = {}
+for name, warps in (("_swiglu_bwd_quant_kernel_sm90", 8), ("_quant_act_kernel_sm90", 4)):
+    fn = getattr(S, name)
+    sig = {a: "constexpr" if a == "num_warps" else types.get(a, "i32") for a in fn.arg_names}
+    # the JIT specialises the pointers and sizes (HIDDEN, n_pad, n_cols) as 16-divisible at launch; without that
+    # no access is vectorised
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (a, t) in enumerate(sig.items())
+             if t != "constexpr" and a != "n_experts"}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index("num_warps"),): warps}, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps}).asm["ptx"]
+    out[name] = {p: ptx.count(p) for p in ("st.shared.b8", "ldmatrix", "st.global.v4", "st.local")}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_gluon_quantisation_passes_transpose_bf16_inputs():
+    """The Gluon SwiGLU-backward pass and activation quantiser (kernels/fp8_quant_sm90.py) compile for sm_90 into
+    what they were written for: no byte-wide shared-memory stores (the Triton passes make 192 and 128 a thread to
+    transpose their fp8 outputs), the bf16 inputs transposed by ldmatrix, 16-byte global stores, nothing spilled
+    to local memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", PASS_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    for name, got in json.loads(lines[-1][len("RESULT") :]).items():
+        assert got["st.shared.b8"] == 0 and got["st.local"] == 0, (name, got)
+        assert got["ldmatrix"] > 0 and got["st.global.v4"] > 0, (name, got)

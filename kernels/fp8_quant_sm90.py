@@ -1,0 +1,159 @@
+"""Two of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the bf16
+inputs instead of the fp8 outputs: the SwiGLU backward and the activation quantiser. Candidates: the FFN does not
+call them; not yet run on a GPU.
+
+Both write a tile twice, scaled per row (1 x 128) and per column (128 x 1, transposed for the weight gradients).
+Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared memory one byte
+at a time (`st.shared.b8`: 192 a thread in the SwiGLU backward, 128 in the activation quantiser; sm_90, Triton
+3.6): they run at 1.9 and 2.8 TB/s on bench6 (H200), where the row-only SwiGLU forward reaches 3.9. Gluon lets
+the kernel choose: the tile is loaded in ROWS (a thread holds 16 consecutive columns) and quantised there per row;
+then the bf16 inputs are converted to COLS (a thread holds 16 consecutive rows: ldmatrix, 2 bytes an element) and
+the outputs computed again there, where a column's amax stays inside a warp and each thread stores 16
+consecutive tokens of a transposed copy at once. The SwiGLU backward pays a second pass of its elementwise math,
+which the timings say is not its limit (it did not move when its instructions fell by 22%, stop 22).
+
+Same arguments, grids and outputs as the Triton kernels, and the same arithmetic in the same order (elementwise,
+and max reductions, whose order does not matter), so the same bits: tests/gpu/test_fp8_grouped_gemm_gpu.py
+checks that. Compiled for sm_90 with Triton 3.6 (benchmarks/compile_kernels_sm90.py): the SwiGLU backward 255
+registers with 8 warps (128 with 16), the activation quantiser 136 with 4 (75 with 8); no spill, 32 KiB of shared
+memory, no byte-wide shared stores (tests/kernels/test_fp8_gemm_sm90_compile.py checks the last).
+Legend as fp8_quant: P padded rows, C columns, I hidden; a tile is 128 rows x 128 columns.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.runtime.jit import constexpr_function
+
+from titan_dsv3.kernels.fp8_quant import TILE, _f32_empty, _fp8_empty
+
+FP8_MAX = gl.constexpr(448.0)
+EPS = gl.constexpr(1e-12)  # fp8_quant._EPS
+
+
+@gluon.jit
+def _swiglu_grads(dh, h1, h3):
+    """dh1, dh3 and h from dh and the stored h1, h3 (fp32), as _swiglu_bwd_tile computes them (the sigmoid as
+    tl.sigmoid writes it)."""
+    sig = 1 / (1 + gl.exp(-h1))
+    dh1 = dh * h3 * sig * (1.0 + h1 * (1.0 - sig))
+    dh3 = dh * h1 * sig
+    return dh1, dh3, h1 * sig * h3
+
+
+@gluon.jit
+def _e4m3(x, scale):
+    return (x * (1.0 / scale)).to(gl.float8e4nv)  # fp8_quant._to_e4m3 on the GPU
+
+
+@gluon.jit
+def _store_rows(x, q_ptr, s_ptr, rows, cols, cb, n_cols):
+    """x (128, 128) in ROWS -> e4m3 with one scale per row: q[rows, cols], s[rows, cb]."""
+    scale = gl.maximum(gl.max(gl.abs(x), 1), EPS) / FP8_MAX
+    gl.store(q_ptr + rows[:, None] * n_cols + cols[None, :], _e4m3(x, scale[:, None]))
+    gl.store(s_ptr + rows * (n_cols // 128) + cb, scale)
+
+
+@gluon.jit
+def _store_cols(x, qt_ptr, st_ptr, rows, cols, tile, n_pad, n_cols):
+    """x (128, 128) in COLS -> e4m3 with one scale per column, transposed: qt[cols, rows], st[tile, cols]."""
+    scale = gl.maximum(gl.max(gl.abs(x), 0), EPS) / FP8_MAX
+    gl.store(qt_ptr + cols[None, :] * n_pad + rows[:, None], _e4m3(x, scale[None, :]))
+    gl.store(st_ptr + tile * n_cols + cols, scale)
+
+
+@constexpr_function
+def _rows_layout(num_warps):
+    # 16 consecutive columns a thread (two 16-byte loads of bf16, one 16-byte store of fp8), a warp 4 x 128
+    return gl.BlockedLayout([1, 16], [4, 8], [num_warps, 1], [1, 0])
+
+
+@constexpr_function
+def _cols_layout(num_warps):
+    # 16 consecutive rows a thread, a warp 128 x 4: a column's amax needs no shared memory, and a thread's 16
+    # tokens of a transposed copy leave in one 16-byte store
+    return gl.BlockedLayout([16, 1], [8, 4], [1, num_warps], [0, 1])
+
+
+@gluon.jit(do_not_specialize=["n_experts"])
+def _quant_act_kernel_sm90(
+    x_ptr, row_src_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
+    num_warps: gl.constexpr,
+):  # fmt: skip
+    """fp8_quant._quant_act_kernel: the rows of 128-row padded tile program_id(0), column block program_id(1),
+    gathered (zeros for pad rows) and quantised both ways."""
+    ROWS: gl.constexpr = _rows_layout(num_warps)
+    COLS: gl.constexpr = _cols_layout(num_warps)
+    tile = gl.program_id(0)
+    cb = gl.program_id(1)
+    if gl.load(tile_expert_ptr + tile) >= n_experts:
+        return  # beyond the last expert's padded rows
+    rows = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ROWS))).to(gl.int64)
+    cols = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ROWS))
+    src = gl.load(row_src_ptr + rows).to(gl.int64)
+    x = gl.load(x_ptr + src[:, None] * n_cols + cols[None, :], mask=src[:, None] >= 0, other=0.0)
+    _store_rows(x.to(gl.float32), q_ptr, s_ptr, rows, cols, cb, n_cols)
+    rows_t = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, COLS))).to(gl.int64)
+    cols_t = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, COLS))
+    x_t = gl.convert_layout(x, COLS).to(gl.float32)
+    _store_cols(x_t, qt_ptr, st_ptr, rows_t, cols_t, tile, n_pad, n_cols)
+
+
+@gluon.jit(do_not_specialize=["n_experts"])
+def _swiglu_bwd_quant_kernel_sm90(
+    dh_ptr, h13_ptr, tile_expert_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, n_pad, n_experts,
+    HIDDEN, num_warps: gl.constexpr,
+):  # fmt: skip
+    """fp8_quant._swiglu_bwd_quant_kernel: tile program_id(1), hidden block program_id(0)."""
+    ROWS: gl.constexpr = _rows_layout(num_warps)
+    COLS: gl.constexpr = _cols_layout(num_warps)
+    tile = gl.program_id(1)
+    cb = gl.program_id(0)
+    if gl.load(tile_expert_ptr + tile) >= n_experts:
+        return  # beyond the last expert's padded rows
+    rows = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ROWS))).to(gl.int64)
+    cols = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ROWS))
+    dh = gl.load(dh_ptr + rows[:, None] * HIDDEN + cols[None, :])
+    h13_ptrs = h13_ptr + rows[:, None] * (2 * HIDDEN) + cols[None, :]
+    h1 = gl.load(h13_ptrs)
+    h3 = gl.load(h13_ptrs + HIDDEN)
+    dh1, dh3, _ = _swiglu_grads(dh.to(gl.float32), h1.to(gl.float32), h3.to(gl.float32))
+    _store_rows(dh1, gq_ptr, gs_ptr, rows, cols, cb, 2 * HIDDEN)
+    _store_rows(dh3, gq_ptr, gs_ptr, rows, cols + HIDDEN, cb + HIDDEN // 128, 2 * HIDDEN)
+    # the column-scaled copies: the bf16 inputs change layout, then the outputs are computed again
+    rows_t = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, COLS))).to(gl.int64)
+    cols_t = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, COLS))
+    dh1, dh3, h = _swiglu_grads(
+        gl.convert_layout(dh, COLS).to(gl.float32),
+        gl.convert_layout(h1, COLS).to(gl.float32),
+        gl.convert_layout(h3, COLS).to(gl.float32),
+    )
+    _store_cols(h, hqt_ptr, hst_ptr, rows_t, cols_t, tile, n_pad, HIDDEN)
+    _store_cols(dh1, gqt_ptr, gst_ptr, rows_t, cols_t, tile, n_pad, 2 * HIDDEN)
+    _store_cols(dh3, gqt_ptr, gst_ptr, rows_t, cols_t + HIDDEN, tile, n_pad, 2 * HIDDEN)
+
+
+# ---- launchers (fp8_quant's contracts) -------------------------------------------------------------------------
+
+
+def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 4):
+    """fp8_quant._quant_act's contract: (N, C) -> q (P, C), s (P, C/128), qt (C, P), st (P/128, C)."""
+    n_cols, dev, n_pad = x.shape[1], x.device, lay.n_pad
+    q, s = _fp8_empty(n_pad, n_cols, device=dev), _f32_empty(n_pad, n_cols // TILE, device=dev)
+    qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_pad // TILE, n_cols, device=dev)
+    _quant_act_kernel_sm90[(n_pad // TILE, n_cols // TILE)](
+        x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, num_warps=num_warps
+    )
+    return q, s, qt, st
+
+
+def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: int = 8):
+    """fp8_quant._swiglu_bwd_quant's contract: dh (P, I) and h1 | h3 (P, 2I) -> gq, gs, gqt, gst, hqt, hst."""
+    n_pad, hidden, dev = lay.n_pad, dh.shape[1], dh.device
+    gq, gs = _fp8_empty(n_pad, 2 * hidden, device=dev), _f32_empty(n_pad, 2 * hidden // TILE, device=dev)
+    gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, 2 * hidden, device=dev)
+    hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
+    _swiglu_bwd_quant_kernel_sm90[(hidden // TILE, n_pad // TILE)](
+        dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, lay.n_exp, hidden, num_warps=num_warps
+    )
+    return gq, gs, gqt, gst, hqt, hst
