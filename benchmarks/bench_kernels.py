@@ -325,6 +325,14 @@ def run_fp8(args) -> None:
         fp8.SM90_GEMMS = True
     ms = report(f"FP8 {tag} ours", fwd_bwd(ours, inputs, dy), flops, errors(ours))
     print(f"  ours vs bf16 grouped_mm: {base / ms:.2f}x", flush=True)
+    if args.repeat > 1:  # the two timed again in turn: one ratio per pair, and their mean
+        ratios = [base / ms]
+        for _ in range(args.repeat - 1):
+            base_r, ours_r = bench(fwd_bwd(bf16, inputs, dy)), bench(fwd_bwd(ours, inputs, dy))
+            ratios.append(base_r / ours_r)
+            print(f"  again: bf16 {base_r:.3f} ms, ours {ours_r:.3f} ms, {ratios[-1]:.3f}x", flush=True)
+        print(f"  ours vs bf16 over {len(ratios)} pairs: mean {sum(ratios) / len(ratios):.3f}x, "
+              f"{min(ratios):.3f}-{max(ratios):.3f}x", flush=True)  # fmt: skip
     if sm90 and args.sweep:
         sweep_sm90(fwd_bwd(ours, inputs, dy), flops)
     with torch.no_grad():
@@ -504,6 +512,7 @@ def main() -> None:
     p.add_argument(
         "--passes", action="store_true", help="only the FP8 quantisation passes, alone, per warp count"
     )
+    p.add_argument("--repeat", type=int, default=1, help="FP8: time bf16 and ours this many times in turn")
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     if args.passes:  # only the passes
