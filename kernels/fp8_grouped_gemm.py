@@ -265,17 +265,40 @@ class _Layout:
 # The scatter and weight-gradient GEMMs on Hopper: the persistent warp-specialised Gluon kernels of
 # fp8_grouped_gemm_sm90.py; False keeps the Triton kernels (the tests compare the two)
 SM90_GEMMS = True
+# The activation quantiser and the SwiGLU backward on Hopper in Gluon (fp8_quant_sm90.py: the same bits, the
+# transposes on the bf16 inputs). Off until measured faster on a GPU (bench_kernels.py --sm90-passes).
+SM90_PASSES = False
+
+
+def _hopper(t: torch.Tensor) -> bool:
+    return t.is_cuda and not _INTERPRET and torch.cuda.get_device_capability(t.device) == (9, 0)
 
 
 def _sm90(t: torch.Tensor):
     """The sm_90 GEMM module when t lives on a Hopper GPU and SM90_GEMMS is set, else None."""
-    if not (
-        SM90_GEMMS and t.is_cuda and not _INTERPRET and torch.cuda.get_device_capability(t.device) == (9, 0)
-    ):
+    if not (SM90_GEMMS and _hopper(t)):
         return None
     from titan_dsv3.kernels import fp8_grouped_gemm_sm90
 
     return fp8_grouped_gemm_sm90
+
+
+def _quantise_act(x: torch.Tensor, lay):
+    """fp8_quant._quant_act, on Hopper with SM90_PASSES by the Gluon pass."""
+    if SM90_PASSES and _hopper(x):
+        from titan_dsv3.kernels.fp8_quant_sm90 import quant_act_sm90
+
+        return quant_act_sm90(x, lay)
+    return _quant_act(x, lay)
+
+
+def _swiglu_bwd_quantise(dh: torch.Tensor, h13: torch.Tensor, lay):
+    """fp8_quant._swiglu_bwd_quant, on Hopper with SM90_PASSES by the Gluon pass."""
+    if SM90_PASSES and _hopper(dh):
+        from titan_dsv3.kernels.fp8_quant_sm90 import swiglu_bwd_quant_sm90
+
+        return swiglu_bwd_quant_sm90(dh, h13, lay)
+    return _swiglu_bwd_quant(dh, h13, lay)
 
 
 def _gemm_scatter(a, sa, b, sb, lay, row_src, out, K, N_OUT, sb_e, sb_n, sb_k) -> None:
@@ -331,7 +354,7 @@ def _swiglu_fwd(x, counts_E, w1, w2, w3):
     n_pad, dev = lay.n_pad, x.device
     w13q, w13tq, w13s = _quant_weights(w1, w3)  # (E, 2I, D), (E, D, 2I), (E, 2I/128, D/128)
     w2q, w2tq, w2s = _quant_weights(w2)  # (E, D, I), (E, I, D), (E, D/128, I/128)
-    xq, xs, xqt, xst = _quant_act(x, lay)
+    xq, xs, xqt, xst = _quantise_act(x, lay)
     h13 = torch.empty(n_pad, 2 * hidden, device=dev, dtype=x.dtype)
     if _sm90(x) is not None:
         # Hopper: GEMM1 is the Gluon GEMM writing h1 | h3, then the SwiGLU and h's quantisation as a pass over
@@ -358,7 +381,7 @@ def _swiglu_bwd(dy, packed, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     n_exp, hidden = w2tq.shape[0], w2tq.shape[1]
     lay = _Layout.from_packed(packed, n_exp, n_rows)
     n_pad, dev = lay.n_pad, dy.device
-    dyq, dys, dyqt, dyst = _quant_act(dy, lay)
+    dyq, dys, dyqt, dyst = _quantise_act(dy, lay)
     n_ib, n_db = hidden // TILE, dim // TILE
     # dh = dy @ w2 into the padded rows (the identity as row map: pad rows of dy are zeros, so are theirs), in
     # dy's dtype (bf16: half the bytes of fp32 through memory; dh1 and dh3 are quantised to fp8 right after),
@@ -367,7 +390,7 @@ def _swiglu_bwd(dy, packed, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     # of its block (i, d) is w2s[e, d, i].
     dh = torch.empty(n_pad, hidden, device=dev, dtype=dy.dtype)
     _gemm_scatter(dyq, dys, w2tq, w2s, lay, lay.identity, dh, dim, hidden, n_db * n_ib, 1, n_ib)
-    gq, gs, gqt, gst, hqt, hst = _swiglu_bwd_quant(dh, h13, lay)
+    gq, gs, gqt, gst, hqt, hst = _swiglu_bwd_quantise(dh, h13, lay)
     dx = torch.empty(n_rows, dim, device=dev, dtype=dy.dtype)
     # B = [w1; w3]^T (E, D, 2I); the scale of its block (d, j) is w13s[e, j, d]
     _gemm_scatter(gq, gs, w13tq, w13s, lay, lay.row_src, dx, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db)

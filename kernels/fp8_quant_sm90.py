@@ -1,6 +1,6 @@
 """Two of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the bf16
-inputs instead of the fp8 outputs: the SwiGLU backward and the activation quantiser. Candidates: the FFN does not
-call them; not yet run on a GPU.
+inputs instead of the fp8 outputs: the SwiGLU backward and the activation quantiser. Candidates, not yet run on
+a GPU: the FFN calls them only with fp8_grouped_gemm.SM90_PASSES set, which is off.
 
 Both write a tile twice, scaled per row (1 x 128) and per column (128 x 1, transposed for the weight gradients).
 Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared memory one byte

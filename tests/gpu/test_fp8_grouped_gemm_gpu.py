@@ -313,3 +313,22 @@ def test_gluon_activation_quantiser_writes_the_triton_bits(warps):
     for name, w, g, part in zip(("q", "s", "qt", "st"), want, got, (rows, rows, cols, tiles)):
         w, g = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (w[part], g[part]))
         assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="Gluon kernels for sm_90")
+def test_ffn_with_the_gluon_passes_gives_the_same_bits(monkeypatch):
+    """The whole FFN, forward and backward, with SM90_PASSES on and off: the passes write the same bits, so y, dx
+    and the weight gradients are the same."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+
+    x, ws, dy, counts_E = _case([0, 1, 300, 129, 0, 1024, 77, 5], seed=2)
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(K, "SM90_PASSES", on)
+        ins = [t.clone().requires_grad_() for t in (x, *ws)]
+        y = fp8_grouped_swiglu(ins[0], counts_E, *ins[1:])
+        y.backward(dy)
+        outs.append([y.detach(), *(t.grad for t in ins)])
+    for name, off, on in zip(("y", "dx", "dw1", "dw2", "dw3"), *outs):
+        assert torch.equal(off, on), f"{name}: {int((off != on).sum())} elements differ"
