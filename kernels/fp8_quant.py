@@ -82,7 +82,7 @@ def _store_both(
     tl.store(q_ptr + offs_p[:, None] * n_cols + offs_c[None, :], q)
     tl.store(s_ptr + offs_p * (n_cols // 128) + cb, s)
     qt, st = _quant_cols(x, EXACT)
-    tl.store(qt_ptr + offs_c[None, :] * n_pad + offs_p[:, None], qt)
+    tl.store(qt_ptr + offs_c[None, :].to(tl.int64) * n_pad + offs_p[:, None], qt)  # (2I x P can pass 2^31)
     tl.store(st_ptr + tile * n_cols + offs_c, st)
 
 
@@ -174,7 +174,7 @@ def _swiglu_bwd_tile(
     dh3 = dh * h1 * sig
     h = h1 * sig * h3
     hqt, hst = _quant_cols(h, EXACT)
-    tl.store(hqt_ptr + offs_n[None, :] * n_pad + offs_m[:, None], hqt)
+    tl.store(hqt_ptr + offs_n[None, :].to(tl.int64) * n_pad + offs_m[:, None], hqt)
     tl.store(hst_ptr + tile * HIDDEN + offs_n, hst)
     _store_both(dh1, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, offs_m, offs_n, cb, tile, n_pad, 2 * HIDDEN, EXACT)
     _store_both(

@@ -58,7 +58,7 @@ def _store_rows(x, q_ptr, s_ptr, rows, cols, cb, n_cols):
 def _store_cols(x, qt_ptr, st_ptr, rows, cols, tile, n_pad, n_cols):
     """x (128, 128) in COLS -> e4m3 with one scale per column, transposed: qt[cols, rows], st[tile, cols]."""
     scale = gl.maximum(gl.max(gl.abs(x), 0), EPS) / FP8_MAX
-    gl.store(qt_ptr + cols[None, :] * n_pad + rows[:, None], _e4m3(x, scale[None, :]))
+    gl.store(qt_ptr + cols[None, :].to(gl.int64) * n_pad + rows[:, None], _e4m3(x, scale[None, :]))
     gl.store(st_ptr + tile * n_cols + cols, scale)
 
 
