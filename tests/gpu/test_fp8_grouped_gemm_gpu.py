@@ -296,16 +296,16 @@ def test_gluon_swiglu_backward_pass_writes_the_triton_bits(warps):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
-@pytest.mark.parametrize("warps", [4, 8])
-def test_gluon_activation_quantiser_writes_the_triton_bits(warps):
+@pytest.mark.parametrize("warps, dtype", [(4, torch.bfloat16), (8, torch.bfloat16), (4, torch.float32)])
+def test_gluon_activation_quantiser_writes_the_triton_bits(warps, dtype):
     """The Gluon activation quantiser (a candidate, kernels/fp8_quant_sm90.py) writes what the Triton one writes,
-    bit for bit, in the experts' padded rows, pad rows (zeros) included."""
+    bit for bit, in the experts' padded rows, pad rows (zeros) included; bf16 input, or fp32 (no autocast)."""
     from titan_dsv3.kernels import fp8_grouped_gemm as K
     from titan_dsv3.kernels import fp8_quant as Q
     from titan_dsv3.kernels.fp8_quant_sm90 import quant_act_sm90
 
     torch.manual_seed(0)
-    x = (torch.randn(1001, 512, device="cuda") * torch.logspace(-3, 2, 512, device="cuda")).bfloat16()
+    x = (torch.randn(1001, 512, device="cuda") * torch.logspace(-3, 2, 512, device="cuda")).to(dtype)
     lay = K._Layout(torch.tensor([700, 0, 1, 300], device="cuda"), 1001)
     want, got = Q._quant_act(x, lay), quant_act_sm90(x, lay, num_warps=warps)
     p = int(lay.pend[-1])
