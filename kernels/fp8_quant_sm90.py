@@ -15,7 +15,7 @@ which the timings say is not its limit (it did not move when its instructions fe
 Same arguments, grids and outputs as the Triton kernels, and the same arithmetic in the same order (elementwise,
 and max reductions, whose order does not matter), so the same bits: tests/gpu/test_fp8_grouped_gemm_gpu.py
 checks that. Compiled for sm_90 with Triton 3.6 (benchmarks/compile_kernels_sm90.py): the SwiGLU backward 255
-registers with 8 warps (128 with 16), the activation quantiser 136 with 4 (75 with 8); no spill, 32 KiB of shared
+registers with 8 warps (128 with 16), the activation quantiser 136 with 4 (74 with 8); no spill, 32 KiB of shared
 memory, no byte-wide shared stores (tests/kernels/test_fp8_gemm_sm90_compile.py checks the last).
 Legend as fp8_quant: P padded rows, C columns, I hidden; a tile is 128 rows x 128 columns.
 """
