@@ -228,3 +228,30 @@ def test_counts_past_the_rows_are_dropped_not_read():
         assert int(lay.pend[-1]) == 256 and int(lay.row_src.max()) == 99
     for got, want in zip(*outs):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("counts_meta", "counts is on meta, x on cpu"),
+        ("w2_meta", "w2 is on meta, x on cpu"),
+        ("counts_float", "counts dtype torch.float32"),
+        ("counts_short", "counts has 1 experts, the weights 2"),
+    ],
+)
+def test_bad_inputs_get_one_line_errors(bad, match):
+    """Inputs the kernels cannot read safely (a tensor on another device is a raw pointer into the wrong memory)
+    are refused before anything launches, with the argument and the fix named. The launcher is called directly:
+    through the op, a meta tensor would send the call to the op's fake instead (on a GPU, counts left on the CPU
+    reach the launcher)."""
+    x, counts, w1, w2, w3, _ = _inputs([5, 3])
+    if bad == "counts_meta":
+        counts = counts.to("meta")
+    elif bad == "w2_meta":
+        w2 = w2.to("meta")
+    elif bad == "counts_float":
+        counts = counts.float()
+    else:
+        counts = counts[:1]
+    with pytest.raises(ValueError, match=match):
+        K._swiglu_fwd(x, counts, w1, w2, w3)
