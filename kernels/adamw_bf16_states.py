@@ -65,6 +65,22 @@ def _step_scalars(lr, beta1, beta2, eps, weight_decay, step) -> tuple:
     return lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
 
 
+def _check_alike(grad_scale, **tensors) -> None:
+    """The kernels read every tensor by raw pointer for as many elements as the first has: same device and size
+    for all, and grad_scale on that device (a CPU scalar would be read as device memory it is not)."""
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device or t.numel() != t0.numel():
+            raise ValueError(
+                f"{name} {tuple(t.shape)} on {t.device} against {first} {tuple(t0.shape)} on {t0.device}: "
+                "the update needs them on one device with as many elements"
+            )
+    if grad_scale.device != t0.device or grad_scale.numel() != 1:
+        raise ValueError(
+            f"grad_scale {tuple(grad_scale.shape)} on {grad_scale.device}: a 1-element tensor on {t0.device}"
+        )
+
+
 def adamw_bf16_step(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
     """Launcher: update p (fp32), m and v (bf16) in place from g / grad_scale (a 0-dim fp32 device tensor: read
     on the device, no host sync) for Adam step number `step` (1-based)."""
@@ -77,6 +93,7 @@ def adamw_bf16_step(p, g, m, v, grad_scale, *, lr, beta1, beta2, eps, weight_dec
         raise ValueError(
             f"dtypes p {p.dtype}, m {m.dtype}, v {v.dtype}: expected float32, bfloat16, bfloat16"
         )
+    _check_alike(grad_scale, p=p, g=g, m=m, v=v)
     n = p.numel()
     block = 2048
     _adamw_bf16_fwd_kernel[(triton.cdiv(n, block),)](
@@ -147,6 +164,7 @@ def adamw_bf16_master_step(
         )
     if master.dtype != torch.float32 or w.dtype != torch.bfloat16:
         raise ValueError(f"dtypes w {w.dtype}, master {master.dtype}: expected bfloat16, float32")
+    _check_alike(grad_scale, w=w, master=master, g=g, m=m, v=v)
     n = w.numel()
     block = 2048
     _adamw_bf16_master_kernel[(triton.cdiv(n, block),)](

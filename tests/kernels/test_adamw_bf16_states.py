@@ -111,3 +111,15 @@ def test_state_dict_round_trip_keeps_state_dtypes():
     assert st2["master"].dtype == torch.float32 and st2["exp_avg"].dtype == torch.bfloat16
     for key in ("master", "exp_avg", "exp_avg_sq"):
         assert torch.equal(st[key], st2[key])
+
+
+def test_launchers_refuse_tensors_they_cannot_read_safely():
+    """The kernels read every tensor by raw pointer for as many elements as the weight has: a shorter moment, or
+    grad_scale on another device, is refused with the argument named instead of read out of bounds."""
+    p, g, m = torch.randn(10), torch.randn(10), torch.zeros(10, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="v \\(9,\\) on cpu against p \\(10,\\)"):
+        K.adamw_bf16_step(p, g, m, torch.zeros(9, dtype=torch.bfloat16), torch.tensor(1.0), step=1, **HP)
+    with pytest.raises(ValueError, match="grad_scale \\(\\) on meta"):
+        K.adamw_bf16_master_step(
+            p.bfloat16(), p, g.bfloat16(), m, m.clone(), torch.tensor(1.0, device="meta"), step=1, **HP
+        )

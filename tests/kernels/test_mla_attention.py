@@ -168,3 +168,17 @@ def test_mla_module_triton_equals_sdpa(with_docs):
         mods["triton"].parameters(), mods["sdpa"].parameters()
     ):  # fp32 both: summation order only
         _close(a.grad, b.grad.double(), 1e-5)
+
+
+def test_tensors_on_another_device_are_refused():
+    """The kernels take raw pointers, so a tensor on another device than q is refused with the argument named:
+    doc_bounds by mla_attention; k_pe by the launcher (through the op, a meta tensor would reach the op's fake)."""
+    from titan_dsv3.kernels.mla_attention import _mla_fwd
+
+    q, k_nope, k_pe, v = _inputs(1, 6, 1)
+    bounds = document_bounds(torch.zeros(1, 6, dtype=torch.int32)).to("meta")
+    with pytest.raises(ValueError, match="doc_bounds is on meta, q on cpu"):
+        mla_attention(q, k_nope, v, scale=0.1, k_pe=k_pe, doc_bounds=bounds)
+    q_nope, q_pe = q.split([k_nope.shape[-1], k_pe.shape[-1]], dim=-1)
+    with pytest.raises(ValueError, match="k_pe is on meta, q on cpu"):
+        _mla_fwd(q_nope, q_pe, k_nope, k_pe.to("meta"), v, None, 0.1)
