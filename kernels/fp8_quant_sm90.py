@@ -75,6 +75,13 @@ def _cols_layout(num_warps):
     return gl.BlockedLayout([16, 1], [8, 4], [1, num_warps], [0, 1])
 
 
+@gluon.jit
+def _tile_index(tile, cb, layout: gl.constexpr):
+    """The padded rows and the columns of tile (tile, cb), as index vectors along layout's two axes."""
+    rows = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, layout))).to(gl.int64)
+    return rows, cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, layout))
+
+
 @gluon.jit(do_not_specialize=["n_experts"])
 def _quant_act_kernel_sm90(
     x_ptr, row_src_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
@@ -88,13 +95,11 @@ def _quant_act_kernel_sm90(
     cb = gl.program_id(1)
     if gl.load(tile_expert_ptr + tile) >= n_experts:
         return  # beyond the last expert's padded rows
-    rows = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ROWS))).to(gl.int64)
-    cols = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ROWS))
+    rows, cols = _tile_index(tile, cb, ROWS)
     src = gl.load(row_src_ptr + rows).to(gl.int64)
     x = gl.load(x_ptr + src[:, None] * n_cols + cols[None, :], mask=src[:, None] >= 0, other=0.0)
     _store_rows(x.to(gl.float32), q_ptr, s_ptr, rows, cols, cb, n_cols)
-    rows_t = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, COLS))).to(gl.int64)
-    cols_t = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, COLS))
+    rows_t, cols_t = _tile_index(tile, cb, COLS)
     x_t = gl.convert_layout(x, COLS).to(gl.float32)
     _store_cols(x_t, qt_ptr, st_ptr, rows_t, cols_t, tile, n_pad, n_cols)
 
@@ -111,8 +116,7 @@ def _swiglu_bwd_quant_kernel_sm90(
     cb = gl.program_id(0)
     if gl.load(tile_expert_ptr + tile) >= n_experts:
         return  # beyond the last expert's padded rows
-    rows = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ROWS))).to(gl.int64)
-    cols = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ROWS))
+    rows, cols = _tile_index(tile, cb, ROWS)
     dh = gl.load(dh_ptr + rows[:, None] * HIDDEN + cols[None, :])
     h13_ptrs = h13_ptr + rows[:, None] * (2 * HIDDEN) + cols[None, :]
     h1 = gl.load(h13_ptrs)
@@ -121,8 +125,7 @@ def _swiglu_bwd_quant_kernel_sm90(
     _store_rows(dh1, gq_ptr, gs_ptr, rows, cols, cb, 2 * HIDDEN)
     _store_rows(dh3, gq_ptr, gs_ptr, rows, cols + HIDDEN, cb + HIDDEN // 128, 2 * HIDDEN)
     # the column-scaled copies: the bf16 inputs change layout, then the outputs are computed again
-    rows_t = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, COLS))).to(gl.int64)
-    cols_t = cb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, COLS))
+    rows_t, cols_t = _tile_index(tile, cb, COLS)
     dh1, dh3, h = _swiglu_grads(
         gl.convert_layout(dh, COLS).to(gl.float32),
         gl.convert_layout(h1, COLS).to(gl.float32),

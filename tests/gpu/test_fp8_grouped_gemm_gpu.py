@@ -31,6 +31,21 @@ def _case(counts, seed, dim=512, hidden=384):
     return x, ws, dy, torch.tensor(counts, device=dev)
 
 
+def _ffn_with(monkeypatch, flag, values, seed, counts=(0, 1, 300, 129, 0, 1024, 77, 5)):
+    """[y, dx, dw1, dw2, dw3] of one forward + backward for each value of fp8_grouped_gemm's `flag`."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+
+    x, ws, dy, counts_E = _case(list(counts), seed=seed)
+    outs = []
+    for value in values:
+        monkeypatch.setattr(K, flag, value)
+        ins = [t.clone().requires_grad_() for t in (x, *ws)]
+        y = fp8_grouped_swiglu(ins[0], counts_E, *ins[1:])
+        y.backward(dy)
+        outs.append([y.detach(), *(t.grad for t in ins)])
+    return outs
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", [[0, 1, 300, 129, 0, 1024, 77, 5], [2048], [0, 0, 3]])
 def test_matches_reference_and_bf16(counts):
@@ -117,16 +132,7 @@ def test_sm90_path_matches_triton_path(monkeypatch):
     """The whole FFN on Hopper (Gluon GEMMs, GEMM1 without its epilogue and the SwiGLU as a pass) against the
     Triton kernels (GEMM1 with the SwiGLU epilogue): the same quantisation points, h from the stored h1, h3 in
     both, so only summation order differs, and the rare fp8 rounding it flips."""
-    from titan_dsv3.kernels import fp8_grouped_gemm as K
-
-    x, ws, dy, counts_E = _case([0, 1, 300, 129, 0, 1024, 77, 5], seed=3)
-    outs = []
-    for sm90 in (True, False):
-        monkeypatch.setattr(K, "SM90_GEMMS", sm90)
-        ins = [t.clone().requires_grad_() for t in (x, *ws)]
-        y = fp8_grouped_swiglu(ins[0], counts_E, *ins[1:])
-        y.backward(dy)
-        outs.append([y, *(t.grad for t in ins)])
+    outs = _ffn_with(monkeypatch, "SM90_GEMMS", (True, False), seed=3)
     for name, got, want in zip(("y", "dx", "dw1", "dw2", "dw3"), *outs):
         assert torch.isfinite(got).all()
         assert _rel(got, want) < 2e-3, f"{name}: {_rel(got, want):.2e}"
@@ -320,15 +326,6 @@ def test_gluon_activation_quantiser_writes_the_triton_bits(warps, dtype):
 def test_ffn_with_the_gluon_passes_gives_the_same_bits(monkeypatch):
     """The whole FFN, forward and backward, with SM90_PASSES on and off: the passes write the same bits, so y, dx
     and the weight gradients are the same."""
-    from titan_dsv3.kernels import fp8_grouped_gemm as K
-
-    x, ws, dy, counts_E = _case([0, 1, 300, 129, 0, 1024, 77, 5], seed=2)
-    outs = []
-    for on in (False, True):
-        monkeypatch.setattr(K, "SM90_PASSES", on)
-        ins = [t.clone().requires_grad_() for t in (x, *ws)]
-        y = fp8_grouped_swiglu(ins[0], counts_E, *ins[1:])
-        y.backward(dy)
-        outs.append([y.detach(), *(t.grad for t in ins)])
+    outs = _ffn_with(monkeypatch, "SM90_PASSES", (False, True), seed=2)
     for name, off, on in zip(("y", "dx", "dw1", "dw2", "dw3"), *outs):
         assert torch.equal(off, on), f"{name}: {int((off != on).sum())} elements differ"
