@@ -425,11 +425,7 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
     h13 = torch.randn(pad, 2 * hidden, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n_exp, hidden, dim, device=dev, dtype=torch.bfloat16)
     f8, f32 = Q._fp8_empty, Q._f32_empty
-    act = (f8(pad, dim, device=dev), f32(pad, dim // 128, device=dev), f8(dim, pad, device=dev))
-    act += (f32(tiles, dim, device=dev),)
-    bwd = (f8(pad, 2 * hidden, device=dev), f32(pad, 2 * hidden // 128, device=dev))
-    bwd += (f8(2 * hidden, pad, device=dev), f32(tiles, 2 * hidden, device=dev))
-    bwd += (f8(hidden, pad, device=dev), f32(tiles, hidden, device=dev))
+    act, bwd = Q._both_ways_empty(pad, dim, dev), Q._swiglu_bwd_empty(pad, hidden, dev)
     hq = (f8(pad, hidden, device=dev), f32(pad, hidden // 128, device=dev))
     wq = (f8(n_exp, hidden, dim, device=dev), f8(n_exp, dim, hidden, device=dev))
     wq += (f32(n_exp, hidden // 128, dim // 128, device=dev),)

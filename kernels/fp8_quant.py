@@ -211,11 +211,22 @@ def _f32_empty(*shape, device):
     return torch.empty(*shape, device=device, dtype=torch.float32)
 
 
+def _both_ways_empty(n_pad: int, n_cols: int, device):
+    """The outputs of a pass that quantises (P, C) both ways: q (P, C), s (P, C/128), qt (C, P), st (P/128, C)."""
+    q, s = _fp8_empty(n_pad, n_cols, device=device), _f32_empty(n_pad, n_cols // TILE, device=device)
+    return q, s, _fp8_empty(n_cols, n_pad, device=device), _f32_empty(n_pad // TILE, n_cols, device=device)
+
+
+def _swiglu_bwd_empty(n_pad: int, hidden: int, device):
+    """The SwiGLU backward's outputs: dh1 | dh3 both ways (gq, gs, gqt, gst), h column-scaled (hqt, hst)."""
+    hqt, hst = _fp8_empty(hidden, n_pad, device=device), _f32_empty(n_pad // TILE, hidden, device=device)
+    return (*_both_ways_empty(n_pad, 2 * hidden, device), hqt, hst)
+
+
 def _quant_act(x: torch.Tensor, lay):
     """(N, C) -> fp8 (P, C) + scales (P, C/128), and fp8 (C, P) + scales (P/128, C), in the padded layout."""
     n_cols, dev, n_pad = x.shape[1], x.device, lay.n_pad
-    q, s = _fp8_empty(n_pad, n_cols, device=dev), _f32_empty(n_pad, n_cols // TILE, device=dev)
-    qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_pad // TILE, n_cols, device=dev)
+    q, s, qt, st = _both_ways_empty(n_pad, n_cols, dev)
     grid = (n_pad // TILE, n_cols // TILE)
     _quant_act_kernel[grid](
         x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET,
@@ -253,10 +264,8 @@ def _swiglu_quant(h13: torch.Tensor, lay, hidden: int):
 def _swiglu_bwd_quant(dh: torch.Tensor, h13: torch.Tensor, lay):
     """dh (P, I) and h1 | h3 (P, 2I) -> dh1 | dh3 row-quantised (P, 2I) + (P, 2I/128) and token-quantised
     transposed (2I, P) + (P/128, 2I), and h token-quantised transposed (I, P) + (P/128, I)."""
-    n_pad, hidden, dev = lay.n_pad, dh.shape[1], dh.device
-    gq, gs = _fp8_empty(n_pad, 2 * hidden, device=dev), _f32_empty(n_pad, 2 * hidden // TILE, device=dev)
-    gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, 2 * hidden, device=dev)
-    hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
+    n_pad, hidden = lay.n_pad, dh.shape[1]
+    gq, gs, gqt, gst, hqt, hst = _swiglu_bwd_empty(n_pad, hidden, dh.device)
     _swiglu_bwd_quant_kernel[(hidden // TILE, n_pad // TILE)](
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, lay.n_exp, hidden, EXACT=_INTERPRET,
         **_BWD_LAUNCH,

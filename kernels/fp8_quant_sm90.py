@@ -25,10 +25,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.runtime.jit import constexpr_function
 
-from titan_dsv3.kernels.fp8_quant import TILE, _f32_empty, _fp8_empty
+from titan_dsv3.kernels import fp8_quant
 
-FP8_MAX = gl.constexpr(448.0)
-EPS = gl.constexpr(1e-12)  # fp8_quant._EPS
+TILE = fp8_quant.TILE
+FP8_MAX = gl.constexpr(fp8_quant.FP8_MAX)  # fp8_quant's constants, as the kernels see them
+EPS = gl.constexpr(fp8_quant._EPS)
 
 
 @gluon.jit
@@ -141,9 +142,8 @@ def _swiglu_bwd_quant_kernel_sm90(
 
 def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 4):
     """fp8_quant._quant_act's contract: (N, C) -> q (P, C), s (P, C/128), qt (C, P), st (P/128, C)."""
-    n_cols, dev, n_pad = x.shape[1], x.device, lay.n_pad
-    q, s = _fp8_empty(n_pad, n_cols, device=dev), _f32_empty(n_pad, n_cols // TILE, device=dev)
-    qt, st = _fp8_empty(n_cols, n_pad, device=dev), _f32_empty(n_pad // TILE, n_cols, device=dev)
+    n_cols, n_pad = x.shape[1], lay.n_pad
+    q, s, qt, st = fp8_quant._both_ways_empty(n_pad, n_cols, x.device)
     _quant_act_kernel_sm90[(n_pad // TILE, n_cols // TILE)](
         x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, num_warps=num_warps
     )
@@ -152,10 +152,8 @@ def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 4):
 
 def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: int = 8):
     """fp8_quant._swiglu_bwd_quant's contract: dh (P, I) and h1 | h3 (P, 2I) -> gq, gs, gqt, gst, hqt, hst."""
-    n_pad, hidden, dev = lay.n_pad, dh.shape[1], dh.device
-    gq, gs = _fp8_empty(n_pad, 2 * hidden, device=dev), _f32_empty(n_pad, 2 * hidden // TILE, device=dev)
-    gqt, gst = _fp8_empty(2 * hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, 2 * hidden, device=dev)
-    hqt, hst = _fp8_empty(hidden, n_pad, device=dev), _f32_empty(n_pad // TILE, hidden, device=dev)
+    n_pad, hidden = lay.n_pad, dh.shape[1]
+    gq, gs, gqt, gst, hqt, hst = fp8_quant._swiglu_bwd_empty(n_pad, hidden, dh.device)
     _swiglu_bwd_quant_kernel_sm90[(hidden // TILE, n_pad // TILE)](
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, lay.n_exp, hidden, num_warps=num_warps
     )
