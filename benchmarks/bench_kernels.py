@@ -509,7 +509,9 @@ def main() -> None:
         "--passes", action="store_true", help="only the FP8 quantisation passes, alone, per warp count"
     )
     p.add_argument("--repeat", type=int, default=1, help="FP8: time bf16 and ours this many times in turn")
-    p.add_argument("--sm90-passes", action="store_true", help="FP8: ours with the Gluon passes (SM90_PASSES)")
+    p.add_argument(
+        "--triton-passes", action="store_true", help="FP8: ours with the Triton passes (SM90_PASSES off)"
+    )
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     if args.passes:  # only the passes
@@ -517,7 +519,7 @@ def main() -> None:
     if args.only in (None, "mla") and not args.passes:
         run_mla(args)
     if args.only in (None, "fp8") and not args.passes:
-        fp8.SM90_PASSES = args.sm90_passes
+        fp8.SM90_PASSES = not args.triton_passes
         run_fp8(args)
         if args.gemms and torch.cuda.get_device_capability() == (9, 0):
             run_fp8_gemms()

@@ -1,6 +1,7 @@
 """Two of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the bf16
-inputs instead of the fp8 outputs: the SwiGLU backward and the activation quantiser. Candidates, not yet run on
-a GPU: the FFN calls them only with fp8_grouped_gemm.SM90_PASSES set, which is off.
+inputs instead of the fp8 outputs: the SwiGLU backward and the activation quantiser. The FFN calls them on Hopper
+while fp8_grouped_gemm.SM90_PASSES is set (the default): on bench6's shapes (H200) they take 0.564 and 0.273 ms
+against the Triton passes' 0.802 and 0.289.
 
 Both write a tile twice, scaled per row (1 x 128) and per column (128 x 1, transposed for the weight gradients).
 Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared memory one byte
@@ -140,7 +141,7 @@ def _swiglu_bwd_quant_kernel_sm90(
 # ---- launchers (fp8_quant's contracts) -------------------------------------------------------------------------
 
 
-def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 4):
+def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 8):
     """fp8_quant._quant_act's contract: (N, C) -> q (P, C), s (P, C/128), qt (C, P), st (P/128, C)."""
     n_cols, n_pad = x.shape[1], lay.n_pad
     q, s, qt, st = fp8_quant._both_ways_empty(n_pad, n_cols, x.device)
@@ -150,7 +151,7 @@ def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 4):
     return q, s, qt, st
 
 
-def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: int = 8):
+def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: int = 16):
     """fp8_quant._swiglu_bwd_quant's contract: dh (P, I) and h1 | h3 (P, 2I) -> gq, gs, gqt, gst, hqt, hst."""
     n_pad, hidden = lay.n_pad, dh.shape[1]
     gq, gs, gqt, gst, hqt, hst = fp8_quant._swiglu_bwd_empty(n_pad, hidden, dh.device)
