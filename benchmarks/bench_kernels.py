@@ -561,7 +561,10 @@ def main() -> None:
     )
     p.add_argument("--repeat", type=int, default=1, help="FP8: time bf16 and ours this many times in turn")
     p.add_argument(
-        "--interleave", type=int, default=0, help="FP8: bf16, ours and ours with Triton passes, N windows in turn"
+        "--interleave",
+        type=int,
+        default=0,
+        help="FP8: bf16, ours and ours with Triton passes, N windows in turn",
     )
     p.add_argument(
         "--triton-passes", action="store_true", help="FP8: ours with the Triton passes (SM90_PASSES off)"

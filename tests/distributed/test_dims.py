@@ -47,7 +47,11 @@ REFUSED = [
     (2, [P + "tensor_parallel_degree", "2", "--moe.balance_loss_alpha", "1e-4"], "balance_loss_alpha"),
     (2, [P + "tensor_parallel_degree", "2", "--model.tie_embeddings", "true"], "tie_embeddings"),
     (2, [P + "expert_parallel_degree", "2", "--model.n_dense_layers", "4"], "needs MoE layers"),
-    (2, [P + "expert_parallel_degree", "2", "--model.n_routed_experts", "514"], "more than 256 experts a rank"),
+    (
+        2,
+        [P + "expert_parallel_degree", "2", "--model.n_routed_experts", "514"],
+        "more than 256 experts a rank",
+    ),
 ]
 
 

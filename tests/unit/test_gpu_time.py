@@ -10,7 +10,10 @@ from titan_dsv3.metrics.gpu_time import gpu_time, length_outside, union
 
 def _event(name, start, end, device=DeviceType.CUDA, annotation=False):
     return SimpleNamespace(
-        name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, is_user_annotation=annotation
+        name=name,
+        time_range=SimpleNamespace(start=start, end=end),
+        device_type=device,
+        is_user_annotation=annotation,
     )
 
 

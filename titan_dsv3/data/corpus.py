@@ -11,7 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # Sub-packages of the standard library left out: tests and vendored data would dominate by size.
-_SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+_SKIP_PARTS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "turtledemo",
+}
 
 
 def stdlib_files() -> list[Path]:

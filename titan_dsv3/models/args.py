@@ -95,15 +95,29 @@ class ModelArgs:
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the fix for an impossible combination."""
-        pos = ["vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank", "qk_rope_head_dim",
-               "v_head_dim", "max_seq_len", "original_seq_len"]
+        pos = [
+            "vocab_size",
+            "dim",
+            "inter_dim",
+            "n_layers",
+            "n_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_seq_len",
+            "original_seq_len",
+        ]
         for name in pos:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} = {getattr(self, name)} must be > 0")
         if not 0 <= self.n_dense_layers <= self.n_layers:
-            raise ValueError(f"model.n_dense_layers = {self.n_dense_layers} must lie in [0, n_layers={self.n_layers}]")
+            raise ValueError(
+                f"model.n_dense_layers = {self.n_dense_layers} must lie in [0, n_layers={self.n_layers}]"
+            )
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"model.qk_rope_head_dim = {self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+            raise ValueError(
+                f"model.qk_rope_head_dim = {self.qk_rope_head_dim} must be even (RoPE rotates pairs)"
+            )
         if self.score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"model.score_func = {self.score_func!r}; use 'softmax' or 'sigmoid'")
         if self.group_score not in ("max", "top2_sum"):
@@ -112,7 +126,9 @@ class ModelArgs:
             raise ValueError(f"model.attn_impl = {self.attn_impl!r}; use 'sdpa', 'flex' or 'triton'")
         if self.n_moe_layers > 0:
             if self.n_routed_experts <= 0 or self.moe_inter_dim <= 0:
-                raise ValueError("model.n_routed_experts and model.moe_inter_dim must be > 0 when there are MoE layers")
+                raise ValueError(
+                    "model.n_routed_experts and model.moe_inter_dim must be > 0 when there are MoE layers"
+                )
             if not 1 <= self.n_activated_experts <= self.n_routed_experts:
                 raise ValueError(
                     f"model.n_activated_experts = {self.n_activated_experts} must lie in "
@@ -129,7 +145,9 @@ class ModelArgs:
                 )
             per_group = self.n_routed_experts // self.n_expert_groups
             if self.n_expert_groups > 1 and self.group_score == "top2_sum" and per_group < 2:
-                raise ValueError("model.group_score = 'top2_sum' needs at least 2 experts per group; use 'max'")
+                raise ValueError(
+                    "model.group_score = 'top2_sum' needs at least 2 experts per group; use 'max'"
+                )
             if self.n_limited_groups * per_group < self.n_activated_experts:
                 raise ValueError(
                     f"model.n_limited_groups * experts per group = {self.n_limited_groups * per_group} is below "
@@ -165,9 +183,16 @@ class ModelArgs:
 
     def _mtp_module_params(self, active: bool) -> int:
         # enorm + hnorm + eh_proj (2d -> d) + one MoE block + its output norm
-        return 2 * self.dim + 2 * self.dim * self.dim + self._block_params(self.n_moe_layers > 0, active) + self.dim
+        return (
+            2 * self.dim
+            + 2 * self.dim * self.dim
+            + self._block_params(self.n_moe_layers > 0, active)
+            + self.dim
+        )
 
-    def num_params(self, active: bool = False, include_mtp: bool = True, include_embedding: bool = True) -> int:
+    def num_params(
+        self, active: bool = False, include_mtp: bool = True, include_embedding: bool = True
+    ) -> int:
         """Exact parameter count of DeepSeekV3Model; active=True counts only top-k routed experts per MoE layer."""
         blocks = self.n_dense_layers * self._block_params(False, active)
         blocks += self.n_moe_layers * self._block_params(True, active)

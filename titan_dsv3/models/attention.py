@@ -63,7 +63,9 @@ def _sdpa_backends(device: torch.device):
         return sdpa_kernel(_CUDA_SDPA_ORDER)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None
+) -> torch.Tensor:
     """Causal attention. q, k: (bsz, seqlen, heads, qk_head_dim); v: (bsz, seqlen, heads, v_head_dim)."""
     with _sdpa_backends(q.device):
         out = F.scaled_dot_product_attention(
@@ -72,11 +74,15 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return out.transpose(1, 2)
 
 
-def flex_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> torch.Tensor:
+def flex_attention_fn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None
+) -> torch.Tensor:
     """Attention under a BlockMask (causal within each packed document). Shapes as sdpa_attention."""
     from titan_dsv3.models.masks import flex_attention
 
-    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=scale)
+    out = flex_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=scale
+    )
     return out.transpose(1, 2)
 
 
@@ -120,7 +126,9 @@ class MLA(nn.Module):
             self.wq_b = nn.Linear(self.q_lora_rank, args.n_heads * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.wkv_b = nn.Linear(self.kv_lora_rank, args.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wkv_b = nn.Linear(
+            self.kv_lora_rank, args.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
         self.wo = nn.Linear(args.n_heads * self.v_head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, mask=None) -> torch.Tensor:
@@ -135,7 +143,9 @@ class MLA(nn.Module):
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos_sin)  # (bsz, seqlen, 1, qk_rope_head_dim)
         kv = self.wkv_b(self.kv_norm(c_kv))
-        kv = kv.view(bsz, seqlen, -1, self.qk_nope_head_dim + self.v_head_dim)  # (bsz, seqlen, n_heads, nope + v)
+        kv = kv.view(
+            bsz, seqlen, -1, self.qk_nope_head_dim + self.v_head_dim
+        )  # (bsz, seqlen, n_heads, nope + v)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         n_local_heads = k_nope.shape[2]
 

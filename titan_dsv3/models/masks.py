@@ -20,7 +20,9 @@ def flex_attention(q, k, v, block_mask: BlockMask, scale: float):
     return _flex_attention_eager(q, k, v, block_mask=block_mask, scale=scale)
 
 
-def document_causal_mask(doc_ids: torch.Tensor | None, bsz: int, seqlen: int, device: torch.device) -> BlockMask:
+def document_causal_mask(
+    doc_ids: torch.Tensor | None, bsz: int, seqlen: int, device: torch.device
+) -> BlockMask:
     """Causal mask that also stops attention across documents. doc_ids: (bsz, seqlen) int, or None (plain causal)."""
     if doc_ids is None:
 

@@ -55,7 +55,9 @@ class MTPModule(nn.Module):
         self.block = TransformerBlock(layer_id, args, moe=args.n_moe_layers > 0)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb_next: torch.Tensor, cos_sin: torch.Tensor, mask=None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, emb_next: torch.Tensor, cos_sin: torch.Tensor, mask=None
+    ) -> torch.Tensor:
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h)], dim=-1))
         return self.block(h, cos_sin, mask)
 

@@ -55,7 +55,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns gate weights (T, K) fp32, expert ids (T, K) int64 and the scores (T, E) fp32."""
-        with torch.autocast(x_TD.device.type, enabled=False):  # routing decisions in fp32, also under autocast
+        with torch.autocast(
+            x_TD.device.type, enabled=False
+        ):  # routing decisions in fp32, also under autocast
             logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.softmax(dim=-1) if self.score_func == "softmax" else logits_TE.sigmoid()
         choice_TE = scores_TE + self.expert_bias
@@ -182,10 +184,14 @@ class MoE(nn.Module):
         self.gate = Router(args)
         self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = (
-            FeedForward(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts > 0 else None
+            FeedForward(args.dim, args.n_shared_experts * args.moe_inter_dim)
+            if args.n_shared_experts > 0
+            else None
         )
         # Tokens routed to each expert since the last load-balance update (summed over micro-batches).
-        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.float32), persistent=False
+        )
         # Sequence-wise balance loss: its gradient weight is alpha / (sequences in the global batch), set by the
         # trainer; 0 turns it off. The last value (mean over this micro-batch's sequences) is kept for metrics.
         self.balance_loss_scale = 0.0
@@ -232,7 +238,9 @@ class MoE(nn.Module):
         probs_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)
         p_BE = probs_BSE.mean(dim=1)
         hits_BE = torch.zeros(bsz, n_exp, device=scores_BSE.device, dtype=scores_BSE.dtype)
-        hits_BE.scatter_add_(1, ids_BSK.flatten(1), torch.ones_like(ids_BSK.flatten(1), dtype=scores_BSE.dtype))
+        hits_BE.scatter_add_(
+            1, ids_BSK.flatten(1), torch.ones_like(ids_BSK.flatten(1), dtype=scores_BSE.dtype)
+        )
         f_BE = hits_BE * n_exp / (self.topk * seqlen)
         return (f_BE * p_BE).sum()
 

@@ -49,7 +49,9 @@ def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device | None = No
     scale = 1.0
     if args.rope_factor > 1:
         if args.mscale and args.mscale_all_dim:
-            scale = yarn_get_mscale(args.rope_factor, args.mscale) / yarn_get_mscale(args.rope_factor, args.mscale_all_dim)
+            scale = yarn_get_mscale(args.rope_factor, args.mscale) / yarn_get_mscale(
+                args.rope_factor, args.mscale_all_dim
+            )
         else:
             scale = yarn_get_mscale(args.rope_factor)
     return torch.stack([freqs.cos() * scale, freqs.sin() * scale], dim=-1)

@@ -10,7 +10,9 @@ from titan_dsv3.models.moe import MoE
 
 
 @torch.no_grad()
-def update_expert_bias(moes: list[MoE], gamma: float, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
+def update_expert_bias(
+    moes: list[MoE], gamma: float, group: dist.ProcessGroup | None = None
+) -> torch.Tensor | None:
     """Apply the sign update and reset the counts. Returns the step's (layers, experts) token counts.
 
     The counts of all layers go through one all-reduce over the data-parallel ranks (group), so every rank

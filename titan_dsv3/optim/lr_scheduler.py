@@ -28,5 +28,7 @@ def lr_factor(step: int, total_steps: int, cfg) -> float:
     return floor + (1 - floor) * (1 - min((step - decay_start) / max(total_steps - decay_start, 1), 1.0))
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

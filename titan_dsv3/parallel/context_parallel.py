@@ -31,7 +31,9 @@ from titan_dsv3.optim import losses
 
 # newer torch (2.13 here) names the autograd all-gather all_gather_single_autograd and warns on the old name;
 # the old name stays the fallback for torch versions without the new one
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+_all_gather_autograd = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+)
 
 
 def mtp_next_ids(inputs: torch.Tensor, depth: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Train a byte-level BPE tokenizer on the embedded corpus, a prepared data folder, or text/JSONL files.
 
-    python -m titan_dsv3.tools.train_tokenizer --vocab-size 2048 --output titan_dsv3/data/assets/tokenizer.json
-    python -m titan_dsv3.tools.train_tokenizer --input data/prepared --vocab-size 32000 --output tok.json
+python -m titan_dsv3.tools.train_tokenizer --vocab-size 2048 --output titan_dsv3/data/assets/tokenizer.json
+python -m titan_dsv3.tools.train_tokenizer --input data/prepared --vocab-size 32000 --output tok.json
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, help="path of the tokenizer.json to write")
     args = ap.parse_args(argv)
     if args.vocab_size < 260:
-        print(f"error: --vocab-size {args.vocab_size} is below 260 (256 bytes + specials); raise it", file=sys.stderr)
+        print(
+            f"error: --vocab-size {args.vocab_size} is below 260 (256 bytes + specials); raise it",
+            file=sys.stderr,
+        )
         return 2
     tok = train_bpe(iter_texts(args.input, args.text_field), args.vocab_size, args.min_frequency)
     out = Path(args.output)
