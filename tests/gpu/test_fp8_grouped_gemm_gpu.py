@@ -264,24 +264,38 @@ def test_every_buffer_a_later_kernel_reads_is_written(sm90, monkeypatch):
     p = int(lay.pend[-1])
     seen = {"y": y, "xqt": xqt[:, :p], "xst": xst[: p // 128], "h13": h13[:p]}
     _fill_free_memory_with_nan()
-    dyq, dys, dyqt, dyst = K._quant_act(dy, lay)
+    dyq, dys, dyqt, dyst = K._quantise_act(dy, lay)
     hidden, dim = w2.shape[2], w2.shape[1]
     dh = torch.empty(lay.n_pad, hidden, device="cuda", dtype=dy.dtype)
     n_ib, n_db = hidden // 128, dim // 128
     K._gemm_scatter(dyq, dys, w2tq, w2s, lay, lay.identity, dh, dim, hidden, n_db * n_ib, 1, n_ib)
-    gq, gs, gqt, gst, hqt, hst = K._swiglu_bwd_quant(dh, h13, lay)
+    gq, gs, gqt, gst, hqt, hst = K._swiglu_bwd_quantise(dh, h13, lay)
     seen.update(dyqt=dyqt[:, :p], dyst=dyst[: p // 128], dh=dh[:p], gqt=gqt[:, :p], gst=gst[: p // 128])
     seen.update(hqt=hqt[:, :p], hst=hst[: p // 128])
     bad = {k: int((~torch.isfinite(t.float())).sum()) for k, t in seen.items()}
     assert not any(bad.values()), f"{counts}: non-finite elements {bad}"
 
 
+def _assert_same_in_padded_rows(want, got, lay, **kinds):
+    """The outputs of two quantisation passes, named in order with where they hold the padded rows (p: rows of a
+    (P, .) tensor; t: columns of a transposed (., P) one; s: rows of a (P/128, .) scale table), equal bit for bit
+    up to lay.pend[-1]: the only rows either pass writes or anything reads."""
+    p = int(lay.pend[-1])
+    parts = {"p": (slice(p),), "t": (slice(None), slice(p)), "s": (slice(p // 128),)}
+    assert len(want) == len(got) == len(kinds)
+    for (name, kind), w, g in zip(kinds.items(), want, got):
+        w, g = (t[parts[kind]] for t in (w, g))
+        if w.dtype == torch.float8_e4m3fn:
+            w, g = w.view(torch.uint8), g.view(torch.uint8)
+        assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
 @pytest.mark.parametrize("warps", [8, 16])
 def test_gluon_swiglu_backward_pass_writes_the_triton_bits(warps):
-    """The Gluon SwiGLU-backward pass (a candidate, kernels/fp8_quant_sm90.py) writes what the Triton pass
-    writes, bit for bit, in the experts' padded rows (the only rows either writes or anything reads)."""
+    """The Gluon SwiGLU-backward pass (kernels/fp8_quant_sm90.py, Hopper's default) writes what the Triton
+    pass writes, bit for bit, in the experts' padded rows (the only rows either writes or anything reads)."""
     from titan_dsv3.kernels import fp8_grouped_gemm as K
     from titan_dsv3.kernels import fp8_quant as Q
     from titan_dsv3.kernels.fp8_quant_sm90 import swiglu_bwd_quant_sm90
@@ -292,20 +306,15 @@ def test_gluon_swiglu_backward_pass_writes_the_triton_bits(warps):
     h13 = (torch.randn(lay.n_pad, 768, device="cuda") * 3).bfloat16()
     want = Q._swiglu_bwd_quant(dh, h13, lay)
     got = swiglu_bwd_quant_sm90(dh, h13, lay, num_warps=warps)
-    p = int(lay.pend[-1])
-    rows, cols, tiles = (slice(p),), (slice(None), slice(p)), (slice(p // 128),)
-    parts = (rows, rows, cols, tiles, cols, tiles)  # gq, gs: (P, .); gqt, hqt: (., P); gst, hst: (P/128, .)
-    for name, w, g, part in zip(("gq", "gs", "gqt", "gst", "hqt", "hst"), want, got, parts):
-        w, g = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (w[part], g[part]))
-        assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"
+    _assert_same_in_padded_rows(want, got, lay, gq="p", gs="p", gqt="t", gst="s", hqt="t", hst="s")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
 @pytest.mark.parametrize("warps, dtype", [(4, torch.bfloat16), (8, torch.bfloat16), (4, torch.float32)])
 def test_gluon_activation_quantiser_writes_the_triton_bits(warps, dtype):
-    """The Gluon activation quantiser (a candidate, kernels/fp8_quant_sm90.py) writes what the Triton one writes,
-    bit for bit, in the experts' padded rows, pad rows (zeros) included; bf16 input, or fp32 (no autocast)."""
+    """The Gluon activation quantiser (kernels/fp8_quant_sm90.py, Hopper's default) writes what the Triton one
+    writes, bit for bit, in the experts' padded rows, pad rows (zeros) included; bf16 input, or fp32 (no autocast)."""
     from titan_dsv3.kernels import fp8_grouped_gemm as K
     from titan_dsv3.kernels import fp8_quant as Q
     from titan_dsv3.kernels.fp8_quant_sm90 import quant_act_sm90
@@ -314,11 +323,7 @@ def test_gluon_activation_quantiser_writes_the_triton_bits(warps, dtype):
     x = (torch.randn(1001, 512, device="cuda") * torch.logspace(-3, 2, 512, device="cuda")).to(dtype)
     lay = K._Layout(torch.tensor([700, 0, 1, 300], device="cuda"), 1001)
     want, got = Q._quant_act(x, lay), quant_act_sm90(x, lay, num_warps=warps)
-    p = int(lay.pend[-1])
-    rows, cols, tiles = (slice(p),), (slice(None), slice(p)), (slice(p // 128),)
-    for name, w, g, part in zip(("q", "s", "qt", "st"), want, got, (rows, rows, cols, tiles)):
-        w, g = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (w[part], g[part]))
-        assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"
+    _assert_same_in_padded_rows(want, got, lay, q="p", s="p", qt="t", st="s")
 
 
 @pytest.mark.gpu
