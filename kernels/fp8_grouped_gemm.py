@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from titan_dsv3.kernels import require_same_device
 from titan_dsv3.kernels.fp8_quant import (
     _INTERPRET,
     TILE,
@@ -343,10 +344,7 @@ def _check(x, counts_E, w1, w2, w3) -> None:
         )
     if counts_E.numel() != n_exp:
         raise ValueError(f"counts has {counts_E.numel()} experts, the weights {n_exp}")
-    # the kernels take raw pointers: a tensor elsewhere would be read as device memory it is not
-    for name, t in (("counts", counts_E), ("w1", w1), ("w2", w2), ("w3", w3)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}: move it to x's device")
+    require_same_device("x", x, counts=counts_E, w1=w1, w2=w2, w3=w3)
     if counts_E.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"counts dtype {counts_E.dtype}: expected int32 or int64 token counts")
 

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from titan_dsv3.kernels import require_same_device
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 # Masked scores: finite, so a row whose first key block is fully masked keeps a finite running max; its bogus
@@ -199,10 +201,7 @@ def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
             raise ValueError(f"{name} head dim {d}: the kernel needs a power of two >= 16")
     if len({t.dtype for t in (q_nope, q_pe, k_nope, k_pe, v)}) != 1:
         raise ValueError("q, k, v must share one dtype")
-    # the kernels take raw pointers: a tensor elsewhere would be read as device memory it is not
-    for name, t in (("q_pe", q_pe), ("k_nope", k_nope), ("k_pe", k_pe), ("v", v)):
-        if t.device != q_nope.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q_nope.device}: move it to q's device")
+    require_same_device("q", q_nope, q_pe=q_pe, k_nope=k_nope, k_pe=k_pe, v=v)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -336,8 +335,7 @@ def mla_attention(
             f"doc_bounds {tuple(doc_bounds.shape)} {doc_bounds.dtype}: expected {want} int32, as "
             "document_bounds(doc_ids) returns (pass doc_ids= for the ids themselves)"
         )
-    if doc_bounds is not None and doc_bounds.device != q_nope.device:
-        raise ValueError(f"doc_bounds is on {doc_bounds.device}, q on {q_nope.device}: move it to q's device")
+    require_same_device("q", q_nope, doc_bounds=doc_bounds)
     out, _ = _mla_fwd_op(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, float(scale))
     return out
 
