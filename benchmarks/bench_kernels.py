@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 from functools import partial
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +62,6 @@ def interleaved(fns: dict, windows: int, calls: int = 10) -> dict[str, list[floa
             end.synchronize()
             times[k].append(start.elapsed_time(end) / calls)
     return times
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return 0.5 * (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2])
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -106,9 +106,8 @@ def test_model_computes_document_bounds_once(monkeypatch):
     doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 3 + [1] * 20 + [2]], dtype=torch.int32)
     logits, _ = model(tokens, doc_ids=doc_ids)
     logits.float().square().mean().backward()
-    assert calls == [
-        (2, 24)
-    ]  # once, not once per attention call (3 layers + 1 MTP block, forward and backward)
+    # once, not once per attention call (3 layers + 1 MTP block, forward and backward)
+    assert calls == [(2, 24)]
 
 
 def test_traced_by_compile():
