@@ -1,33 +1,42 @@
 """Two of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the bf16
 inputs instead of the fp8 outputs: the SwiGLU backward and the activation quantiser. The FFN calls them on Hopper
-while fp8_grouped_gemm.SM90_PASSES is set (the default): on bench6's shapes (H200) they take 0.564 and 0.273 ms
+while fp8_grouped_gemm.SM90_PASSES is set (the default): on bench6's shapes (H200) they take 0.436 and 0.273 ms
 against the Triton passes' 0.802 and 0.289.
 
 Both write a tile twice, scaled per row (1 x 128) and per column (128 x 1, transposed for the weight gradients).
 Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared memory one byte
 at a time (`st.shared.b8`: 192 a thread in the SwiGLU backward, 128 in the activation quantiser; sm_90, Triton
 3.6): they run at 1.9 and 2.8 TB/s on bench6 (H200), where the row-only SwiGLU forward reaches 3.9. Gluon lets
-the kernel choose: the tile is loaded in ROWS (a thread holds 16 consecutive columns) and quantised there per row;
-then the bf16 inputs are converted to COLS (a thread holds 16 consecutive rows: ldmatrix, 2 bytes an element) and
-the outputs computed again there, where a column's amax stays inside a warp and each thread stores 16
-consecutive tokens of a transposed copy at once. The SwiGLU backward pays a second pass of its elementwise math,
-which the timings say is not its limit (it did not move when its instructions fell by 22%, stop 22).
+the kernel choose: the tile is read in ROWS (a thread holds 16 consecutive columns) and quantised there per row,
+then in COLS (a thread holds 16 consecutive rows), where a column's amax stays inside a warp and each thread
+stores 16 consecutive tokens of a transposed copy at once.
+- The activation quantiser loads the tile in ROWS and converts the bf16 values to COLS (ldmatrix, 2 bytes an
+  element): 74 registers with 8 warps, several blocks an SM.
+- The SwiGLU backward copies its three bf16 inputs (96 KiB) into shared memory by cp.async, all in flight at once,
+  and reads them from there in 64-row ROWS chunks and 32-column COLS chunks, computing its elementwise math again
+  in COLS. 100 registers with 8 warps, so two blocks share an SM and one's copies run under the other's
+  arithmetic (about 33k warp instructions a tile, near its time at the memory's speed). Loaded whole into
+  registers instead (16 warps, 128 registers, one block an SM) it took 0.564 ms: copies, then arithmetic, then
+  stores, one after another (stop 25, benchmarks/RESULTS.md).
 
 Same arguments, grids and outputs as the Triton kernels, and the same arithmetic in the same order (elementwise,
 and max reductions, whose order does not matter), so the same bits: tests/gpu/test_fp8_grouped_gemm_gpu.py
-checks that. Compiled for sm_90 with Triton 3.6 (benchmarks/compile_kernels_sm90.py): the SwiGLU backward 255
-registers with 8 warps (128 with 16), the activation quantiser 136 with 4 (74 with 8); no spill, 32 KiB of shared
-memory, no byte-wide shared stores (tests/kernels/test_fp8_gemm_sm90_compile.py checks the last).
+checks that. Compiled for sm_90 with Triton 3.6 (benchmarks/compile_kernels_sm90.py): no spill, no byte-wide
+shared stores (tests/kernels/test_fp8_gemm_sm90_compile.py checks both).
 Legend as fp8_quant: P padded rows, C columns, I hidden; a tile is 128 rows x 128 columns.
 """
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.runtime.jit import constexpr_function
 
 from titan_dsv3.kernels import fp8_quant
 
+# Triton 3.6 (the GPU machines) names the cp.async copy async_copy_global_to_shared; newer ones async_load
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # the same rename
 TILE = fp8_quant.TILE
 FP8_MAX = gl.constexpr(fp8_quant.FP8_MAX)  # fp8_quant's constants, as the kernels see them
 EPS = gl.constexpr(fp8_quant._EPS)
@@ -106,36 +115,63 @@ def _quant_act_kernel_sm90(
     _store_cols(x_t, qt_ptr, st_ptr, rows_t, cols_t, tile, n_pad, n_cols)
 
 
+@constexpr_function
+def _staged_layout():
+    # a tile's rows (128 bf16, 256 B) in 16-byte chunks, the chunk index XORed with (row / 16) % 4: the 8 lanes of
+    # a COLS warp that read one column 16 rows apart fall in 4 bank groups (2-way conflicts, not 8-way), while a
+    # ROWS warp reads whole 16-byte chunks. A slice must keep whole patterns: 64 rows, 32 columns
+    return gl.SwizzledSharedLayout(8, 16, 4, [1, 0])
+
+
 @gluon.jit(do_not_specialize=["n_experts"])
 def _swiglu_bwd_quant_kernel_sm90(
     dh_ptr, h13_ptr, tile_expert_ptr, gq_ptr, gs_ptr, gqt_ptr, gst_ptr, hqt_ptr, hst_ptr, n_pad, n_experts,
     HIDDEN, num_warps: gl.constexpr,
 ):  # fmt: skip
-    """fp8_quant._swiglu_bwd_quant_kernel: tile program_id(1), hidden block program_id(0)."""
+    """fp8_quant._swiglu_bwd_quant_kernel: tile program_id(1), hidden block program_id(0), its inputs staged in
+    shared memory (the module's docstring)."""
     ROWS: gl.constexpr = _rows_layout(num_warps)
     COLS: gl.constexpr = _cols_layout(num_warps)
+    SMEM: gl.constexpr = _staged_layout()
+    RCH: gl.constexpr = 64  # rows of a ROWS chunk
+    CCH: gl.constexpr = 4 * num_warps  # columns of a COLS chunk: one COLS layout's width, 32 with 8 warps
     tile = gl.program_id(1)
     cb = gl.program_id(0)
     if gl.load(tile_expert_ptr + tile) >= n_experts:
         return  # beyond the last expert's padded rows
     rows, cols = _tile_index(tile, cb, ROWS)
-    dh = gl.load(dh_ptr + rows[:, None] * HIDDEN + cols[None, :])
+    dh_s = gl.allocate_shared_memory(dh_ptr.dtype.element_ty, [128, 128], SMEM)
+    h1_s = gl.allocate_shared_memory(h13_ptr.dtype.element_ty, [128, 128], SMEM)
+    h3_s = gl.allocate_shared_memory(h13_ptr.dtype.element_ty, [128, 128], SMEM)
     h13_ptrs = h13_ptr + rows[:, None] * (2 * HIDDEN) + cols[None, :]
-    h1 = gl.load(h13_ptrs)
-    h3 = gl.load(h13_ptrs + HIDDEN)
-    dh1, dh3, _ = _swiglu_grads(dh.to(gl.float32), h1.to(gl.float32), h3.to(gl.float32))
-    _store_rows(dh1, gq_ptr, gs_ptr, rows, cols, cb, 2 * HIDDEN)
-    _store_rows(dh3, gq_ptr, gs_ptr, rows, cols + HIDDEN, cb + HIDDEN // 128, 2 * HIDDEN)
-    # the column-scaled copies: the bf16 inputs change layout, then the outputs are computed again
-    rows_t, cols_t = _tile_index(tile, cb, COLS)
-    dh1, dh3, h = _swiglu_grads(
-        gl.convert_layout(dh, COLS).to(gl.float32),
-        gl.convert_layout(h1, COLS).to(gl.float32),
-        gl.convert_layout(h3, COLS).to(gl.float32),
-    )
-    _store_cols(h, hqt_ptr, hst_ptr, rows_t, cols_t, tile, n_pad, HIDDEN)
-    _store_cols(dh1, gqt_ptr, gst_ptr, rows_t, cols_t, tile, n_pad, 2 * HIDDEN)
-    _store_cols(dh3, gqt_ptr, gst_ptr, rows_t, cols_t + HIDDEN, tile, n_pad, 2 * HIDDEN)
+    _cp_async(dh_s, dh_ptr + rows[:, None] * HIDDEN + cols[None, :])
+    _cp_async(h1_s, h13_ptrs)
+    _cp_async(h3_s, h13_ptrs + HIDDEN)
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    _cta_barrier()  # every thread's copies have landed
+    chunk_rows = gl.arange(0, RCH, layout=gl.SliceLayout(1, ROWS)).to(gl.int64)
+    for r in gl.static_range(0, 128, RCH):
+        dh1, dh3, _ = _swiglu_grads(
+            dh_s.slice(r, RCH).load(ROWS).to(gl.float32),
+            h1_s.slice(r, RCH).load(ROWS).to(gl.float32),
+            h3_s.slice(r, RCH).load(ROWS).to(gl.float32),
+        )
+        rows_c = tile * 128 + r + chunk_rows
+        _store_rows(dh1, gq_ptr, gs_ptr, rows_c, cols, cb, 2 * HIDDEN)
+        _store_rows(dh3, gq_ptr, gs_ptr, rows_c, cols + HIDDEN, cb + HIDDEN // 128, 2 * HIDDEN)
+    rows_t = (tile * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, COLS))).to(gl.int64)
+    chunk_cols = gl.arange(0, CCH, layout=gl.SliceLayout(0, COLS))
+    for c in gl.static_range(0, 128, CCH):
+        dh1, dh3, h = _swiglu_grads(
+            dh_s.slice(c, CCH, dim=1).load(COLS).to(gl.float32),
+            h1_s.slice(c, CCH, dim=1).load(COLS).to(gl.float32),
+            h3_s.slice(c, CCH, dim=1).load(COLS).to(gl.float32),
+        )
+        cols_t = cb * 128 + c + chunk_cols
+        _store_cols(h, hqt_ptr, hst_ptr, rows_t, cols_t, tile, n_pad, HIDDEN)
+        _store_cols(dh1, gqt_ptr, gst_ptr, rows_t, cols_t, tile, n_pad, 2 * HIDDEN)
+        _store_cols(dh3, gqt_ptr, gst_ptr, rows_t, cols_t + HIDDEN, tile, n_pad, 2 * HIDDEN)
 
 
 # ---- launchers (fp8_quant's contracts) -------------------------------------------------------------------------
@@ -151,7 +187,7 @@ def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 8):
     return q, s, qt, st
 
 
-def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: int = 16):
+def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: int = 8):
     """fp8_quant._swiglu_bwd_quant's contract: dh (P, I) and h1 | h3 (P, 2I) -> gq, gs, gqt, gst, hqt, hst."""
     n_pad, hidden = lay.n_pad, dh.shape[1]
     gq, gs, gqt, gst, hqt, hst = fp8_quant._swiglu_bwd_empty(n_pad, hidden, dh.device)

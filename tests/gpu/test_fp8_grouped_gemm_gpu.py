@@ -292,18 +292,19 @@ def _assert_same_in_padded_rows(want, got, lay, **kinds):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
-@pytest.mark.parametrize("warps", [8, 16])
-def test_gluon_swiglu_backward_pass_writes_the_triton_bits(warps):
+@pytest.mark.parametrize("warps, dtype", [(8, torch.bfloat16), (16, torch.bfloat16), (8, torch.float32)])
+def test_gluon_swiglu_backward_pass_writes_the_triton_bits(warps, dtype):
     """The Gluon SwiGLU-backward pass (kernels/fp8_quant_sm90.py, Hopper's default) writes what the Triton
-    pass writes, bit for bit, in the experts' padded rows (the only rows either writes or anything reads)."""
+    pass writes, bit for bit, in the experts' padded rows (the only rows either writes or anything reads); bf16
+    inputs, or fp32 (no autocast: 192 KiB of shared memory a block)."""
     from titan_dsv3.kernels import fp8_grouped_gemm as K
     from titan_dsv3.kernels import fp8_quant as Q
     from titan_dsv3.kernels.fp8_quant_sm90 import swiglu_bwd_quant_sm90
 
     torch.manual_seed(0)
     lay = K._Layout(torch.tensor([700, 0, 1, 300], device="cuda"), 1001)
-    dh = torch.randn(lay.n_pad, 384, device="cuda").bfloat16()
-    h13 = (torch.randn(lay.n_pad, 768, device="cuda") * 3).bfloat16()
+    dh = torch.randn(lay.n_pad, 384, device="cuda").to(dtype)
+    h13 = (torch.randn(lay.n_pad, 768, device="cuda") * 3).to(dtype)
     want = Q._swiglu_bwd_quant(dh, h13, lay)
     got = swiglu_bwd_quant_sm90(dh, h13, lay, num_warps=warps)
     _assert_same_in_padded_rows(want, got, lay, gq="p", gs="p", gqt="t", gst="s", hqt="t", hst="s")

@@ -101,6 +101,8 @@ for name, warps in (("_swiglu_bwd_quant_kernel_sm90", 8), ("_quant_act_kernel_sm
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index("num_warps"),): warps}, attrs=attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps}).asm["ptx"]
     out[name] = {p: ptx.count(p) for p in ("st.shared.b8", "ldmatrix", "st.global.v4", "st.local")}
+    out[name]["cp.async under 16 B"] = ptx.count("cp.async.cg.shared.global") - ptx.count("0x10, 0x10;")
+    out[name]["cp.async"] = ptx.count("cp.async.cg.shared.global")
 print("RESULT" + json.dumps(out))
 """
 
@@ -109,14 +111,19 @@ print("RESULT" + json.dumps(out))
 def test_gluon_quantisation_passes_transpose_bf16_inputs():
     """The Gluon SwiGLU-backward pass and activation quantiser (kernels/fp8_quant_sm90.py) compile for sm_90 into
     what they were written for: no byte-wide shared-memory stores (the Triton passes make 192 and 128 a thread to
-    transpose their fp8 outputs), the bf16 inputs transposed by ldmatrix, 16-byte global stores, nothing spilled
-    to local memory."""
+    transpose their fp8 outputs), 16-byte global stores, nothing spilled to local memory; the activation
+    quantiser's bf16 tile transposed by ldmatrix, the SwiGLU backward's inputs staged by 16-byte cp.async copies
+    (24 a thread with 8 warps: 96 KiB)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", PASS_SCRIPT], capture_output=True, text=True, env=env, timeout=600
     )
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
-    for name, got in json.loads(lines[-1][len("RESULT") :]).items():
+    got_all = json.loads(lines[-1][len("RESULT") :])
+    for name, got in got_all.items():
         assert got["st.shared.b8"] == 0 and got["st.local"] == 0, (name, got)
-        assert got["ldmatrix"] > 0 and got["st.global.v4"] > 0, (name, got)
+        assert got["st.global.v4"] > 0, (name, got)
+    assert got_all["_quant_act_kernel_sm90"]["ldmatrix"] > 0, got_all
+    assert got_all["_swiglu_bwd_quant_kernel_sm90"]["cp.async"] == 24, got_all
+    assert got_all["_swiglu_bwd_quant_kernel_sm90"]["cp.async under 16 B"] == 0, got_all
