@@ -459,8 +459,9 @@ def run_fp8_gemms() -> None:
 
 
 def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> None:
-    """The FP8 FFN's memory-bound passes (kernels/fp8_quant.py) alone on bench6's shapes, for each warp count:
-    ms and the DRAM bytes they must move per ms (reads and writes, scales left out)."""
+    """The FP8 FFN's memory-bound passes (kernels/fp8_quant.py; on Hopper also fp8_quant_sm90.py) alone on bench6's
+    shapes, for each warp count: ms and the DRAM bytes they must move per ms (reads and writes, scales left out),
+    beside a torch copy of as many bytes as the SwiGLU backward moves."""
     from titan_dsv3.kernels import fp8_quant as Q
 
     dev = torch.device(device)
@@ -476,6 +477,7 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
     hq = (f8(pad, hidden, device=dev), f32(pad, hidden // 128, device=dev))
     wq = (f8(n_exp, hidden, dim, device=dev), f8(n_exp, dim, hidden, device=dev))
     wq += (f32(n_exp, hidden // 128, dim // 128, device=dev),)
+    w_grid = (n_exp, hidden // 128, dim // 128)
     passes = {  # name: (launch(launch options), bytes moved)
         "activation quantiser (x)": (
             lambda kw: Q._quant_act_kernel[(tiles, dim // 128)](
@@ -495,9 +497,10 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
             ),
             n * hidden * 5,
         ),
-        "weight quantiser (one E x I x D weight)": (
-            lambda kw: Q._quant_weight_kernel[(n_exp, hidden // 128, dim // 128)](
-                w, *wq, hidden, dim, hidden, 0, EXACT=False, **kw
+        "weight quantiser (one E x I x D weight; two kernels)": (
+            lambda kw: (
+                Q._quant_weight_kernel[w_grid](w, wq[0], wq[2], hidden, dim, hidden, 0, EXACT=False, **kw),
+                Q._quant_weight_t_kernel[w_grid](w, wq[1], hidden, dim, hidden, 0, EXACT=False, **kw),
             ),
             n_exp * hidden * dim * 4,
         ),
@@ -509,7 +512,10 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
     ]
     # register caps that fit more CTAs an SM (sm_90, Triton 3.6: compile_kernels_sm90.py's report)
     capped = {
-        "weight quantiser (one E x I x D weight)": ((16, 64), (8, 128)),  # 2 CTAs an SM, 0 / 8 B spill
+        "weight quantiser (one E x I x D weight; two kernels)": (
+            (16, 64),
+            (8, 128),
+        ),  # 2 CTAs an SM, 0 / 8 B spill
         "activation quantiser (x)": ((16, 64), (8, 80), (4, 128)),  # 2 / 3 / 4 CTAs, 0 / 0 / 128 B
         "SwiGLU backward (dh bf16)": ((8, 128),),  # 2 CTAs, 616 B spill
     }
@@ -517,11 +523,11 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
         launch, nbytes = passes[name]
         for nw, cap in caps:
             runs.append((name, f"w{nw} r{cap}", partial(launch, dict(num_warps=nw, maxnreg=cap)), nbytes))
-    # the Gluon candidates (sm_90): the bf16 inputs transposed instead of the fp8 outputs
+    # the Gluon passes (sm_90), the FFN's default there: the bf16 inputs transposed instead of the fp8 outputs
     if torch.cuda.get_device_capability(dev) == (9, 0):
         from titan_dsv3.kernels import fp8_quant_sm90 as G
 
-        bwd_grid, act_grid = (hidden // 128, tiles), (tiles, dim // 128)
+        bwd_grid, act_grid = (hidden // 128, tiles), (dim // 128, tiles)
         for nw in (8, 16):
             launch = partial(
                 G._swiglu_bwd_quant_kernel_sm90[bwd_grid], dh, h13, lay.tile_expert, *bwd, pad, n_exp, hidden,
@@ -534,6 +540,22 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
                 num_warps=nw,
             )  # fmt: skip
             runs.append(("activation quantiser (x), Gluon", f"w{nw}", launch, n * dim * 4))
+        for nw in (4, 8):
+            launch = partial(
+                G._quant_weight_kernel_sm90[(dim // 128, hidden // 128, n_exp)], w, *wq, hidden, dim, hidden, 0,
+                num_warps=nw,
+            )  # fmt: skip
+            runs.append(("weight quantiser, Gluon", f"w{nw}", launch, n_exp * hidden * dim * 4))
+    # the ceiling: a copy of as many bytes as the SwiGLU backward moves, half read, half written
+    src = torch.empty(n * hidden * 11 // 4, device=dev, dtype=torch.int16)
+    runs.append(
+        (
+            "torch copy (the SwiGLU backward's bytes)",
+            "-",
+            partial(torch.empty_like(src).copy_, src),
+            n * hidden * 11,
+        )
+    )
     for name, cfg, launch, nbytes in runs:
         ms = bench(launch)
         ROWS.append({"name": f"FP8 pass {name} {cfg}", "ms": round(ms, 4), "tflops": 0.0, "err": ""})

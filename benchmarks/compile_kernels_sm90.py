@@ -118,6 +118,7 @@ def main() -> None:
     fp8_types["w_ptr"] = bf16
     sweep(Q._quant_act_kernel, fp8_types, dict(EXACT=False))
     sweep(Q._quant_weight_kernel, fp8_types, dict(EXACT=False))
+    sweep(Q._quant_weight_t_kernel, fp8_types, dict(EXACT=False))
     sweep(F._gemm_swiglu_fwd_kernel, {**fp8_types, "w_ptr": f8}, dict(EXACT=False))
     sweep(F._gemm_scatter_kernel, fp8_types, {})
     warps = [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
@@ -145,6 +146,7 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
     for kernel, warp_counts in (
         (S._swiglu_bwd_quant_kernel_sm90, (8, 16)),
         (S._quant_act_kernel_sm90, (4, 8, 16)),
+        (S._quant_weight_kernel_sm90, (4, 8)),
     ):
         for warps in warp_counts:
             line = compile_report(kernel, types, dict(num_warps=warps), warps, 1)

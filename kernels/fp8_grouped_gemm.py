@@ -266,9 +266,10 @@ class _Layout:
 # The scatter and weight-gradient GEMMs on Hopper: the persistent warp-specialised Gluon kernels of
 # fp8_grouped_gemm_sm90.py; False keeps the Triton kernels (the tests compare the two)
 SM90_GEMMS = True
-# The activation quantiser and the SwiGLU backward on Hopper in Gluon (fp8_quant_sm90.py: the same bits, the
-# transposes on the bf16 inputs). H200, bench6 shapes (stop 24): SwiGLU backward 0.564 ms against Triton's 0.802,
-# activation quantiser 0.273 against 0.289 (bench_kernels.py --passes); bench_kernels.py --triton-passes turns it off.
+# The activation and weight quantisers and the SwiGLU backward on Hopper in Gluon (fp8_quant_sm90.py: the same
+# bits, the transposes on the bf16 inputs). H200, bench6 shapes (stop 25): SwiGLU backward 0.446 ms against
+# Triton's 0.802, activation quantiser 0.237 against 0.289, weight quantiser 0.184 against 0.215 a weight
+# (bench_kernels.py --passes); bench_kernels.py --triton-passes turns it off.
 SM90_PASSES = True
 
 
@@ -292,6 +293,15 @@ def _quantise_act(x: torch.Tensor, lay):
 
         return quant_act_sm90(x, lay)
     return _quant_act(x, lay)
+
+
+def _quantise_weights(*ws: torch.Tensor):
+    """fp8_quant._quant_weights, on Hopper with SM90_PASSES by the Gluon pass."""
+    if SM90_PASSES and _hopper(ws[0]):
+        from titan_dsv3.kernels.fp8_quant_sm90 import quant_weights_sm90
+
+        return quant_weights_sm90(*ws)
+    return _quant_weights(*ws)
 
 
 def _swiglu_bwd_quantise(dh: torch.Tensor, h13: torch.Tensor, lay):
@@ -357,8 +367,8 @@ def _swiglu_fwd(x, counts_E, w1, w2, w3):
     n_exp, hidden, _ = w1.shape
     lay = _Layout(counts_E, n_rows)
     n_pad, dev = lay.n_pad, x.device
-    w13q, w13tq, w13s = _quant_weights(w1, w3)  # (E, 2I, D), (E, D, 2I), (E, 2I/128, D/128)
-    w2q, w2tq, w2s = _quant_weights(w2)  # (E, D, I), (E, I, D), (E, D/128, I/128)
+    w13q, w13tq, w13s = _quantise_weights(w1, w3)  # (E, 2I, D), (E, D, 2I), (E, 2I/128, D/128)
+    w2q, w2tq, w2s = _quantise_weights(w2)  # (E, D, I), (E, I, D), (E, D/128, I/128)
     xq, xs, xqt, xst = _quantise_act(x, lay)
     h13 = torch.empty(n_pad, 2 * hidden, device=dev, dtype=x.dtype)
     if _sm90(x) is not None:

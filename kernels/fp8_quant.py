@@ -5,7 +5,9 @@ runs them around its GEMMs, in its padded layout (each expert's rows padded to a
 
 Measured alone on bench6's shapes (H200, 2026-12-01, benchmarks/RESULTS.md, stop 22): the SwiGLU backward 0.80 ms
 (1.9 TB/s), the activation quantiser 0.289 ms (2.8 TB/s), the SwiGLU forward 0.18 ms (3.9 TB/s), the weight
-quantiser 0.213 ms per weight (3.5 TB/s). Persistent grids whose loops copy the next tile into shared memory
+quantiser 0.213 ms per weight (3.5 TB/s) as one kernel; as two (stop 25: the one kernel wrote wrong transposed
+bytes from fp32 weights) 0.292 ms. On Hopper the FFN runs Gluon versions of all but the SwiGLU forward
+(fp8_quant_sm90.py). Persistent grids whose loops copy the next tile into shared memory
 (cp.async) while this one is computed measured slower (SwiGLU backward 1.035 ms, activation quantiser 0.378 ms;
 stop 23) and were removed.
 
@@ -110,22 +112,35 @@ def _quant_act_kernel(
 
 
 @triton.jit
-def _quant_weight_kernel(
-    w_ptr, q_ptr, qt_ptr, s_ptr, n_rows, n_cols, rows_total, row_off, EXACT: tl.constexpr,
-):
-    """One 128x128 block of w (E, R, C) -> q (E, R_total, C) at row_off, its transpose qt (E, C, R_total), and the
-    block scale s (E, R_total/128, C/128)."""
+def _weight_block(w_ptr, n_rows, n_cols, EXACT: tl.constexpr):
+    """Block (program_id(1), program_id(2)) of expert program_id(0)'s w (E, R, C) -> e4m3 with one scale:
+    (expert, its rows, its columns, the block, the scale)."""
     e = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * 128 + tl.arange(0, 128)
     offs_c = tl.program_id(2) * 128 + tl.arange(0, 128)
     w = tl.load(w_ptr + e * n_rows * n_cols + offs_r[:, None] * n_cols + offs_c[None, :]).to(tl.float32)
     scale = tl.maximum(tl.max(tl.max(tl.abs(w), 1), 0), _EPS_C) / _FP8_MAX_C
-    q = _to_e4m3(w, scale, EXACT)
+    return e, offs_r, offs_c, _to_e4m3(w, scale, EXACT), scale
+
+
+@triton.jit
+def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, n_rows, n_cols, rows_total, row_off, EXACT: tl.constexpr):
+    """One 128x128 block of w (E, R, C) -> q (E, R_total, C) at row_off and its scale s (E, R_total/128, C/128)."""
+    e, offs_r, offs_c, q, scale = _weight_block(w_ptr, n_rows, n_cols, EXACT)
     rows = row_off + offs_r
     tl.store(q_ptr + e * rows_total * n_cols + rows[:, None] * n_cols + offs_c[None, :], q)
-    tl.store(qt_ptr + e * rows_total * n_cols + offs_c[None, :] * rows_total + rows[:, None], q)
     row_block = row_off // 128 + tl.program_id(1)
     tl.store(s_ptr + (e * (rows_total // 128) + row_block) * (n_cols // 128) + tl.program_id(2), scale)
+
+
+@triton.jit
+def _quant_weight_t_kernel(w_ptr, qt_ptr, n_rows, n_cols, rows_total, row_off, EXACT: tl.constexpr):
+    """The same block transposed into qt (E, C, R_total). Its own kernel: with both stores of one block in one
+    kernel, Triton 3.6 for sm_90 wrote wrong and missing qt bytes from fp32 weights (bf16 ones were right;
+    H200, stop 25)."""
+    e, offs_r, offs_c, q, _ = _weight_block(w_ptr, n_rows, n_cols, EXACT)
+    rows = row_off + offs_r
+    tl.store(qt_ptr + e * rows_total * n_cols + offs_c[None, :] * rows_total + rows[:, None], q)
 # fmt: on
 
 
@@ -243,10 +258,9 @@ def _quant_weights(*ws: torch.Tensor):
     s = _f32_empty(n_exp, rows // TILE, n_cols // TILE, device=dev)
     off = 0
     for w in ws:
-        grid = (n_exp, w.shape[1] // TILE, n_cols // TILE)
-        _quant_weight_kernel[grid](
-            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, **_WEIGHT_LAUNCH
-        )
+        grid, w = (n_exp, w.shape[1] // TILE, n_cols // TILE), w.contiguous()
+        _quant_weight_kernel[grid](w, q, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, **_WEIGHT_LAUNCH)
+        _quant_weight_t_kernel[grid](w, qt, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, **_WEIGHT_LAUNCH)
         off += w.shape[1]
     return q, qt, s
 

@@ -1,27 +1,31 @@
-"""Two of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the bf16
-inputs instead of the fp8 outputs: the SwiGLU backward and the activation quantiser. The FFN calls them on Hopper
-while fp8_grouped_gemm.SM90_PASSES is set (the default): on bench6's shapes (H200) they take 0.436 and 0.273 ms
-against the Triton passes' 0.802 and 0.289.
+"""Three of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the bf16
+inputs instead of the fp8 outputs: the SwiGLU backward, the activation quantiser and the weight quantiser. The FFN
+calls them on Hopper while fp8_grouped_gemm.SM90_PASSES is set (the default): on bench6's shapes (H200, stop 25)
+they take 0.446, 0.237 and 0.184 ms (a weight) against the Triton passes' 0.803, 0.289 and 0.292; a torch copy of
+the SwiGLU backward's bytes takes 0.359.
 
-Both write a tile twice, scaled per row (1 x 128) and per column (128 x 1, transposed for the weight gradients).
-Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared memory one byte
+The first two write a tile twice, scaled per row (1 x 128) and per column (128 x 1, transposed for the weight
+gradients). Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared memory one byte
 at a time (`st.shared.b8`: 192 a thread in the SwiGLU backward, 128 in the activation quantiser; sm_90, Triton
 3.6): they run at 1.9 and 2.8 TB/s on bench6 (H200), where the row-only SwiGLU forward reaches 3.9. Gluon lets
 the kernel choose: the tile is read in ROWS (a thread holds 16 consecutive columns) and quantised there per row,
 then in COLS (a thread holds 16 consecutive rows), where a column's amax stays inside a warp and each thread
 stores 16 consecutive tokens of a transposed copy at once.
 - The activation quantiser loads the tile in ROWS and converts the bf16 values to COLS (ldmatrix, 2 bytes an
-  element): 74 registers with 8 warps, several blocks an SM.
+  element): 79 registers with 8 warps, several blocks an SM. Its grid runs column blocks fastest, so the blocks
+  in flight read whole rows of x: 0.273 ms with tiles fastest.
 - The SwiGLU backward copies its three bf16 inputs (96 KiB) into shared memory by cp.async, all in flight at once,
   and reads them from there in 64-row ROWS chunks and 32-column COLS chunks, computing its elementwise math again
   in COLS. 100 registers with 8 warps, so two blocks share an SM and one's copies run under the other's
   arithmetic (about 33k warp instructions a tile, near its time at the memory's speed). Loaded whole into
   registers instead (16 warps, 128 registers, one block an SM) it took 0.564 ms: copies, then arithmetic, then
   stores, one after another (stop 25, benchmarks/RESULTS.md).
+- The weight quantiser stages a 128x128 block the same way, takes its amax, and stores it row-major and
+  transposed with one scale (the Triton one reaches 3.4 TB/s as one kernel, which was wrong from fp32 weights).
 
-Same arguments, grids and outputs as the Triton kernels, and the same arithmetic in the same order (elementwise,
-and max reductions, whose order does not matter), so the same bits: tests/gpu/test_fp8_grouped_gemm_gpu.py
-checks that. Compiled for sm_90 with Triton 3.6 (benchmarks/compile_kernels_sm90.py): no spill, no byte-wide
+The Triton kernels' arguments and outputs (the grids' order differs), and the same arithmetic in the same order
+(elementwise, and max reductions, whose order does not matter), so the same bits:
+tests/gpu/test_fp8_grouped_gemm_gpu.py checks that. Compiled for sm_90 with Triton 3.6 (benchmarks/compile_kernels_sm90.py): no spill, no byte-wide
 shared stores (tests/kernels/test_fp8_gemm_sm90_compile.py checks both).
 Legend as fp8_quant: P padded rows, C columns, I hidden; a tile is 128 rows x 128 columns.
 """
@@ -98,12 +102,13 @@ def _quant_act_kernel_sm90(
     x_ptr, row_src_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
     num_warps: gl.constexpr,
 ):  # fmt: skip
-    """fp8_quant._quant_act_kernel: the rows of 128-row padded tile program_id(0), column block program_id(1),
-    gathered (zeros for pad rows) and quantised both ways."""
+    """fp8_quant._quant_act_kernel: the rows of 128-row padded tile program_id(1), column block program_id(0),
+    gathered (zeros for pad rows) and quantised both ways. Column blocks run fastest, so the blocks in flight
+    read whole rows of x (0.237 ms on bench6 against 0.273 with tiles fastest; H200, stop 25)."""
     ROWS: gl.constexpr = _rows_layout(num_warps)
     COLS: gl.constexpr = _cols_layout(num_warps)
-    tile = gl.program_id(0)
-    cb = gl.program_id(1)
+    tile = gl.program_id(1)
+    cb = gl.program_id(0)
     if gl.load(tile_expert_ptr + tile) >= n_experts:
         return  # beyond the last expert's padded rows
     rows, cols = _tile_index(tile, cb, ROWS)
@@ -174,6 +179,47 @@ def _swiglu_bwd_quant_kernel_sm90(
         _store_cols(dh3, gqt_ptr, gst_ptr, rows_t, cols_t + HIDDEN, tile, n_pad, 2 * HIDDEN)
 
 
+@gluon.jit
+def _quant_weight_kernel_sm90(
+    w_ptr, q_ptr, qt_ptr, s_ptr, n_rows, n_cols, rows_total, row_off, num_warps: gl.constexpr
+):
+    """fp8_quant._quant_weight_kernel: 128x128 block (row block program_id(1), column block program_id(0)) of
+    expert program_id(2)'s weight, staged in shared memory by cp.async; its amax, then q in ROWS and the
+    transposed qt in COLS chunks, both by 16-byte stores."""
+    ROWS: gl.constexpr = _rows_layout(num_warps)
+    COLS: gl.constexpr = _cols_layout(num_warps)
+    RCH: gl.constexpr = 64
+    CCH: gl.constexpr = 4 * num_warps
+    cb = gl.program_id(0)
+    rb = gl.program_id(1)
+    e = gl.program_id(2).to(gl.int64)
+    w_s = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [128, 128], _staged_layout())
+    rows, cols = _tile_index(rb, cb, ROWS)
+    _cp_async(w_s, w_ptr + e * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    _cta_barrier()
+    amax = gl.max(gl.max(gl.abs(w_s.slice(0, RCH).load(ROWS).to(gl.float32)), 1), 0)
+    amax = gl.maximum(amax, gl.max(gl.max(gl.abs(w_s.slice(RCH, RCH).load(ROWS).to(gl.float32)), 1), 0))
+    scale = gl.maximum(amax, EPS) / FP8_MAX
+    q_base = q_ptr + e * rows_total * n_cols + row_off * n_cols
+    chunk_rows = gl.arange(0, RCH, layout=gl.SliceLayout(1, ROWS))
+    for r in gl.static_range(0, 128, RCH):
+        q_rows = rb * 128 + r + chunk_rows
+        gl.store(
+            q_base + q_rows[:, None] * n_cols + cols[None, :],
+            _e4m3(w_s.slice(r, RCH).load(ROWS).to(gl.float32), scale),
+        )
+    qt_base = qt_ptr + e * rows_total * n_cols + row_off
+    rows_t = rb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, COLS))
+    chunk_cols = gl.arange(0, CCH, layout=gl.SliceLayout(0, COLS))
+    for c in gl.static_range(0, 128, CCH):
+        cols_t = cb * 128 + c + chunk_cols
+        w_t = w_s.slice(c, CCH, dim=1).load(COLS).to(gl.float32)
+        gl.store(qt_base + cols_t[None, :] * rows_total + rows_t[:, None], _e4m3(w_t, scale))
+    gl.store(s_ptr + (e * (rows_total // 128) + row_off // 128 + rb) * (n_cols // 128) + cb, scale)
+
+
 # ---- launchers (fp8_quant's contracts) -------------------------------------------------------------------------
 
 
@@ -181,7 +227,7 @@ def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 8):
     """fp8_quant._quant_act's contract: (N, C) -> q (P, C), s (P, C/128), qt (C, P), st (P/128, C)."""
     n_cols, n_pad = x.shape[1], lay.n_pad
     q, s, qt, st = fp8_quant._both_ways_empty(n_pad, n_cols, x.device)
-    _quant_act_kernel_sm90[(n_pad // TILE, n_cols // TILE)](
+    _quant_act_kernel_sm90[(n_cols // TILE, n_pad // TILE)](
         x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, num_warps=num_warps
     )
     return q, s, qt, st
@@ -195,3 +241,23 @@ def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: i
         dh, h13, lay.tile_expert, gq, gs, gqt, gst, hqt, hst, n_pad, lay.n_exp, hidden, num_warps=num_warps
     )
     return gq, gs, gqt, gst, hqt, hst
+
+
+def quant_weights_sm90(*ws: torch.Tensor, num_warps: int = 8):
+    """fp8_quant._quant_weights' contract: ws (E, R_i, C) stacked along rows -> q (E, R, C), qt (E, C, R), block
+    scales (E, R/128, C/128)."""
+    n_exp, _, n_cols = ws[0].shape
+    rows, dev = sum(w.shape[1] for w in ws), ws[0].device
+    q, qt = (
+        fp8_quant._fp8_empty(n_exp, rows, n_cols, device=dev),
+        fp8_quant._fp8_empty(n_exp, n_cols, rows, device=dev),
+    )
+    s = fp8_quant._f32_empty(n_exp, rows // TILE, n_cols // TILE, device=dev)
+    off = 0
+    for w in ws:
+        grid = (n_cols // TILE, w.shape[1] // TILE, n_exp)
+        _quant_weight_kernel_sm90[grid](
+            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, num_warps=num_warps
+        )
+        off += w.shape[1]
+    return q, qt, s

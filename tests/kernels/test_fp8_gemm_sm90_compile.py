@@ -87,11 +87,12 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from titan_dsv3.kernels import fp8_quant_sm90 as S
 
-types = {"dh_ptr": "*bf16", "h13_ptr": "*bf16", "x_ptr": "*bf16", "tile_expert_ptr": "*i32", "row_src_ptr": "*i32"}
+types = {"dh_ptr": "*bf16", "h13_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "tile_expert_ptr": "*i32",
+         "row_src_ptr": "*i32"}
 types.update({p: "*fp8e4nv" for p in ("gq_ptr", "gqt_ptr", "hqt_ptr", "q_ptr", "qt_ptr")})
 types.update({p: "*fp32" for p in ("gs_ptr", "gst_ptr", "hst_ptr", "s_ptr", "st_ptr")})
 out = {}
-for name, warps in (("_swiglu_bwd_quant_kernel_sm90", 8), ("_quant_act_kernel_sm90", 4)):
+for name, warps in (("_swiglu_bwd_quant_kernel_sm90", 8), ("_quant_act_kernel_sm90", 4), ("_quant_weight_kernel_sm90", 8)):
     fn = getattr(S, name)
     sig = {a: "constexpr" if a == "num_warps" else types.get(a, "i32") for a in fn.arg_names}
     # the JIT specialises the pointers and sizes (HIDDEN, n_pad, n_cols) as 16-divisible at launch; without that
@@ -109,11 +110,11 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 def test_gluon_quantisation_passes_transpose_bf16_inputs():
-    """The Gluon SwiGLU-backward pass and activation quantiser (kernels/fp8_quant_sm90.py) compile for sm_90 into
-    what they were written for: no byte-wide shared-memory stores (the Triton passes make 192 and 128 a thread to
-    transpose their fp8 outputs), 16-byte global stores, nothing spilled to local memory; the activation
-    quantiser's bf16 tile transposed by ldmatrix, the SwiGLU backward's inputs staged by 16-byte cp.async copies
-    (24 a thread with 8 warps: 96 KiB)."""
+    """The Gluon SwiGLU-backward pass, activation and weight quantisers (kernels/fp8_quant_sm90.py) compile for
+    sm_90 into what they were written for: no byte-wide shared-memory stores (the Triton passes make 192 and 128 a
+    thread to transpose their fp8 outputs), 16-byte global stores, nothing spilled to local memory; the
+    activation quantiser's bf16 tile transposed by ldmatrix, the other two's inputs staged by 16-byte cp.async
+    copies (with 8 warps 24 a thread for the SwiGLU backward's 96 KiB, 8 for a weight block's 32)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", PASS_SCRIPT], capture_output=True, text=True, env=env, timeout=600
@@ -126,4 +127,6 @@ def test_gluon_quantisation_passes_transpose_bf16_inputs():
         assert got["st.global.v4"] > 0, (name, got)
     assert got_all["_quant_act_kernel_sm90"]["ldmatrix"] > 0, got_all
     assert got_all["_swiglu_bwd_quant_kernel_sm90"]["cp.async"] == 24, got_all
-    assert got_all["_swiglu_bwd_quant_kernel_sm90"]["cp.async under 16 B"] == 0, got_all
+    assert got_all["_quant_weight_kernel_sm90"]["cp.async"] == 8, got_all
+    for name in ("_swiglu_bwd_quant_kernel_sm90", "_quant_weight_kernel_sm90"):
+        assert got_all[name]["cp.async under 16 B"] == 0, got_all
