@@ -204,7 +204,7 @@ class Float8:
     """tensorwise only: FSDP all-gathers the converted linears' weights in float8 (half the bytes)."""
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.
-    1.29-1.33x bf16 on bench6's expert FFN, 1.11x end to end with float8.enable (H200, benchmarks/RESULTS.md)."""
+    1.33-1.36x bf16 on bench6's expert FFN, 1.11x end to end with float8.enable (H200, benchmarks/RESULTS.md)."""
 
 
 @dataclass
