@@ -354,6 +354,12 @@ def _check(x, counts_E, w1, w2, w3) -> None:
         )
     if counts_E.numel() != n_exp:
         raise ValueError(f"counts has {counts_E.numel()} experts, the weights {n_exp}")
+    tiles = _padded_rows(x.shape[0], n_exp) // TILE
+    if tiles > 65535:  # the passes' grids run 128-row tiles along their second axis (at most 65,535 blocks)
+        raise ValueError(
+            f"x has {x.shape[0]} rows and {n_exp} experts: {tiles} padded 128-row tiles, past the passes' 65,535; "
+            "split the tokens into calls of at most 8,388,480 - 128 x E rows"
+        )
     require_same_device("x", x, counts=counts_E, w1=w1, w2=w2, w3=w3)
     if counts_E.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"counts dtype {counts_E.dtype}: expected int32 or int64 token counts")

@@ -250,18 +250,24 @@ def _quant_act(x: torch.Tensor, lay):
     return q, s, qt, st
 
 
-def _quant_weights(*ws: torch.Tensor):
-    """Stack ws (E, R_i, C) along rows -> fp8 (E, R, C), its transpose (E, C, R), block scales (E, R/128, C/128)."""
+def _stacked_weights_empty(ws):
+    """The outputs for ws (E, R_i, C) stacked along rows: fp8 (E, R, C), its transpose (E, C, R), block scales
+    (E, R/128, C/128); and each w with its first row there."""
     n_exp, _, n_cols = ws[0].shape
     rows, dev = sum(w.shape[1] for w in ws), ws[0].device
     q, qt = _fp8_empty(n_exp, rows, n_cols, device=dev), _fp8_empty(n_exp, n_cols, rows, device=dev)
-    s = _f32_empty(n_exp, rows // TILE, n_cols // TILE, device=dev)
-    off = 0
-    for w in ws:
-        grid, w = (n_exp, w.shape[1] // TILE, n_cols // TILE), w.contiguous()
+    offsets = [sum(w.shape[1] for w in ws[:i]) for i in range(len(ws))]
+    return (q, qt, _f32_empty(n_exp, rows // TILE, n_cols // TILE, device=dev)), list(zip(ws, offsets))
+
+
+def _quant_weights(*ws: torch.Tensor):
+    """Stack ws (E, R_i, C) along rows -> fp8 (E, R, C), its transpose (E, C, R), block scales (E, R/128, C/128)."""
+    (q, qt, s), parts = _stacked_weights_empty(ws)
+    rows, n_cols = q.shape[1], q.shape[2]
+    for w, off in parts:
+        grid, w = (w.shape[0], w.shape[1] // TILE, n_cols // TILE), w.contiguous()
         _quant_weight_kernel[grid](w, q, s, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, **_WEIGHT_LAUNCH)
         _quant_weight_t_kernel[grid](w, qt, w.shape[1], n_cols, rows, off, EXACT=_INTERPRET, **_WEIGHT_LAUNCH)
-        off += w.shape[1]
     return q, qt, s
 
 

@@ -1,32 +1,33 @@
-"""Three of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the bf16
-inputs instead of the fp8 outputs: the SwiGLU backward, the activation quantiser and the weight quantiser. The FFN
-calls them on Hopper while fp8_grouped_gemm.SM90_PASSES is set (the default): on bench6's shapes (H200, stop 25)
-they take 0.446, 0.237 and 0.184 ms (a weight) against the Triton passes' 0.803, 0.289 and 0.292; a torch copy of
-the SwiGLU backward's bytes takes 0.359.
+"""Three of the FP8 expert FFN's quantisation passes (kernels/fp8_quant.py) in Gluon, with the transposes on the
+bf16 inputs instead of the fp8 outputs: the SwiGLU backward, the activation quantiser and the weight quantiser.
+The FFN calls them on Hopper while fp8_grouped_gemm.SM90_PASSES is set (the default): on bench6's shapes (H200,
+stop 25) they take 0.446, 0.237 and 0.184 ms (a weight) against the Triton passes' 0.803, 0.289 and 0.292; a
+torch copy of the SwiGLU backward's bytes takes 0.359.
 
 The first two write a tile twice, scaled per row (1 x 128) and per column (128 x 1, transposed for the weight
-gradients). Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared memory one byte
-at a time (`st.shared.b8`: 192 a thread in the SwiGLU backward, 128 in the activation quantiser; sm_90, Triton
-3.6): they run at 1.9 and 2.8 TB/s on bench6 (H200), where the row-only SwiGLU forward reaches 3.9. Gluon lets
-the kernel choose: the tile is read in ROWS (a thread holds 16 consecutive columns) and quantised there per row,
-then in COLS (a thread holds 16 consecutive rows), where a column's amax stays inside a warp and each thread
-stores 16 consecutive tokens of a transposed copy at once.
+gradients). Triton picks one register layout for the tile and moves the transposed fp8 outputs through shared
+memory one byte at a time (`st.shared.b8`: 192 a thread in the SwiGLU backward, 128 in the activation quantiser;
+sm_90, Triton 3.6): they run at 1.9 and 2.8 TB/s on bench6 (H200), where the row-only SwiGLU forward reaches
+3.9. Gluon lets the kernel choose: the tile is read in ROWS (a thread holds 16 consecutive columns) and
+quantised there per row, then in COLS (a thread holds 16 consecutive rows), where a column's amax stays inside a
+warp and each thread stores 16 consecutive tokens of a transposed copy at once.
 - The activation quantiser loads the tile in ROWS and converts the bf16 values to COLS (ldmatrix, 2 bytes an
   element): 79 registers with 8 warps, several blocks an SM. Its grid runs column blocks fastest, so the blocks
   in flight read whole rows of x: 0.273 ms with tiles fastest.
-- The SwiGLU backward copies its three bf16 inputs (96 KiB) into shared memory by cp.async, all in flight at once,
-  and reads them from there in 64-row ROWS chunks and 32-column COLS chunks, computing its elementwise math again
-  in COLS. 100 registers with 8 warps, so two blocks share an SM and one's copies run under the other's
-  arithmetic (about 33k warp instructions a tile, near its time at the memory's speed). Loaded whole into
-  registers instead (16 warps, 128 registers, one block an SM) it took 0.564 ms: copies, then arithmetic, then
-  stores, one after another (stop 25, benchmarks/RESULTS.md).
+- The SwiGLU backward copies its three bf16 inputs (96 KiB) into shared memory by cp.async, all in flight at
+  once, and reads them from there in 64-row ROWS chunks and 32-column COLS chunks, computing its elementwise
+  math again in COLS. 100 registers with 8 warps, so two blocks share an SM and one's copies run under the
+  other's arithmetic (about 33k warp instructions a tile, near its time at the memory's speed). Loaded whole
+  into registers instead (16 warps, 128 registers, one block an SM) it took 0.564 ms: copies, then arithmetic,
+  then stores, one after another (stop 25, benchmarks/RESULTS.md).
 - The weight quantiser stages a 128x128 block the same way, takes its amax, and stores it row-major and
   transposed with one scale (the Triton one reaches 3.4 TB/s as one kernel, which was wrong from fp32 weights).
 
 The Triton kernels' arguments and outputs (the grids' order differs), and the same arithmetic in the same order
 (elementwise, and max reductions, whose order does not matter), so the same bits:
-tests/gpu/test_fp8_grouped_gemm_gpu.py checks that. Compiled for sm_90 with Triton 3.6 (benchmarks/compile_kernels_sm90.py): no spill, no byte-wide
-shared stores (tests/kernels/test_fp8_gemm_sm90_compile.py checks both).
+tests/gpu/test_fp8_grouped_gemm_gpu.py checks that. Compiled for sm_90 with Triton 3.6
+(benchmarks/compile_kernels_sm90.py): no spill, no byte-wide shared stores
+(tests/kernels/test_fp8_gemm_sm90_compile.py checks both).
 Legend as fp8_quant: P padded rows, C columns, I hidden; a tile is 128 rows x 128 columns.
 """
 
@@ -120,6 +121,15 @@ def _quant_act_kernel_sm90(
     _store_cols(x_t, qt_ptr, st_ptr, rows_t, cols_t, tile, n_pad, n_cols)
 
 
+@gluon.jit
+def _copies_landed():
+    """After a block's cp.async copies: wait for this thread's, then for every thread's (each thread reads chunks
+    that others copied)."""
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    _cta_barrier()
+
+
 @constexpr_function
 def _staged_layout():
     # a tile's rows (128 bf16, 256 B) in 16-byte chunks, the chunk index XORed with (row / 16) % 4: the 8 lanes of
@@ -152,9 +162,7 @@ def _swiglu_bwd_quant_kernel_sm90(
     _cp_async(dh_s, dh_ptr + rows[:, None] * HIDDEN + cols[None, :])
     _cp_async(h1_s, h13_ptrs)
     _cp_async(h3_s, h13_ptrs + HIDDEN)
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    _cta_barrier()  # every thread's copies have landed
+    _copies_landed()
     chunk_rows = gl.arange(0, RCH, layout=gl.SliceLayout(1, ROWS)).to(gl.int64)
     for r in gl.static_range(0, 128, RCH):
         dh1, dh3, _ = _swiglu_grads(
@@ -196,9 +204,7 @@ def _quant_weight_kernel_sm90(
     w_s = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [128, 128], _staged_layout())
     rows, cols = _tile_index(rb, cb, ROWS)
     _cp_async(w_s, w_ptr + e * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :])
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    _cta_barrier()
+    _copies_landed()
     amax = gl.max(gl.max(gl.abs(w_s.slice(0, RCH).load(ROWS).to(gl.float32)), 1), 0)
     amax = gl.maximum(amax, gl.max(gl.max(gl.abs(w_s.slice(RCH, RCH).load(ROWS).to(gl.float32)), 1), 0))
     scale = gl.maximum(amax, EPS) / FP8_MAX
@@ -246,18 +252,9 @@ def swiglu_bwd_quant_sm90(dh: torch.Tensor, h13: torch.Tensor, lay, num_warps: i
 def quant_weights_sm90(*ws: torch.Tensor, num_warps: int = 8):
     """fp8_quant._quant_weights' contract: ws (E, R_i, C) stacked along rows -> q (E, R, C), qt (E, C, R), block
     scales (E, R/128, C/128)."""
-    n_exp, _, n_cols = ws[0].shape
-    rows, dev = sum(w.shape[1] for w in ws), ws[0].device
-    q, qt = (
-        fp8_quant._fp8_empty(n_exp, rows, n_cols, device=dev),
-        fp8_quant._fp8_empty(n_exp, n_cols, rows, device=dev),
-    )
-    s = fp8_quant._f32_empty(n_exp, rows // TILE, n_cols // TILE, device=dev)
-    off = 0
-    for w in ws:
-        grid = (n_cols // TILE, w.shape[1] // TILE, n_exp)
-        _quant_weight_kernel_sm90[grid](
-            w.contiguous(), q, qt, s, w.shape[1], n_cols, rows, off, num_warps=num_warps
-        )
-        off += w.shape[1]
+    (q, qt, s), parts = fp8_quant._stacked_weights_empty(ws)
+    rows, n_cols = q.shape[1], q.shape[2]
+    for w, off in parts:
+        grid, w = (n_cols // TILE, w.shape[1] // TILE, w.shape[0]), w.contiguous()
+        _quant_weight_kernel_sm90[grid](w, q, qt, s, w.shape[1], n_cols, rows, off, num_warps=num_warps)
     return q, qt, s

@@ -237,6 +237,7 @@ def test_counts_past_the_rows_are_dropped_not_read():
         ("w2_meta", "w2 is on meta, x on cpu"),
         ("counts_float", "counts dtype torch.float32"),
         ("counts_short", "counts has 1 experts, the weights 2"),
+        ("too_many_rows", "x has 8388480 rows and 2 experts: 65537 padded 128-row tiles"),
     ],
 )
 def test_bad_inputs_get_one_line_errors(bad, match):
@@ -251,6 +252,8 @@ def test_bad_inputs_get_one_line_errors(bad, match):
         w2 = w2.to("meta")
     elif bad == "counts_float":
         counts = counts.float()
+    elif bad == "too_many_rows":  # a view of one row: no memory, and the check comes before any copy
+        x = x[:1].expand(8_388_480, -1)
     else:
         counts = counts[:1]
     with pytest.raises(ValueError, match=match):
