@@ -92,7 +92,8 @@ types = {"dh_ptr": "*bf16", "h13_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf1
 types.update({p: "*fp8e4nv" for p in ("gq_ptr", "gqt_ptr", "hqt_ptr", "q_ptr", "qt_ptr")})
 types.update({p: "*fp32" for p in ("gs_ptr", "gst_ptr", "hst_ptr", "s_ptr", "st_ptr")})
 out = {}
-for name, warps in (("_swiglu_bwd_quant_kernel_sm90", 8), ("_quant_act_kernel_sm90", 4), ("_quant_weight_kernel_sm90", 8)):
+kernels = (("_swiglu_bwd_quant_kernel_sm90", 8), ("_quant_act_kernel_sm90", 4), ("_quant_weight_kernel_sm90", 8))
+for name, warps in kernels:
     fn = getattr(S, name)
     sig = {a: "constexpr" if a == "num_warps" else types.get(a, "i32") for a in fn.arg_names}
     # the JIT specialises the pointers and sizes (HIDDEN, n_pad, n_cols) as 16-divisible at launch; without that
