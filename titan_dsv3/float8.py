@@ -15,8 +15,8 @@ off-the-shelf rowwise FP8 grouped GEMM is slower than bf16 on H100 (0.77x eager,
 quantisation into the GEMMs' neighbours, and on Hopper runs its GEMMs as warp-specialised Gluon kernels: on H200
 bench6's expert FFN runs at 1.33-1.36x bf16 (torchao's rowwise: 0.85x compiled) and bench6 end to end at 1.11x
 with the dense linears in FP8 too (RESULTS.md, 2026-12-01). float8.moe_experts stays off by default: it needs
-CUDA, and after 300 steps its loss matches bf16's only on average (-0.07% over five seeds, -2.7% to +1.3% by
-seed).
+CUDA, and after 300 steps its loss matches bf16's only on average (-0.13% over four seeds, -0.8% to +0.7% by
+seed; -2.7% to +1.3% over five earlier ones).
 """
 
 from __future__ import annotations
