@@ -475,8 +475,7 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
     f8, f32 = Q._fp8_empty, Q._f32_empty
     act, bwd = Q._both_ways_empty(pad, dim, dev), Q._swiglu_bwd_empty(pad, hidden, dev)
     hq = (f8(pad, hidden, device=dev), f32(pad, hidden // 128, device=dev))
-    wq = (f8(n_exp, hidden, dim, device=dev), f8(n_exp, dim, hidden, device=dev))
-    wq += (f32(n_exp, hidden // 128, dim // 128, device=dev),)
+    wq = Q._stacked_weights_empty([w])[0]  # (E, I, D), (E, D, I), (E, I/128, D/128)
     w_grid = (n_exp, hidden // 128, dim // 128)
     passes = {  # name: (launch(launch options), bytes moved)
         "activation quantiser (x)": (

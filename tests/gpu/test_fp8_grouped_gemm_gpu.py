@@ -276,18 +276,24 @@ def test_every_buffer_a_later_kernel_reads_is_written(sm90, monkeypatch):
     assert not any(bad.values()), f"{counts}: non-finite elements {bad}"
 
 
-def _assert_same_in_padded_rows(want, got, lay, **kinds):
-    """The outputs of two quantisation passes, named in order with where they hold the padded rows (p: rows of a
-    (P, .) tensor; t: columns of a transposed (., P) one; s: rows of a (P/128, .) scale table), equal bit for bit
-    up to lay.pend[-1]: the only rows either pass writes or anything reads."""
-    p = int(lay.pend[-1])
-    parts = {"p": (slice(p),), "t": (slice(None), slice(p)), "s": (slice(p // 128),)}
-    assert len(want) == len(got) == len(kinds)
-    for (name, kind), w, g in zip(kinds.items(), want, got):
-        w, g = (t[parts[kind]] for t in (w, g))
+def _assert_same_bits(names, want, got):
+    """The outputs of two quantisation passes, named in order, equal bit for bit (fp8 compared as bytes)."""
+    assert len(want) == len(got) == len(names)
+    for name, w, g in zip(names, want, got):
         if w.dtype == torch.float8_e4m3fn:
             w, g = w.view(torch.uint8), g.view(torch.uint8)
         assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"
+
+
+def _assert_same_in_padded_rows(want, got, lay, **kinds):
+    """_assert_same_bits for outputs named with where they hold the padded rows (p: rows of a (P, .) tensor; t:
+    columns of a transposed (., P) one; s: rows of a (P/128, .) scale table), up to lay.pend[-1]: the only rows
+    either pass writes or anything reads."""
+    p = int(lay.pend[-1])
+    parts = {"p": (slice(p),), "t": (slice(None), slice(p)), "s": (slice(p // 128),)}
+    assert len(want) == len(got) == len(kinds)
+    cut = [parts[kind] for kind in kinds.values()]
+    _assert_same_bits(list(kinds), [w[c] for w, c in zip(want, cut)], [g[c] for g, c in zip(got, cut)])
 
 
 @pytest.mark.gpu
@@ -349,10 +355,7 @@ def test_gluon_weight_quantiser_writes_the_triton_bits(dtype):
     for who, (q, qt, _) in (("Triton", want), ("Gluon", got)):
         q, qt = q.view(torch.uint8), qt.view(torch.uint8)
         assert torch.equal(q.transpose(1, 2), qt), f"{who}: {int((q.transpose(1, 2) != qt).sum())} differ"
-    for name, w, g in zip(("q", "qt", "s"), want, got):
-        if w.dtype == torch.float8_e4m3fn:
-            w, g = w.view(torch.uint8), g.view(torch.uint8)
-        assert torch.equal(w, g), f"{name}: {int((w != g).sum())} elements differ"
+    _assert_same_bits(("q", "qt", "s"), want, got)
 
 
 @pytest.mark.gpu
