@@ -209,10 +209,35 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (t.stride(2) if t.shape[2] > 1 else 0)
 
 
+# Causal attention without documents on Hopper: the Gluon forward and dq kernels of mla_attention_sm90.py (TMA,
+# asynchronous wgmma; the same results to fp32 rounding order). False keeps the Triton kernels (the tests and
+# bench_kernels.py --triton-mla compare the two).
+SM90 = True
+
+
+def sm90_kernels(doc_bounds, *ts):
+    """mla_attention_sm90 when the Gluon kernels take this call (Hopper, SM90, no documents, bf16/fp16 views TMA
+    can read, DeepSeek-sized head dims), else None."""
+    t = ts[0]
+    if not (SM90 and doc_bounds is None and t.is_cuda and not _INTERPRET):
+        return None
+    if torch.cuda.get_device_capability(t.device) != (9, 0):
+        return None
+    nope, rope, dim_v = t.shape[-1], ts[1].shape[-1], ts[-1].shape[-1]
+    if nope not in (64, 128) or rope not in (32, 64) or dim_v not in (64, 128):
+        return None
+    from titan_dsv3.kernels import mla_attention_sm90
+
+    return mla_attention_sm90 if mla_attention_sm90.usable(*ts) else None
+
+
 def _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale):
     """Launcher: returns out (bsz, seqlen, heads, v_dim) and the base-2 log-sum-exp (bsz, heads, seqlen) fp32."""
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
     _check(q_nope, q_pe, k_nope, k_pe, v)
+    sm90 = sm90_kernels(doc_bounds, q_nope, q_pe, k_nope, k_pe, v)
+    if sm90 is not None:
+        return sm90.mla_fwd_sm90(q_nope, q_pe, k_nope, k_pe, v, scale)
     bsz, seqlen, heads, nope = q_nope.shape
     out = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
     lse = torch.empty(bsz, heads, seqlen, device=v.device, dtype=torch.float32)

@@ -19,6 +19,7 @@ from titan_dsv3.kernels.mla_attention import (
     _last_dim_contiguous,
     _query_block,
     _strides,
+    sm90_kernels,
 )
 
 
@@ -236,8 +237,6 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
     _bwd_preprocess_kernel[(bsz * heads, triton.cdiv(seqlen, 64))](
         out, do, delta, *_strides(out), *_strides(do), seqlen, heads, DV=dim_v, BLOCK_M=64
     )
-    dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
-    dq_pe = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=q_pe.dtype)
     dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
     dk_pe_heads = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=torch.float32)
     dv = torch.empty(bsz, seqlen, heads, dim_v, device=v.device, dtype=v.dtype)
@@ -248,10 +247,16 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
         q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv,
         *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
     )  # fmt: skip
-    _mla_bwd_dq_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))](
-        q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dq_nope, dq_pe,
-        *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
-    )  # fmt: skip
+    sm90 = sm90_kernels(doc_bounds, q_nope, q_pe, k_nope, k_pe, v, do)
+    if sm90 is not None:
+        dq_nope, dq_pe = sm90.mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale)
+    else:
+        dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
+        dq_pe = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=q_pe.dtype)
+        _mla_bwd_dq_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))](
+            q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dq_nope, dq_pe,
+            *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
+        )  # fmt: skip
     if k_pe.shape[2] == 1:
         dk_pe = dk_pe_heads.sum(dim=2, keepdim=True).to(k_pe.dtype)
     else:

@@ -1,0 +1,453 @@
+"""The fused MLA attention's forward and dq kernels for Hopper (sm_90) in Gluon: TMA loads, asynchronous wgmma, and
+each key block's softmax arithmetic run while the tensor cores do the block before's last product.
+
+The Triton kernels (kernels/mla_attention.py, mla_attention_bwd.py) wait for every product before the
+exponentials that follow it, so on B2 H16 S4096 (H200) the forward ran at 430 TFLOP/s and the dq kernel at 500.
+Here one query block of 128 rows (8 warps, two warpgroups of 64 rows) walks its key blocks, and in each step
+  forward: S_j = q k_j^T is issued, then O += P_{j-1} v_{j-1}; the exponentials of S_j run during the second;
+  dq:      S_j = q k_j^T and dP_j = dO v_j^T are issued, then dq += dS_{j-1} k_{j-1}; dS_j is formed during it.
+Key blocks arrive by TMA into a ring of STAGES slots, refilled as soon as a slot's last product has finished.
+
+Same inputs, masks, scale and results as the Triton kernels (causal, no documents: the launchers route document
+masks and other GPUs to those); the probabilities are rounded to the input dtype before their products in both,
+so outputs agree to fp32 rounding order (tests/gpu/test_mla_attention_gpu.py). Gluon has no interpreter: on CPU,
+tests/kernels/test_fp8_gemm_sm90_compile.py compiles these for sm_90.
+Legend: BM query rows, BN key rows, DN / DR / DV the nope, rope and value head dims; S scores, P probabilities.
+"""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import constexpr_function
+
+from titan_dsv3.kernels.mla_attention import _LOG2E
+
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.6: the latter only
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+@constexpr_function
+def _mma_layout(n, num_warps):
+    # a wgmma accumulator (BM, n): warps stacked along M, 16 rows each
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+# fmt: off
+@gluon.jit
+def _ring_alloc(kn_desc, kp_desc, v_desc, STAGES: gl.constexpr):
+    """STAGES slots of a key block's k_nope (BN, DN), k_pe (BN, DR) and v (BN, DV); a barrier a slot for the keys
+    landing and one for the values, and two the warpgroups arrive on when done with them (count 2)."""
+    BN: gl.constexpr = kn_desc.block_type.shape[0]
+    kn = gl.allocate_shared_memory(kn_desc.dtype, [STAGES, BN, kn_desc.block_type.shape[1]], kn_desc.layout)
+    kp = gl.allocate_shared_memory(kp_desc.dtype, [STAGES, BN, kp_desc.block_type.shape[1]], kp_desc.layout)
+    v = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, v_desc.block_type.shape[1]], v_desc.layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)
+        mbarrier.init(v_free.index(i), count=2)
+    return kn, kp, v, k_bar, v_bar, k_free, v_free
+
+
+@gluon.jit
+def _ring_free(k_bar, v_bar, k_free, v_free, STAGES: gl.constexpr):
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bar.index(i))
+        mbarrier.invalidate(v_bar.index(i))
+        mbarrier.invalidate(k_free.index(i))
+        mbarrier.invalidate(v_free.index(i))
+
+
+@gluon.jit
+def _program_block(seqlen, n_heads, BM: gl.constexpr, BN: gl.constexpr):
+    """This program's (batch x head), head, first query row and first row of its batch, and how many key
+    blocks its rows see; the longest causal rows start first, heads fastest."""
+    pid_bh = gl.program_id(0)
+    start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * BM
+    n_blocks = gl.cdiv(gl.minimum(start_m + BM, seqlen), BN)
+    return pid_bh, pid_bh % n_heads, start_m, (pid_bh // n_heads) * seqlen, n_blocks
+
+
+@gluon.jit
+def _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, n_blocks, kn_col,
+               kp_col, v_col, STAGES: gl.constexpr):
+    """The loader's loop: key block j's tiles into slot j % STAGES once both warpgroups have released the block
+    that was there (a fresh barrier passes the wait for the phase before it)."""
+    BN: gl.constexpr = kn_desc.block_type.shape[0]
+    for j in range(n_blocks):
+        slot = j % STAGES
+        phase = ((j // STAGES) & 1) ^ 1
+        row = row0 + j * BN
+        mbarrier.wait(k_free.index(slot), phase)
+        kb = k_bar.index(slot)
+        mbarrier.expect(kb, kn_desc.block_type.nbytes + kp_desc.block_type.nbytes)
+        _tma_load(kn_desc, [row, off_h * kn_col], kb, kn.index(slot))
+        _tma_load(kp_desc, [row, off_h * kp_col], kb, kp.index(slot))
+        mbarrier.wait(v_free.index(slot), phase)
+        vb = v_bar.index(slot)
+        mbarrier.expect(vb, v_desc.block_type.nbytes)
+        _tma_load(v_desc, [row, off_h * v_col], vb, v.index(slot))
+
+
+@gluon.jit
+def _scores(q_n, q_p, kn, kp, k_bar, j, s_l: gl.constexpr, STAGES: gl.constexpr):
+    """Issue S_j = q_nope k_nope^T + q_pe k_pe^T (HM, BN), asynchronous, once block j's keys have landed."""
+    HM: gl.constexpr = q_n.shape[0]
+    BN: gl.constexpr = kn.shape[1]
+    slot = j % STAGES
+    mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
+    s = warpgroup_mma(q_n, kn.index(slot).permute((1, 0)), gl.zeros([HM, BN], gl.float32, s_l), use_acc=False,
+                      is_async=True)
+    return warpgroup_mma(q_p, kp.index(slot).permute((1, 0)), s, is_async=True)
+
+
+@gluon.jit
+def _dp(d_o, v, v_bar, j, s_l: gl.constexpr, STAGES: gl.constexpr):
+    """Issue dP_j = dO v_j^T (HM, BN), asynchronous, once block j's values have landed."""
+    HM: gl.constexpr = d_o.shape[0]
+    BN: gl.constexpr = v.shape[1]
+    slot = j % STAGES
+    mbarrier.wait(v_bar.index(slot), (j // STAGES) & 1)
+    return warpgroup_mma(d_o, v.index(slot).permute((1, 0)), gl.zeros([HM, BN], gl.float32, s_l), use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
+def _causal(s, start_m, start_n, fill, s_l: gl.constexpr):
+    """s (rows from start_m, keys from start_n) with the keys after their query set to fill, on blocks the
+    diagonal crosses."""
+    HM: gl.constexpr = s.shape[0]
+    BN: gl.constexpr = s.shape[1]
+    if start_n + BN > start_m:
+        offs_m = start_m + gl.arange(0, HM, layout=gl.SliceLayout(1, s_l))
+        offs_n = start_n + gl.arange(0, BN, layout=gl.SliceLayout(0, s_l))
+        s = gl.where(offs_m[:, None] >= offs_n[None, :], s, fill)
+    return s
+
+
+@gluon.jit
+def _store_rows(ptr, acc, row0, start_m, off_h, n_heads, seqlen, acc_l: gl.constexpr):
+    """acc (HM, D) -> rows start_m.. of head off_h of a contiguous (bsz, seqlen, heads, D) tensor."""
+    HM: gl.constexpr = acc.shape[0]
+    D: gl.constexpr = acc.shape[1]
+    offs_m = start_m + gl.arange(0, HM, layout=gl.SliceLayout(1, acc_l))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, acc_l))
+    rows = ((row0 + offs_m).to(gl.int64) * n_heads + off_h) * D
+    gl.store(ptr + rows[:, None] + offs_d[None, :], acc.to(ptr.dtype.element_ty), mask=(offs_m < seqlen)[:, None])
+
+
+# ---- forward -------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _fwd_loader(qn_desc, qp_desc, kn_desc, kp_desc, v_desc, q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free,
+                v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, kn_col, kp_col, v_col, STAGES: gl.constexpr):
+    """One warp: each warpgroup's query tiles, then the key blocks."""
+    HM: gl.constexpr = qn_desc.block_type.shape[0]
+    for g in gl.static_range(2):
+        bar = q_bar.index(g)
+        mbarrier.expect(bar, qn_desc.block_type.nbytes + qp_desc.block_type.nbytes)
+        _tma_load(qn_desc, [row0 + start_m + g * HM, off_h * qn_col], bar, q_n.index(g))
+        _tma_load(qp_desc, [row0 + start_m + g * HM, off_h * qp_col], bar, q_p.index(g))
+    _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, n_blocks, kn_col,
+               kp_col, v_col, STAGES)
+
+
+@gluon.jit
+def _fwd_consumer(q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
+                  start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, G: gl.constexpr, STAGES: gl.constexpr,
+                  NW: gl.constexpr):
+    """Warpgroup G: the online softmax of query rows start_m + 64 G .. + 63 over every key block. Step j issues
+    S_j, then O += P_{j-1} v_{j-1}, and forms P_j while the second runs; each slot's keys and values are
+    released as their products finish."""
+    HM: gl.constexpr = q_n.shape[1]
+    BN: gl.constexpr = kn.shape[1]
+    DV: gl.constexpr = v.shape[2]
+    s_l: gl.constexpr = _mma_layout(BN, NW)
+    o_l: gl.constexpr = _mma_layout(DV, NW)
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    dtype: gl.constexpr = q_n.dtype
+    qn = q_n.index(G)
+    qp = q_p.index(G)
+    first = start_m + G * HM
+    mbarrier.wait(q_bar.index(G), 0)
+    # block 0: every row sees key 0, so the running max is finite from here on
+    s = warpgroup_mma_wait(0, deps=(_scores(qn, qp, kn, kp, k_bar, 0, s_l, STAGES),))
+    mbarrier.arrive(k_free.index(0))
+    s = _causal(s * qk_scale, first, 0, float("-inf"), s_l)
+    m_i = gl.max(s, 1)
+    p = gl.exp2(s - m_i[:, None])
+    l_i = gl.sum(p, 1)
+    o = gl.zeros([HM, DV], gl.float32, o_l)
+    for j in range(1, n_blocks):
+        s_tok = _scores(qn, qp, kn, kp, k_bar, j, s_l, STAGES)
+        prev = (j - 1) % STAGES
+        mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(dtype), p_l)
+        o_tok = warpgroup_mma(p_op, v.index(prev), o, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_j done; P_{j-1} v_{j-1} may still run
+        mbarrier.arrive(k_free.index(j % STAGES))
+        s = _causal(s * qk_scale, first, j * BN, float("-inf"), s_l)
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_free.index(prev))
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // STAGES) & 1)
+    o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v.index(last), o)
+    o = o / gl.convert_layout(l_i, gl.SliceLayout(1, o_l))[:, None]
+    _store_rows(o_ptr, o, row0, first, off_h, n_heads, seqlen, o_l)
+    offs_r = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_l))
+    gl.store(lse_ptr + pid_bh.to(gl.int64) * seqlen + offs_r, m_i + gl.log2(l_i), mask=offs_r < seqlen)
+
+
+@gluon.jit
+def _mla_fwd_kernel_sm90(
+    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, o_ptr, lse_ptr,
+    qn_col, qp_col, kn_col, kp_col, v_col, seqlen, n_heads, qk_scale,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Output and base-2 log-sum-exp (qk_scale includes log2(e)) of a block of 128 query rows: two warpgroups of
+    64 rows (qn_desc's block) in their own partitions, sharing the key blocks a loader warp brings. Keys past
+    seqlen only occur where the causal mask removes them."""
+    HM: gl.constexpr = qn_desc.block_type.shape[0]
+    BN: gl.constexpr = kn_desc.block_type.shape[0]
+    dtype: gl.constexpr = qn_desc.dtype
+    q_n = gl.allocate_shared_memory(dtype, [2, HM, qn_desc.block_type.shape[1]], qn_desc.layout)
+    q_p = gl.allocate_shared_memory(dtype, [2, HM, qp_desc.block_type.shape[1]], qp_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+    kn, kp, v, k_bar, v_bar, k_free, v_free = _ring_alloc(kn_desc, kp_desc, v_desc, STAGES)
+    pid_bh, off_h, start_m, row0, n_blocks = _program_block(seqlen, n_heads, 2 * HM, BN)
+    gl.warp_specialize(
+        [
+            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
+                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 0, STAGES, num_warps)),
+            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
+                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 1, STAGES, 4)),
+            (_fwd_loader, (qn_desc, qp_desc, kn_desc, kp_desc, v_desc, q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar,
+                           k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, kn_col, kp_col, v_col,
+                           STAGES)),
+        ],
+        WORKER_WARPS,
+        WORKER_REGS,
+    )
+    _ring_free(k_bar, v_bar, k_free, v_free, STAGES)
+
+
+# ---- dq ------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _dq_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar,
+               k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, do_col, kn_col, kp_col, v_col,
+               STAGES: gl.constexpr):
+    """One warp: each warpgroup's query and dO tiles, then the key blocks."""
+    HM: gl.constexpr = qn_desc.block_type.shape[0]
+    for g in gl.static_range(2):
+        bar = q_bar.index(g)
+        row = row0 + start_m + g * HM
+        mbarrier.expect(bar, qn_desc.block_type.nbytes + qp_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(qn_desc, [row, off_h * qn_col], bar, q_n.index(g))
+        _tma_load(qp_desc, [row, off_h * qp_col], bar, q_p.index(g))
+        _tma_load(do_desc, [row, off_h * do_col], bar, d_o.index(g))
+    _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, n_blocks, kn_col,
+               kp_col, v_col, STAGES)
+
+
+@gluon.jit
+def _ds(s, dp, lse, delta, start_m, start_n, qk_scale, s_l: gl.constexpr, dtype: gl.constexpr):
+    """dS = P (dP - delta) of one block in the input dtype (as the dq product takes it); P = 0 above the
+    diagonal and on rows past seqlen (their lse is inf)."""
+    p = _causal(gl.exp2(s * qk_scale - lse[:, None]), start_m, start_n, 0.0, s_l)
+    return (p * (dp - delta[:, None])).to(dtype)
+
+
+@gluon.jit
+def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr, dqn_ptr,
+                 dqp_ptr, pid_bh, row0, start_m, off_h, n_blocks, seqlen, n_heads, sm_scale, qk_scale,
+                 G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
+    """Warpgroup G: dq of query rows start_m + 64 G .. + 63. Step j issues S_j and dP_j, then
+    dq += dS_{j-1} k_{j-1}, and forms dS_j while that runs."""
+    HM: gl.constexpr = q_n.shape[1]
+    DN: gl.constexpr = q_n.shape[2]
+    DR: gl.constexpr = q_p.shape[2]
+    BN: gl.constexpr = kn.shape[1]
+    s_l: gl.constexpr = _mma_layout(BN, NW)
+    dqn_l: gl.constexpr = _mma_layout(DN, NW)
+    dqp_l: gl.constexpr = _mma_layout(DR, NW)
+    dsn_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dqn_l, k_width=2)
+    dsp_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dqp_l, k_width=2)
+    dtype: gl.constexpr = q_n.dtype
+    qn = q_n.index(G)
+    qp = q_p.index(G)
+    do = d_o.index(G)
+    first = start_m + G * HM
+    offs_m = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_l))
+    m_ok = offs_m < seqlen
+    lse = gl.load(lse_ptr + pid_bh.to(gl.int64) * seqlen + offs_m, mask=m_ok, other=float("inf"))
+    delta = gl.load(delta_ptr + pid_bh.to(gl.int64) * seqlen + offs_m, mask=m_ok, other=0.0)
+    mbarrier.wait(q_bar.index(G), 0)
+    s, dp = warpgroup_mma_wait(0, deps=(_scores(qn, qp, kn, kp, k_bar, 0, s_l, STAGES),
+                                        _dp(do, v, v_bar, 0, s_l, STAGES)))
+    mbarrier.arrive(v_free.index(0))
+    ds = _ds(s, dp, lse, delta, first, 0, qk_scale, s_l, dtype)
+    dsn = gl.convert_layout(ds, dsn_l)
+    dsp = gl.convert_layout(ds, dsp_l)
+    dqn = gl.zeros([HM, DN], gl.float32, dqn_l)
+    dqp = gl.zeros([HM, DR], gl.float32, dqp_l)
+    for j in range(1, n_blocks):
+        prev = (j - 1) % STAGES
+        s_tok = _scores(qn, qp, kn, kp, k_bar, j, s_l, STAGES)
+        dp_tok = _dp(do, v, v_bar, j, s_l, STAGES)
+        dqn_tok = warpgroup_mma(dsn, kn.index(prev), dqn, is_async=True)
+        dqp_tok = warpgroup_mma(dsp, kp.index(prev), dqp, is_async=True)
+        s, dp = warpgroup_mma_wait(2, deps=(s_tok, dp_tok))  # block j-1's dq products may still run
+        mbarrier.arrive(v_free.index(j % STAGES))
+        ds = _ds(s, dp, lse, delta, first, j * BN, qk_scale, s_l, dtype)
+        dqn, dqp, dsn, dsp = warpgroup_mma_wait(0, deps=(dqn_tok, dqp_tok, dsn, dsp))
+        mbarrier.arrive(k_free.index(prev))
+        dsn = gl.convert_layout(ds, dsn_l)
+        dsp = gl.convert_layout(ds, dsp_l)
+    last = (n_blocks - 1) % STAGES
+    dqn = warpgroup_mma(dsn, kn.index(last), dqn)
+    dqp = warpgroup_mma(dsp, kp.index(last), dqp)
+    _store_rows(dqn_ptr, dqn * sm_scale, row0, first, off_h, n_heads, seqlen, dqn_l)
+    _store_rows(dqp_ptr, dqp * sm_scale, row0, first, off_h, n_heads, seqlen, dqp_l)
+
+
+@gluon.jit
+def _mla_bwd_dq_kernel_sm90(
+    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dqn_ptr, dqp_ptr,
+    qn_col, qp_col, kn_col, kp_col, v_col, do_col, seqlen, n_heads, sm_scale, qk_scale,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """dq_nope, dq_pe (contiguous (bsz, seqlen, heads, .)) of 128 query rows: dS = P (dP - delta),
+    dq = sm_scale dS k; two warpgroups of 64 rows and a loader warp, as the forward."""
+    HM: gl.constexpr = qn_desc.block_type.shape[0]
+    BN: gl.constexpr = kn_desc.block_type.shape[0]
+    dtype: gl.constexpr = qn_desc.dtype
+    q_n = gl.allocate_shared_memory(dtype, [2, HM, qn_desc.block_type.shape[1]], qn_desc.layout)
+    q_p = gl.allocate_shared_memory(dtype, [2, HM, qp_desc.block_type.shape[1]], qp_desc.layout)
+    d_o = gl.allocate_shared_memory(dtype, [2, HM, do_desc.block_type.shape[1]], do_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+    kn, kp, v, k_bar, v_bar, k_free, v_free = _ring_alloc(kn_desc, kp_desc, v_desc, STAGES)
+    pid_bh, off_h, start_m, row0, n_blocks = _program_block(seqlen, n_heads, 2 * HM, BN)
+    gl.warp_specialize(
+        [
+            (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
+                            dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, n_blocks, seqlen, n_heads, sm_scale,
+                            qk_scale, 0, STAGES, num_warps)),
+            (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
+                            dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, n_blocks, seqlen, n_heads, sm_scale,
+                            qk_scale, 1, STAGES, 4)),
+            (_dq_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_o, q_bar, kn, kp, v,
+                          k_bar, v_bar, k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, do_col,
+                          kn_col, kp_col, v_col, STAGES)),
+        ],
+        WORKER_WARPS,
+        WORKER_REGS,
+    )
+    _ring_free(k_bar, v_bar, k_free, v_free, STAGES)
+# fmt: on
+
+
+# ---- launchers -----------------------------------------------------------------------------------------------
+# (key block, ring slots), measured on H200 at B2 H16 S4096 (benchmarks/RESULTS.md). Shared memory: the
+# forward's query tiles 48 KiB + 80 KiB a 128-key slot; the dq kernel's query and dO tiles 80 KiB + 40 KiB a
+# 64-key slot.
+FWD_CONFIG = (128, 2)
+DQ_CONFIG = (64, 3)
+HALF_M = 64  # query rows a warpgroup; a program takes two
+# The second warpgroup and the loader warp. The first gets 256 registers a thread: 128 x (256 + 224 + 32) fills
+# the SM's 64K (a request past it would wait for ever).
+WORKER_WARPS = gl.constexpr([4, 1])
+WORKER_REGS = gl.constexpr([224, 32])
+
+
+def _rows_desc(t: torch.Tensor, block_rows: int) -> tuple[TensorDescriptor, int]:
+    """A (bsz, seqlen, heads, dim) view as TMA reads it: rows are (batch, position) of the underlying buffer,
+    columns (head, dim), and head h's tile starts at column h * the returned stride (0 for a shared head)."""
+    bsz, seqlen, heads, dim = t.shape
+    row_stride, head_stride = t.stride(1), (t.stride(2) if heads > 1 else 0)
+    cols = (heads - 1) * head_stride + dim
+    flat = t.as_strided((bsz * seqlen, cols), (row_stride, 1))
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, dim], _GL_DTYPES[t.dtype])
+    desc = TensorDescriptor(flat, [bsz * seqlen, cols], [row_stride, 1], [block_rows, dim], layout)
+    return desc, head_stride
+
+
+def usable(*ts: torch.Tensor) -> bool:
+    """Whether TMA can read these (bsz, seqlen, heads, dim) views as _rows_desc does: fp16 / bf16, the last dim
+    contiguous, rows evenly spaced across the batch, 16-byte aligned starts and strides."""
+    for t in ts:
+        bsz, seqlen, heads, _ = t.shape
+        es = t.element_size()
+        if t.dtype not in _GL_DTYPES or t.stride(3) != 1 or (bsz > 1 and t.stride(0) != seqlen * t.stride(1)):
+            return False
+        if t.data_ptr() % 16 or (t.stride(1) * es) % 16 or (heads > 1 and (t.stride(2) * es) % 16):
+            return False
+    return True
+
+
+def mla_fwd_sm90(q_nope, q_pe, k_nope, k_pe, v, scale: float, config: tuple[int, int] | None = None):
+    """Causal forward: out (bsz, seqlen, heads, v_dim) and the base-2 log-sum-exp (bsz, heads, seqlen) fp32, as
+    mla_attention._mla_fwd returns them."""
+    block_n, stages = config or FWD_CONFIG
+    bsz, seqlen, heads, _ = q_nope.shape
+    out = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
+    lse = torch.empty(bsz, heads, seqlen, device=v.device, dtype=torch.float32)
+    (qn, qn_c), (qp, qp_c) = (_rows_desc(t, HALF_M) for t in (q_nope, q_pe))
+    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, block_n) for t in (k_nope, k_pe, v))
+    _mla_fwd_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_M))](
+        qn, qp, kn, kp, vd, out, lse, qn_c, qp_c, kn_c, kp_c, v_c, seqlen, heads, scale * _LOG2E,
+        STAGES=stages, num_warps=4,
+    )  # fmt: skip
+    return out, lse
+
+
+def mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, config=None):
+    """dq_nope, dq_pe (contiguous, the inputs' dtype) of the causal attention, given the forward's lse and
+    delta = rowsum(o * do); config (key block, ring slots)."""
+    block_n, stages = config or DQ_CONFIG
+    bsz, seqlen, heads, nope = q_nope.shape
+    dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
+    dq_pe = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=q_pe.dtype)
+    (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, HALF_M) for t in (q_nope, q_pe, do))
+    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, block_n) for t in (k_nope, k_pe, v))
+    _mla_bwd_dq_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_M))](
+        qn, qp, kn, kp, vd, dod, lse, delta, dq_nope, dq_pe, qn_c, qp_c, kn_c, kp_c, v_c, do_c, seqlen, heads,
+        scale, scale * _LOG2E, STAGES=stages, num_warps=4,
+    )  # fmt: skip
+    return dq_nope, dq_pe
+
+
+def descriptor_types(block_n: int) -> dict[str, str]:
+    """The descriptor arguments' types as the JIT derives them at launch for DeepSeek's head dims (nope 128, rope
+    64, v 128, bf16): what a compile without a GPU needs (benchmarks/compile_kernels_sm90.py, the compile test)."""
+    from triton.runtime.jit import mangle_type
+
+    q = torch.empty(1, 256, 2, 192, dtype=torch.bfloat16)
+    kv = torch.empty(1, 256, 2, 256, dtype=torch.bfloat16)
+    k_pe = torch.empty(1, 256, 1, 64, dtype=torch.bfloat16)
+
+    def of(t, rows):
+        return mangle_type(_rows_desc(t, rows)[0])
+
+    return {"qn_desc": of(q[..., :128], HALF_M), "qp_desc": of(q[..., 128:], HALF_M),
+            "do_desc": of(kv[..., 128:], HALF_M), "kn_desc": of(kv[..., :128], block_n),
+            "kp_desc": of(k_pe, block_n), "v_desc": of(kv[..., 128:], block_n)}  # fmt: skip
