@@ -132,8 +132,8 @@ def main() -> None:
 
 
 def sweep_gluon(fp8_types: dict[str, str]) -> None:
-    """The Gluon GEMMs (fp8_grouped_gemm_sm90.py) in the tile configs the GPU tests use, and the Gluon
-    quantisation passes (fp8_quant_sm90.py)."""
+    """The Gluon GEMMs (fp8_grouped_gemm_sm90.py) in the tile configs the GPU tests use, the Gluon MLA forward and
+    dq kernels (mla_attention_sm90.py) and the Gluon quantisation passes (fp8_quant_sm90.py)."""
     from titan_dsv3.kernels import fp8_grouped_gemm_sm90 as G
     from titan_dsv3.kernels import fp8_quant_sm90 as S
 
@@ -142,6 +142,17 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
             types = {**fp8_types, **G.descriptor_types(bm)}
             line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
             print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
+    from titan_dsv3.kernels import mla_attention_sm90 as A
+
+    mla_types = {n: "*bf16" for n in ("o_ptr", "dqn_ptr", "dqp_ptr")}
+    mla_types.update(lse_ptr="*fp32", delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32")
+    for kernel, (block_n, stages) in (
+        (A._mla_fwd_kernel_sm90, A.FWD_CONFIG),
+        (A._mla_bwd_dq_kernel_sm90, A.DQ_CONFIG),
+    ):
+        types = {**mla_types, **A.descriptor_types(block_n)}
+        line = compile_report(kernel, types, dict(STAGES=stages, num_warps=4), 4, 1)
+        print(f"{kernel.fn.__name__:30s} {f'BN={block_n}':38s} w4 s{stages}  {line}", flush=True)
     types = {**fp8_types, "dh_ptr": "*bf16"}
     for kernel, warp_counts in (
         (S._swiglu_bwd_quant_kernel_sm90, (8, 16)),

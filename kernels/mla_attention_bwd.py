@@ -5,7 +5,8 @@ that see it, and dq per query block, looping over its key blocks. Each recompute
 forward's log-sum-exp, so the backward does 7 matmuls where a single pass would do 5; one fused kernel needed
 more registers than either (spills on sm_90), and the dq accumulation across key blocks would need atomics.
 No atomics: results are deterministic. Storing dS from the dk/dv pass for a dq GEMM was measured slower (H200,
-benchmarks/RESULTS.md). See the forward's file for shapes, masks and scope.
+benchmarks/RESULTS.md). On Hopper, causal calls without documents take dq from the Gluon kernel of
+mla_attention_sm90.py (mla_attention.SM90). See the forward's file for shapes, masks and scope.
 """
 
 import torch
@@ -231,34 +232,55 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
     """Launcher: returns dq_nope, dq_pe, dk_nope, dk_pe (summed over heads when shared), dv."""
     do = _last_dim_contiguous(do)
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
-    bsz, seqlen, heads, nope = q_nope.shape
-    rope, dim_v = q_pe.shape[-1], v.shape[-1]
+    bsz, seqlen, heads, _ = q_nope.shape
+    dim_v = v.shape[-1]
     delta = torch.empty_like(lse)
     _bwd_preprocess_kernel[(bsz * heads, triton.cdiv(seqlen, 64))](
         out, do, delta, *_strides(out), *_strides(do), seqlen, heads, DV=dim_v, BLOCK_M=64
     )
-    dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
-    dk_pe_heads = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=torch.float32)
-    dv = torch.empty(bsz, seqlen, heads, dim_v, device=v.device, dtype=v.dtype)
-    dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
-    strides = [s for t in (q_nope, q_pe, k_nope, k_pe, v, do) for s in _strides(t)]
-    consts = dict(DN=nope, DR=rope, DV=dim_v, HAS_DOC=doc_bounds is not None)
-    _mla_bwd_dkdv_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_N"]))](
-        q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv,
-        *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
-    )  # fmt: skip
+    dk_nope, dk_pe_heads, dv = _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
     sm90 = sm90_kernels(doc_bounds, q_nope, q_pe, k_nope, k_pe, v, do)
-    if sm90 is not None:
+    if sm90 is not None:  # Hopper, no documents: the Gluon kernel
         dq_nope, dq_pe = sm90.mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale)
     else:
-        dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
-        dq_pe = torch.empty(bsz, seqlen, heads, rope, device=v.device, dtype=q_pe.dtype)
-        _mla_bwd_dq_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))](
-            q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dq_nope, dq_pe,
-            *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
-        )  # fmt: skip
+        dq_nope, dq_pe = _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
     if k_pe.shape[2] == 1:
         dk_pe = dk_pe_heads.sum(dim=2, keepdim=True).to(k_pe.dtype)
     else:
         dk_pe = dk_pe_heads.to(k_pe.dtype)
     return dq_nope, dq_pe, dk_nope, dk_pe, dv
+
+
+def _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, doc_bounds):
+    """The document bounds (or stand-ins), strides and constants both Triton backward kernels take."""
+    dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (do, do)  # do: unused
+    strides = [s for t in (q_nope, q_pe, k_nope, k_pe, v, do) for s in _strides(t)]
+    consts = dict(DN=q_nope.shape[-1], DR=q_pe.shape[-1], DV=v.shape[-1], HAS_DOC=doc_bounds is not None)
+    return dstart, dend, strides, consts
+
+
+def _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale):
+    """The dk/dv kernel: dk_nope, dk_pe per head (fp32), dv."""
+    bsz, seqlen, heads, nope = q_nope.shape
+    dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
+    dk_pe_heads = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=torch.float32)
+    dv = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
+    dstart, dend, strides, consts = _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, doc_bounds)
+    _mla_bwd_dkdv_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_N"]))](
+        q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv,
+        *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
+    )  # fmt: skip
+    return dk_nope, dk_pe_heads, dv
+
+
+def _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale):
+    """The Triton dq kernel: dq_nope, dq_pe."""
+    bsz, seqlen, heads, nope = q_nope.shape
+    dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
+    dq_pe = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=q_pe.dtype)
+    dstart, _, strides, consts = _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, doc_bounds)
+    _mla_bwd_dq_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))](
+        q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dq_nope, dq_pe,
+        *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
+    )  # fmt: skip
+    return dq_nope, dq_pe

@@ -1,19 +1,25 @@
-"""The fused MLA attention's forward and dq kernels for Hopper (sm_90) in Gluon: TMA loads, asynchronous wgmma, and
-each key block's softmax arithmetic run while the tensor cores do the block before's last product.
+"""The fused MLA attention's forward and dq kernels for Hopper (sm_90) in Gluon: TMA loads, asynchronous wgmma and
+warp specialisation.
 
-The Triton kernels (kernels/mla_attention.py, mla_attention_bwd.py) wait for every product before the
-exponentials that follow it, so on B2 H16 S4096 (H200) the forward ran at 430 TFLOP/s and the dq kernel at 500.
-Here one query block of 128 rows (8 warps, two warpgroups of 64 rows) walks its key blocks, and in each step
-  forward: S_j = q k_j^T is issued, then O += P_{j-1} v_{j-1}; the exponentials of S_j run during the second;
-  dq:      S_j = q k_j^T and dP_j = dO v_j^T are issued, then dq += dS_{j-1} k_{j-1}; dS_j is formed during it.
-Key blocks arrive by TMA into a ring of STAGES slots, refilled as soon as a slot's last product has finished.
+A program takes 128 query rows: two warpgroups of 64 rows, each in its own partition (so each runs at its own
+pace and one's exponentials overlap the other's products), and a loader warp that brings each warpgroup's query
+tiles (and dO) once, then every key block into a ring of STAGES slots both warpgroups read; a slot is refilled
+when both have released it. Within a warpgroup, step j
+  forward: issues S_j = q k_j^T, then O += P_{j-1} v_{j-1}, and forms P_j (online softmax) while the second runs;
+  dq:      issues S_j and dP_j = dO v_j^T, then dq += dS_{j-1} k_{j-1}, and forms dS_j while that runs.
+H200, B2 H16 S4096 (benchmarks/RESULTS.md): forward 0.315-0.33 ms against the Triton kernel's 0.40, dq 0.40-0.43
+against 0.55. The same loop in one 8-warp partition (both warpgroups in step) ran no faster than Triton (forward
+0.41-0.42 ms), nor did a dk/dv kernel built this way (0.80-0.82 against 0.79-0.82; it keeps 160 accumulator
+registers a thread, so only 32-query steps fit): the Triton dk/dv kernel stays.
 
-Same inputs, masks, scale and results as the Triton kernels (causal, no documents: the launchers route document
-masks and other GPUs to those); the probabilities are rounded to the input dtype before their products in both,
-so outputs agree to fp32 rounding order (tests/gpu/test_mla_attention_gpu.py). Gluon has no interpreter: on CPU,
-tests/kernels/test_fp8_gemm_sm90_compile.py compiles these for sm_90.
-Legend: BM query rows, BN key rows, DN / DR / DV the nope, rope and value head dims; S scores, P probabilities.
+Same inputs, masks, scale and results as the Triton kernels (causal, no documents: mla_attention.sm90_kernels
+routes document masks, fp32 and other GPUs to those); the probabilities are rounded to the input dtype before
+their products in both, so outputs agree to fp32 rounding order (tests/gpu/test_mla_attention_gpu.py). Gluon has
+no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles these for sm_90.
+Legend: HM query rows a warpgroup, BN key rows a block, DN / DR / DV the nope, rope and value head dims.
 """
+
+import functools
 
 import torch
 import triton
@@ -367,9 +373,9 @@ def _mla_bwd_dq_kernel_sm90(
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------
-# (key block, ring slots), measured on H200 at B2 H16 S4096 (benchmarks/RESULTS.md). Shared memory: the
-# forward's query tiles 48 KiB + 80 KiB a 128-key slot; the dq kernel's query and dO tiles 80 KiB + 40 KiB a
-# 64-key slot.
+# (key block, ring slots), measured on H200 at B2 H16 S4096: forward (128, 2) 0.326-0.332 ms, (64, 3) 0.349,
+# (64, 4) 0.348; dq (64, 3) 0.430, (32, 4) 0.485, (32, 6) 0.493, (64, 2) 0.562. Shared memory: the forward's
+# query tiles 48 KiB + 80 KiB a 128-key slot; the dq kernel's query and dO tiles 80 KiB + 40 KiB a 64-key slot.
 FWD_CONFIG = (128, 2)
 DQ_CONFIG = (64, 3)
 HALF_M = 64  # query rows a warpgroup; a program takes two
@@ -379,6 +385,11 @@ WORKER_WARPS = gl.constexpr([4, 1])
 WORKER_REGS = gl.constexpr([224, 32])
 
 
+@functools.cache
+def _smem_layout(rows: int, dim: int, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for([rows, dim], _GL_DTYPES[dtype])  # about 7 us a call
+
+
 def _rows_desc(t: torch.Tensor, block_rows: int) -> tuple[TensorDescriptor, int]:
     """A (bsz, seqlen, heads, dim) view as TMA reads it: rows are (batch, position) of the underlying buffer,
     columns (head, dim), and head h's tile starts at column h * the returned stride (0 for a shared head)."""
@@ -386,8 +397,9 @@ def _rows_desc(t: torch.Tensor, block_rows: int) -> tuple[TensorDescriptor, int]
     row_stride, head_stride = t.stride(1), (t.stride(2) if heads > 1 else 0)
     cols = (heads - 1) * head_stride + dim
     flat = t.as_strided((bsz * seqlen, cols), (row_stride, 1))
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, dim], _GL_DTYPES[t.dtype])
-    desc = TensorDescriptor(flat, [bsz * seqlen, cols], [row_stride, 1], [block_rows, dim], layout)
+    desc = TensorDescriptor(
+        flat, [bsz * seqlen, cols], [row_stride, 1], [block_rows, dim], _smem_layout(block_rows, dim, t.dtype)
+    )
     return desc, head_stride
 
 
