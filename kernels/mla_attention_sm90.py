@@ -2,7 +2,7 @@
 warp specialisation.
 
 A program takes 128 query rows: two warpgroups of 64 rows, each in its own partition (so each runs at its own
-pace and one's exponentials overlap the other's products), and a loader warp that brings each warpgroup's query
+pace and one's exponentials overlap the other's products), and a loader that brings each warpgroup's query
 tiles (and dO) once, then every key block into a ring of STAGES slots both warpgroups read; a slot is refilled
 when both have released it. Within a warpgroup, step j
   forward: issues S_j = q k_j^T, then O += P_{j-1} v_{j-1}, and forms P_j (online softmax) while the second runs;
@@ -155,7 +155,8 @@ def _store_rows(ptr, acc, row0, start_m, off_h, n_heads, seqlen, acc_l: gl.const
 @gluon.jit
 def _fwd_loader(qn_desc, qp_desc, kn_desc, kp_desc, v_desc, q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free,
                 v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, kn_col, kp_col, v_col, STAGES: gl.constexpr):
-    """One warp: each warpgroup's query tiles, then the key blocks."""
+    """The default partition (4 warps at 24 registers; one thread issues the copies): each warpgroup's query
+    tiles, then the key blocks."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
     for g in gl.static_range(2):
         bar = q_bar.index(g)
@@ -225,7 +226,7 @@ def _mla_fwd_kernel_sm90(
     STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Output and base-2 log-sum-exp (qk_scale includes log2(e)) of a block of 128 query rows: two warpgroups of
-    64 rows (qn_desc's block) in their own partitions, sharing the key blocks a loader warp brings. Keys past
+    64 rows (qn_desc's block) in their own partitions, sharing the key blocks a loader partition brings. Keys past
     seqlen only occur where the causal mask removes them."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
     BN: gl.constexpr = kn_desc.block_type.shape[0]
@@ -239,16 +240,16 @@ def _mla_fwd_kernel_sm90(
     pid_bh, off_h, start_m, row0, n_blocks = _program_block(seqlen, n_heads, 2 * HM, BN)
     gl.warp_specialize(
         [
-            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
-                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 0, STAGES, num_warps)),
-            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
-                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 1, STAGES, 4)),
             (_fwd_loader, (qn_desc, qp_desc, kn_desc, kp_desc, v_desc, q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar,
                            k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, kn_col, kp_col, v_col,
                            STAGES)),
+            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
+                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 0, STAGES, 4)),
+            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
+                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 1, STAGES, 4)),
         ],
-        WORKER_WARPS,
-        WORKER_REGS,
+        FWD_WORKER_WARPS,
+        FWD_WORKER_REGS,
     )
     _ring_free(k_bar, v_bar, k_free, v_free, STAGES)
 
@@ -365,8 +366,8 @@ def _mla_bwd_dq_kernel_sm90(
                           k_bar, v_bar, k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, do_col,
                           kn_col, kp_col, v_col, STAGES)),
         ],
-        WORKER_WARPS,
-        WORKER_REGS,
+        DQ_WORKER_WARPS,
+        DQ_WORKER_REGS,
     )
     _ring_free(k_bar, v_bar, k_free, v_free, STAGES)
 # fmt: on
@@ -379,10 +380,16 @@ def _mla_bwd_dq_kernel_sm90(
 FWD_CONFIG = (128, 2)
 DQ_CONFIG = (64, 3)
 HALF_M = 64  # query rows a warpgroup; a program takes two
-# The second warpgroup and the loader warp. The first gets 256 registers a thread: 128 x (256 + 224 + 32) fills
-# the SM's 64K (a request past it would wait for ever).
-WORKER_WARPS = gl.constexpr([4, 1])
-WORKER_REGS = gl.constexpr([224, 32])
+# Worker partitions and their registers a thread; the default partition (4 warps) gets what is left of the SM's
+# 64K: 128 x (default + the workers') <= 65,536 (a request past it would wait for ever). H200, B2 H16 (ms):
+# - forward: the loader as the default partition (24 registers), both warpgroups workers at 240; against a
+#   warpgroup as the default (256), the other at 224 (64 B of spill) and a 1-warp loader at 32: S4096 0.316-0.327
+#   against 0.330-0.331, S8192 1.222-1.232 against 1.300-1.304.
+# - dq: the second arrangement, 0.430-0.434 against 0.443-0.447 (S8192 1.681-1.686 against 1.705-1.727).
+FWD_WORKER_WARPS = gl.constexpr([4, 4])
+FWD_WORKER_REGS = gl.constexpr([240, 240])
+DQ_WORKER_WARPS = gl.constexpr([4, 1])
+DQ_WORKER_REGS = gl.constexpr([224, 32])
 
 
 @functools.cache
