@@ -72,6 +72,18 @@ def _ring_free(k_bar, v_bar, k_free, v_free, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _query_tiles(qn_desc, qp_desc):
+    """Both warpgroups' q_nope and q_pe tiles (2, HM, .) and a barrier each for their loads."""
+    HM: gl.constexpr = qn_desc.block_type.shape[0]
+    q_n = gl.allocate_shared_memory(qn_desc.dtype, [2, HM, qn_desc.block_type.shape[1]], qn_desc.layout)
+    q_p = gl.allocate_shared_memory(qp_desc.dtype, [2, HM, qp_desc.block_type.shape[1]], qp_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+    return q_n, q_p, q_bar
+
+
+@gluon.jit
 def _program_block(seqlen, n_heads, BM: gl.constexpr, BN: gl.constexpr):
     """This program's (batch x head), head, first query row and first row of its batch, and how many key
     blocks its rows see; the longest causal rows start first, heads fastest."""
@@ -230,12 +242,7 @@ def _mla_fwd_kernel_sm90(
     seqlen only occur where the causal mask removes them."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
     BN: gl.constexpr = kn_desc.block_type.shape[0]
-    dtype: gl.constexpr = qn_desc.dtype
-    q_n = gl.allocate_shared_memory(dtype, [2, HM, qn_desc.block_type.shape[1]], qn_desc.layout)
-    q_p = gl.allocate_shared_memory(dtype, [2, HM, qp_desc.block_type.shape[1]], qp_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_bar.index(i), count=1)
+    q_n, q_p, q_bar = _query_tiles(qn_desc, qp_desc)
     kn, kp, v, k_bar, v_bar, k_free, v_free = _ring_alloc(kn_desc, kp_desc, v_desc, STAGES)
     pid_bh, off_h, start_m, row0, n_blocks = _program_block(seqlen, n_heads, 2 * HM, BN)
     gl.warp_specialize(
@@ -342,16 +349,12 @@ def _mla_bwd_dq_kernel_sm90(
     STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dq_nope, dq_pe (contiguous (bsz, seqlen, heads, .)) of 128 query rows: dS = P (dP - delta),
-    dq = sm_scale dS k; two warpgroups of 64 rows and a loader warp, as the forward."""
+    dq = sm_scale dS k; two warpgroups of 64 rows as in the forward, with a 1-warp loader here."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
     BN: gl.constexpr = kn_desc.block_type.shape[0]
     dtype: gl.constexpr = qn_desc.dtype
-    q_n = gl.allocate_shared_memory(dtype, [2, HM, qn_desc.block_type.shape[1]], qn_desc.layout)
-    q_p = gl.allocate_shared_memory(dtype, [2, HM, qp_desc.block_type.shape[1]], qp_desc.layout)
+    q_n, q_p, q_bar = _query_tiles(qn_desc, qp_desc)
     d_o = gl.allocate_shared_memory(dtype, [2, HM, do_desc.block_type.shape[1]], do_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_bar.index(i), count=1)
     kn, kp, v, k_bar, v_bar, k_free, v_free = _ring_alloc(kn_desc, kp_desc, v_desc, STAGES)
     pid_bh, off_h, start_m, row0, n_blocks = _program_block(seqlen, n_heads, 2 * HM, BN)
     gl.warp_specialize(
