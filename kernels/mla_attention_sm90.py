@@ -9,8 +9,9 @@ when both have released it. Within a warpgroup, step j
   dq:      issues S_j and dP_j = dO v_j^T, then dq += dS_{j-1} k_{j-1}, and forms dS_j while that runs.
 H200, B2 H16 S4096 (benchmarks/RESULTS.md): forward 0.315-0.33 ms against the Triton kernel's 0.40, dq 0.40-0.43
 against 0.55. The same loop in one 8-warp partition (both warpgroups in step) ran no faster than Triton (forward
-0.41-0.42 ms), nor did a dk/dv kernel built this way (0.80-0.82 against 0.79-0.82; it keeps 160 accumulator
-registers a thread, so only 32-query steps fit): the Triton dk/dv kernel stays.
+0.41-0.42 ms), nor did two dk/dv kernels built this way (0.80-0.82 ms against Triton's 0.79-0.82: two 64-key
+warpgroups with 32-query steps, as 160 accumulator registers a thread leave no room for more; and one 64-key
+program whose warpgroups split the products, 64-query steps): the Triton dk/dv kernel stays.
 
 Same inputs, masks, scale and results as the Triton kernels (causal, no documents: mla_attention.sm90_kernels
 routes document masks, fp32 and other GPUs to those); the probabilities are rounded to the input dtype before
