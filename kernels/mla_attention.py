@@ -211,22 +211,21 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 # Causal attention without documents on Hopper: the Gluon forward and dq kernels of mla_attention_sm90.py (TMA,
-# asynchronous wgmma; the same results to fp32 rounding order). H200, B2 H16 S4096: forward 0.315 ms against
-# Triton's 0.40, dq 0.398 against 0.55 (benchmarks/RESULTS.md). False keeps the Triton kernels (the GPU test
+# asynchronous wgmma; the same results to fp32 rounding order). H200, B2 H16 S4096: forward 0.29-0.33 ms against
+# Triton's 0.40, dq 0.39-0.43 against 0.55 (benchmarks/RESULTS.md). False keeps the Triton kernels (the GPU test
 # compares the two).
 SM90 = True
 
 
 def sm90_kernels(doc_bounds, *ts):
     """mla_attention_sm90 when the Gluon kernels take this call (Hopper, SM90, no documents, bf16/fp16 views TMA
-    can read, DeepSeek-sized head dims), else None."""
+    can read, DeepSeek-V2/V3's head dims: nope 128, rope 64, v 128, the ones tested), else None."""
     t = ts[0]
     if not (SM90 and doc_bounds is None and t.is_cuda and not _INTERPRET):
         return None
     if torch.cuda.get_device_capability(t.device) != (9, 0):
         return None
-    nope, rope, dim_v = t.shape[-1], ts[1].shape[-1], ts[-1].shape[-1]
-    if nope not in (64, 128) or rope not in (32, 64) or dim_v not in (64, 128):
+    if (t.shape[-1], ts[1].shape[-1], ts[-1].shape[-1]) != (128, 64, 128):
         return None
     from titan_dsv3.kernels import mla_attention_sm90
 
