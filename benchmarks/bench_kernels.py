@@ -86,8 +86,10 @@ def autotune_picks(*kernels) -> None:
         timings = getattr(k, "configs_timings", None) or {}
         ranked = sorted(((v[0] if isinstance(v, list) else v, str(c)) for c, v in timings.items()))
         name = getattr(k.fn, "__name__", str(k.fn))
-        # absent where the kernel never ran (on Hopper the Gluon GEMMs replace it)
         best = getattr(k, "best_config", None)
+        if best is None:  # the kernel never ran (on Hopper Gluon kernels replace it)
+            print(f"  {name}: not run")
+            continue
         print(f"  {name}: best {best}; " + "; ".join(f"{c} {t:.3f}" for t, c in ranked[:6]))
 
 
