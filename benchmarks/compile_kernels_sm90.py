@@ -144,14 +144,11 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
             print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
     from titan_dsv3.kernels import mla_attention_sm90 as A
 
-    mla_types = {n: "*bf16" for n in ("o_ptr", "dqn_ptr", "dqp_ptr")}
-    mla_types.update(lse_ptr="*fp32", delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32")
     for kernel, (block_n, stages) in (
         (A._mla_fwd_kernel_sm90, A.FWD_CONFIG),
         (A._mla_bwd_dq_kernel_sm90, A.DQ_CONFIG),
     ):
-        types = {**mla_types, **A.descriptor_types(block_n)}
-        line = compile_report(kernel, types, dict(STAGES=stages, num_warps=4), 4, 1)
+        line = compile_report(kernel, A.argument_types(block_n), dict(STAGES=stages, num_warps=4), 4, 1)
         print(f"{kernel.fn.__name__:30s} {f'BN={block_n}':38s} w4 s{stages}  {line}", flush=True)
     types = {**fp8_types, "dh_ptr": "*bf16"}
     for kernel, warp_counts in (

@@ -251,9 +251,9 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
     return dq_nope, dq_pe, dk_nope, dk_pe, dv
 
 
-def _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, doc_bounds):
+def _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, lse, doc_bounds):
     """The document bounds (or stand-ins), strides and constants both Triton backward kernels take."""
-    dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (do, do)  # do: unused
+    dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
     strides = [s for t in (q_nope, q_pe, k_nope, k_pe, v, do) for s in _strides(t)]
     consts = dict(DN=q_nope.shape[-1], DR=q_pe.shape[-1], DV=v.shape[-1], HAS_DOC=doc_bounds is not None)
     return dstart, dend, strides, consts
@@ -265,7 +265,7 @@ def _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale):
     dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
     dk_pe_heads = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=torch.float32)
     dv = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
-    dstart, dend, strides, consts = _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, doc_bounds)
+    dstart, dend, strides, consts = _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, lse, doc_bounds)
     _mla_bwd_dkdv_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_N"]))](
         q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv,
         *strides, seqlen, heads, scale, scale * _LOG2E, **consts,
@@ -278,7 +278,7 @@ def _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale):
     bsz, seqlen, heads, nope = q_nope.shape
     dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
     dq_pe = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=q_pe.dtype)
-    dstart, _, strides, consts = _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, doc_bounds)
+    dstart, _, strides, consts = _launch_args(do, q_nope, q_pe, k_nope, k_pe, v, lse, doc_bounds)
     _mla_bwd_dq_kernel[lambda meta: (bsz * heads, triton.cdiv(seqlen, meta["BLOCK_M"]))](
         q_nope, q_pe, k_nope, k_pe, v, do, lse, delta, dstart, dq_nope, dq_pe,
         *strides, seqlen, heads, scale, scale * _LOG2E, **consts,

@@ -13,8 +13,7 @@ from titan_dsv3.kernels import mla_attention_sm90 as A
 
 out = {}
 for name, config in (("_mla_fwd_kernel_sm90", A.FWD_CONFIG), ("_mla_bwd_dq_kernel_sm90", A.DQ_CONFIG)):
-    types = {**A.descriptor_types(config[0]), "o_ptr": "*bf16", "dqn_ptr": "*bf16", "dqp_ptr": "*bf16",
-             "lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    types = A.argument_types(config[0])
     out[name] = design(*compile_sm90(getattr(A, name), types, {"STAGES": config[1], "num_warps": 4}, 4))
 print("RESULT" + json.dumps(out))
 """
