@@ -1,6 +1,7 @@
 """Kernel benchmarks on one GPU: fused MLA attention and the FP8 expert FFN, forward + backward.
 
-    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--sweep] [--gemms] [--passes] [--no-peers]
+    python benchmarks/bench_kernels.py [--only mla|fp8] [--json out.json] [--profile] [--host-profile] [--no-graphs]
+        [--sweep] [--gemms] [--passes] [--no-peers]
 
 MLA (B2 H16, qk 128 + 64 with one rope key per token, v 128, causal), S4096, S8192, and S4096 with documents
 (exponential lengths, mean 512 tokens). Timed from the projections to the gradients, as the model runs it: q (bsz, seqlen,
@@ -10,6 +11,8 @@ heads, 192), kv (bsz, seqlen, heads, 256) and the raw k_pe (bsz, seqlen, 1, 64) 
   ours   the fused kernel on the split views and the shared k_pe (eager; compiled chain)
 and the attention alone on ready tensors (cuDNN, ours). Errors: relative Frobenius error against float64 math
 on one sequence (all heads at S4096, 4 heads at S8192), for the output and every input gradient.
+Each row: ms by CUDA events (an isolated call, its host work included), by CUDA-graph replay (the device's time
+alone) and the host's ms a call (kernel_timing.py); --host-profile splits the MLA call's host time by function.
 
 FP8 experts (bench6: 64 experts x 1536 tokens, 2048 -> 2 x 1408 -> 2048), forward + backward of the SwiGLU FFN:
 bf16 torch._grouped_mm (models.moe.grouped_swiglu), torchao's rowwise FP8 grouped GEMM (eager, compiled), ours (on Hopper also with the Triton
@@ -22,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from functools import partial
+from pathlib import Path
 from statistics import median
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 from titan_dsv3.kernels import fp8_grouped_gemm as fp8
 from titan_dsv3.kernels import mla_attention as mla
@@ -35,79 +39,20 @@ from titan_dsv3.kernels import mla_attention_bwd as mla_bwd
 from titan_dsv3.models.attention import sdpa_attention
 from titan_dsv3.models.moe import grouped_swiglu, looped_swiglu
 
+sys.path.insert(0, str(Path(__file__).parent))
+import kernel_timing as timing  # noqa: E402
+from kernel_timing import (  # noqa: E402
+    ROWS,
+    autotune_picks,
+    bench,
+    host_split,
+    interleaved,
+    profile_split,
+    rel,
+    report,
+)
+
 NOPE, ROPE, DV = 128, 64, 128
-ROWS: list[dict] = []
-
-
-def bench(fn) -> float:
-    """Median ms of fn (CUDA events, after warm-up)."""
-    return do_bench(fn, warmup=50, rep=300, return_mode="median")
-
-
-def interleaved(fns: dict, windows: int, calls: int = 10) -> dict[str, list[float]]:
-    """ms a call of each thunk, timed in turn in `windows` windows of `calls` back-to-back calls (CUDA events).
-    Under a sustained GEMM load an H200 sits at its 700 W cap and its SM clock wanders between 1.47 and 1.98 GHz
-    over seconds (nvidia-smi, stop 24): two thunks timed 300 ms apart by `bench` saw ratios of 1.21-1.40x. Taken
-    in turn, each ~0.1 s window of one thunk sits next to one of the other."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(windows):
-        for k, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            times[k].append(start.elapsed_time(end) / calls)
-    return times
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def report(name: str, fn, flops: float, err: str = "") -> float:
-    """Time fn (a thunk) and print a row; a failure prints and returns nan (the other rows still run)."""
-    try:
-        ms = bench(fn)
-    except Exception as e:  # noqa: BLE001
-        print(f"{name:58s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        return float("nan")
-    row = {"name": name, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "err": err}
-    ROWS.append(row)
-    print(f"{name:58s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s  {err}", flush=True)
-    return ms
-
-
-def autotune_picks(*kernels) -> None:
-    for k in kernels:
-        timings = getattr(k, "configs_timings", None) or {}
-        ranked = sorted(((v[0] if isinstance(v, list) else v, str(c)) for c, v in timings.items()))
-        name = getattr(k.fn, "__name__", str(k.fn))
-        best = getattr(k, "best_config", None)
-        if best is None:  # the kernel never ran (on Hopper Gluon kernels replace it)
-            print(f"  {name}: not run")
-            continue
-        print(f"  {name}: best {best}; " + "; ".join(f"{c} {t:.3f}" for t, c in ranked[:6]))
-
-
-def profile_split(fn, steps: int = 3) -> None:
-    """Device time per kernel name over `steps` calls of fn."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [
-        (e.device_time_total / steps / 1e3, e.key) for e in prof.key_averages() if e.device_time_total > 0
-    ]
-    for ms, key in sorted(rows, reverse=True)[:14]:
-        print(f"    {ms:8.3f} ms  {key[:90]}")
 
 
 # ---- MLA --------------------------------------------------------------------------------------------------------
@@ -277,6 +222,8 @@ def mla_case(bsz: int, heads: int, seqlen: int, docs: bool, scale: float, args) 
             report(f"MLA {tag} cuDNN sdpa only fwd", lambda: cud(qf, kf, leaves[3]), fwd_flops)
     if args.profile and seqlen == 4096:
         profile_split(fwd_bwd(kern, leaves, grad))
+    if args.host_profile and seqlen == 4096:
+        host_split(fwd_bwd(kern, leaves, grad))
     autotune_picks(mla._mla_fwd_kernel, mla_bwd._mla_bwd_dkdv_kernel, mla_bwd._mla_bwd_dq_kernel)
 
 
@@ -579,7 +526,12 @@ def main() -> None:
     p.add_argument(
         "--triton-passes", action="store_true", help="FP8: ours with the Triton passes (SM90_PASSES off)"
     )
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replay timing of each row")
+    p.add_argument(
+        "--host-profile", action="store_true", help="MLA: where a call's host time goes (cProfile)"
+    )
     args = p.parse_args()
+    timing.GRAPHS = not args.no_graphs
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     if args.passes:  # only the passes
         run_fp8_passes()

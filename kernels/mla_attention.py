@@ -23,6 +23,7 @@ Autotuning is keyed on the head dims and the masking mode, not on seqlen: the fi
 picks the config for all later calls.
 """
 
+import functools
 import os
 
 import torch
@@ -217,13 +218,18 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 SM90 = True
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def sm90_kernels(doc_bounds, *ts):
     """mla_attention_sm90 when the Gluon kernels take this call (Hopper, SM90, no documents, bf16/fp16 views TMA
     can read, DeepSeek-V2/V3's head dims: nope 128, rope 64, v 128, the ones tested), else None."""
     t = ts[0]
     if not (SM90 and doc_bounds is None and t.is_cuda and not _INTERPRET):
         return None
-    if torch.cuda.get_device_capability(t.device) != (9, 0):
+    if _capability(t.device.index) != (9, 0):
         return None
     if (t.shape[-1], ts[1].shape[-1], ts[-1].shape[-1]) != (128, 64, 128):
         return None
@@ -320,6 +326,26 @@ def _backward(ctx, d_out, _d_lse):
 _mla_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerMLA(torch.autograd.Function):
+    """The same launchers outside torch.compile, without the custom op's dispatch: the op's layers (its
+    autograd wrapper, the dispatcher's Python kernels, the output aliasing check) cost about 70 us of host time a
+    forward + backward on the CPU machine, where the GPU work of a B2 H16 S4096 call is 1.5 ms."""
+
+    @staticmethod
+    def forward(ctx, q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale):
+        out, lse = _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale)
+        _setup_context(ctx, (q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale), (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        from titan_dsv3.kernels.mla_attention_bwd import mla_backward
+
+        q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds = ctx.saved_tensors
+        grads = mla_backward(d_out, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, ctx.scale)
+        return (*grads, None, None)
+
+
 def _split_pow2(d: int) -> int:
     """Split point of a per-head qk dim into two power-of-two parts (192 -> 128 + 64)."""
     first = 1 << (d.bit_length() - 1)
@@ -362,8 +388,10 @@ def mla_attention(
             "document_bounds(doc_ids) returns (pass doc_ids= for the ids themselves)"
         )
     require_same_device("q", q_nope, doc_bounds=doc_bounds)
-    out, _ = _mla_fwd_op(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, float(scale))
-    return out
+    if torch.compiler.is_compiling():  # the custom op: torch.compile traces around it through its fakes
+        out, _ = _mla_fwd_op(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, float(scale))
+        return out
+    return _EagerMLA.apply(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, float(scale))
 
 
 def mla_attention_reference(
