@@ -148,8 +148,13 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
         (A._mla_fwd_kernel_sm90, A.FWD_CONFIG),
         (A._mla_bwd_dq_kernel_sm90, A.DQ_CONFIG),
     ):
-        line = compile_report(kernel, A.argument_types(block_n), dict(STAGES=stages, num_warps=4), 4, 1)
-        print(f"{kernel.fn.__name__:30s} {f'BN={block_n}':38s} w4 s{stages}  {line}", flush=True)
+        for doc in (False, True):
+            consts = dict(STAGES=stages, HAS_DOC=doc, num_warps=4)
+            line = compile_report(kernel, A.argument_types(block_n), consts, 4, 1)
+            print(
+                f"{kernel.fn.__name__:30s} {f'HAS_DOC={doc} BN={block_n}':38s} w4 s{stages}  {line}",
+                flush=True,
+            )
     types = {**fp8_types, "dh_ptr": "*bf16"}
     for kernel, warp_counts in (
         (S._swiglu_bwd_quant_kernel_sm90, (8, 16)),

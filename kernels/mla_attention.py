@@ -223,11 +223,11 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def sm90_kernels(doc_bounds, *ts):
-    """mla_attention_sm90 when the Gluon kernels take this call (Hopper, SM90, no documents, bf16/fp16 views TMA
-    can read, DeepSeek-V2/V3's head dims: nope 128, rope 64, v 128, the ones tested), else None."""
+def sm90_kernels(*ts):
+    """mla_attention_sm90 when the Gluon kernels take this call (Hopper, SM90, bf16/fp16 views TMA can read,
+    DeepSeek-V2/V3's head dims: nope 128, rope 64, v 128, the ones tested), else None."""
     t = ts[0]
-    if not (SM90 and doc_bounds is None and t.is_cuda and not _INTERPRET):
+    if not (SM90 and t.is_cuda and not _INTERPRET):
         return None
     if _capability(t.device.index) != (9, 0):
         return None
@@ -242,9 +242,9 @@ def _mla_fwd(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, scale):
     """Launcher: returns out (bsz, seqlen, heads, v_dim) and the base-2 log-sum-exp (bsz, heads, seqlen) fp32."""
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
     _check(q_nope, q_pe, k_nope, k_pe, v)
-    sm90 = sm90_kernels(doc_bounds, q_nope, q_pe, k_nope, k_pe, v)
+    sm90 = sm90_kernels(q_nope, q_pe, k_nope, k_pe, v)
     if sm90 is not None:
-        return sm90.mla_fwd_sm90(q_nope, q_pe, k_nope, k_pe, v, scale)
+        return sm90.mla_fwd_sm90(q_nope, q_pe, k_nope, k_pe, v, scale, doc_bounds)
     bsz, seqlen, heads, nope = q_nope.shape
     out = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
     lse = torch.empty(bsz, heads, seqlen, device=v.device, dtype=torch.float32)

@@ -239,9 +239,9 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
         out, do, delta, *_strides(out), *_strides(do), seqlen, heads, DV=dim_v, BLOCK_M=64
     )
     dk_nope, dk_pe_heads, dv = _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
-    sm90 = sm90_kernels(doc_bounds, q_nope, q_pe, k_nope, k_pe, v, do)
-    if sm90 is not None:  # Hopper, no documents: the Gluon kernel
-        dq_nope, dq_pe = sm90.mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale)
+    sm90 = sm90_kernels(q_nope, q_pe, k_nope, k_pe, v, do)
+    if sm90 is not None:  # Hopper: the Gluon kernel
+        dq_nope, dq_pe = sm90.mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds)
     else:
         dq_nope, dq_pe = _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
     if k_pe.shape[2] == 1:

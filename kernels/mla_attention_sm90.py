@@ -85,25 +85,32 @@ def _query_tiles(qn_desc, qp_desc):
 
 
 @gluon.jit
-def _program_block(seqlen, n_heads, BM: gl.constexpr, BN: gl.constexpr):
-    """This program's (batch x head), head, first query row and first row of its batch, and how many key
-    blocks its rows see; the longest causal rows start first, heads fastest."""
+def _program_block(dstart_ptr, seqlen, n_heads, BM: gl.constexpr, BN: gl.constexpr, HAS_DOC: gl.constexpr):
+    """This program's (batch x head), head, first query row and first row of its batch, and the key blocks
+    its rows see, j0 .. n_blocks - 1: from the block holding its first row's document start (documents start in
+    order, so no row of it starts earlier; 0 without documents) to the diagonal. The longest causal rows start
+    first, heads fastest."""
     pid_bh = gl.program_id(0)
     start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * BM
+    row0 = (pid_bh // n_heads) * seqlen
     n_blocks = gl.cdiv(gl.minimum(start_m + BM, seqlen), BN)
-    return pid_bh, pid_bh % n_heads, start_m, (pid_bh // n_heads) * seqlen, n_blocks
+    if HAS_DOC:
+        j0 = gl.load(dstart_ptr + row0 + start_m) // BN
+    else:
+        j0 = 0
+    return pid_bh, pid_bh % n_heads, start_m, row0, j0, n_blocks
 
 
 @gluon.jit
-def _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, n_blocks, kn_col,
-               kp_col, v_col, STAGES: gl.constexpr):
-    """The loader's loop: key block j's tiles into slot j % STAGES once both warpgroups have released the block
-    that was there (a fresh barrier passes the wait for the phase before it)."""
+def _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, j0, n_blocks,
+               kn_col, kp_col, v_col, STAGES: gl.constexpr):
+    """The loader's loop: key block j0 + i's tiles into slot i % STAGES once both warpgroups have released the
+    block that was there (a fresh barrier passes the wait for the phase before it)."""
     BN: gl.constexpr = kn_desc.block_type.shape[0]
-    for j in range(n_blocks):
-        slot = j % STAGES
-        phase = ((j // STAGES) & 1) ^ 1
-        row = row0 + j * BN
+    for i in range(n_blocks - j0):
+        slot = i % STAGES
+        phase = ((i // STAGES) & 1) ^ 1
+        row = row0 + (j0 + i) * BN
         mbarrier.wait(k_free.index(slot), phase)
         kb = k_bar.index(slot)
         mbarrier.expect(kb, kn_desc.block_type.nbytes + kp_desc.block_type.nbytes)
@@ -152,6 +159,25 @@ def _causal(s, start_m, start_n, fill, s_l: gl.constexpr):
 
 
 @gluon.jit
+def _row_doc_starts(dstart_ptr, row0, first, seqlen, HM: gl.constexpr, s_l: gl.constexpr, HAS_DOC: gl.constexpr):
+    """Each of a warpgroup's rows' document start (HM,), in the scores' row layout; the rows themselves without
+    documents (unused then)."""
+    offs_m = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_l))
+    if HAS_DOC:
+        return gl.load(dstart_ptr + row0 + offs_m, mask=offs_m < seqlen, other=0)
+    return offs_m
+
+
+@gluon.jit
+def _documents(s, dstart_m, start_n, fill, s_l: gl.constexpr, HAS_DOC: gl.constexpr):
+    """s (keys from start_n) with the keys before each row's document start set to fill, with documents."""
+    if HAS_DOC:
+        offs_n = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_l))
+        s = gl.where(offs_n[None, :] >= dstart_m[:, None], s, fill)
+    return s
+
+
+@gluon.jit
 def _store_rows(ptr, acc, row0, start_m, off_h, n_heads, seqlen, acc_l: gl.constexpr):
     """acc (HM, D) -> rows start_m.. of head off_h of a contiguous (bsz, seqlen, heads, D) tensor."""
     HM: gl.constexpr = acc.shape[0]
@@ -167,7 +193,8 @@ def _store_rows(ptr, acc, row0, start_m, off_h, n_heads, seqlen, acc_l: gl.const
 
 @gluon.jit
 def _fwd_loader(qn_desc, qp_desc, kn_desc, kp_desc, v_desc, q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free,
-                v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, kn_col, kp_col, v_col, STAGES: gl.constexpr):
+                v_free, row0, start_m, off_h, j0, n_blocks, qn_col, qp_col, kn_col, kp_col, v_col,
+                STAGES: gl.constexpr):
     """The default partition (4 warps at 24 registers; one thread issues the copies): each warpgroup's query
     tiles, then the key blocks."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
@@ -176,17 +203,19 @@ def _fwd_loader(qn_desc, qp_desc, kn_desc, kp_desc, v_desc, q_n, q_p, q_bar, kn,
         mbarrier.expect(bar, qn_desc.block_type.nbytes + qp_desc.block_type.nbytes)
         _tma_load(qn_desc, [row0 + start_m + g * HM, off_h * qn_col], bar, q_n.index(g))
         _tma_load(qp_desc, [row0 + start_m + g * HM, off_h * qp_col], bar, q_p.index(g))
-    _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, n_blocks, kn_col,
-               kp_col, v_col, STAGES)
+    _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, j0, n_blocks,
+               kn_col, kp_col, v_col, STAGES)
 
 
 @gluon.jit
-def _fwd_consumer(q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
-                  start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, G: gl.constexpr, STAGES: gl.constexpr,
-                  NW: gl.constexpr):
-    """Warpgroup G: the online softmax of query rows start_m + 64 G .. + 63 over every key block. Step j issues
-    S_j, then O += P_{j-1} v_{j-1}, and forms P_j while the second runs; each slot's keys and values are
-    released as their products finish."""
+def _fwd_consumer(q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, dstart_ptr, pid_bh,
+                  row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, qk_scale, G: gl.constexpr,
+                  STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
+    """Warpgroup G: the online softmax of query rows start_m + 64 G .. + 63 over key blocks j0 .. n_blocks - 1
+    (step i takes block j0 + i from slot i % STAGES). Step i issues S_i, then O += P_{i-1} v_{i-1}, and forms
+    P_i while the second runs; each slot's keys and values are released as their products finish. Keys before
+    a row's document start score -1e30, not -inf: a row whose first block holds none of its keys keeps a finite
+    running max, and its bogus sum is scaled by exp2(-1e30 - max) = 0 at the block that holds its own key."""
     HM: gl.constexpr = q_n.shape[1]
     BN: gl.constexpr = kn.shape[1]
     DV: gl.constexpr = v.shape[2]
@@ -197,24 +226,28 @@ def _fwd_consumer(q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_pt
     qn = q_n.index(G)
     qp = q_p.index(G)
     first = start_m + G * HM
+    dstart_m = _row_doc_starts(dstart_ptr, row0, first, seqlen, HM, s_l, HAS_DOC)
     mbarrier.wait(q_bar.index(G), 0)
-    # block 0: every row sees key 0, so the running max is finite from here on
+    # block j0: every row sees a key at or before itself in it, so the running max is finite from here on
     s = warpgroup_mma_wait(0, deps=(_scores(qn, qp, kn, kp, k_bar, 0, s_l, STAGES),))
     mbarrier.arrive(k_free.index(0))
-    s = _causal(s * qk_scale, first, 0, float("-inf"), s_l)
+    s = _documents(s * qk_scale, dstart_m, j0 * BN, -1.0e30, s_l, HAS_DOC)
+    s = _causal(s, first, j0 * BN, float("-inf"), s_l)
     m_i = gl.max(s, 1)
     p = gl.exp2(s - m_i[:, None])
     l_i = gl.sum(p, 1)
     o = gl.zeros([HM, DV], gl.float32, o_l)
-    for j in range(1, n_blocks):
-        s_tok = _scores(qn, qp, kn, kp, k_bar, j, s_l, STAGES)
-        prev = (j - 1) % STAGES
-        mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
+    n = n_blocks - j0
+    for i in range(1, n):
+        s_tok = _scores(qn, qp, kn, kp, k_bar, i, s_l, STAGES)
+        prev = (i - 1) % STAGES
+        mbarrier.wait(v_bar.index(prev), ((i - 1) // STAGES) & 1)
         p_op = gl.convert_layout(p.to(dtype), p_l)
         o_tok = warpgroup_mma(p_op, v.index(prev), o, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_j done; P_{j-1} v_{j-1} may still run
-        mbarrier.arrive(k_free.index(j % STAGES))
-        s = _causal(s * qk_scale, first, j * BN, float("-inf"), s_l)
+        s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_i done; P_{i-1} v_{i-1} may still run
+        mbarrier.arrive(k_free.index(i % STAGES))
+        s = _documents(s * qk_scale, dstart_m, (j0 + i) * BN, -1.0e30, s_l, HAS_DOC)
+        s = _causal(s, first, (j0 + i) * BN, float("-inf"), s_l)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - m_new[:, None])
@@ -223,8 +256,8 @@ def _fwd_consumer(q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_pt
         o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_free.index(prev))
         o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // STAGES) & 1)
+    last = (n - 1) % STAGES
+    mbarrier.wait(v_bar.index(last), ((n - 1) // STAGES) & 1)
     o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v.index(last), o)
     o = o / gl.convert_layout(l_i, gl.SliceLayout(1, o_l))[:, None]
     _store_rows(o_ptr, o, row0, first, off_h, n_heads, seqlen, o_l)
@@ -234,9 +267,9 @@ def _fwd_consumer(q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_pt
 
 @gluon.jit
 def _mla_fwd_kernel_sm90(
-    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, o_ptr, lse_ptr,
+    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, o_ptr, lse_ptr, dstart_ptr,
     qn_col, qp_col, kn_col, kp_col, v_col, seqlen, n_heads, qk_scale,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, HAS_DOC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Output and base-2 log-sum-exp (qk_scale includes log2(e)) of a block of 128 query rows: two warpgroups of
     64 rows (qn_desc's block) in their own partitions, sharing the key blocks a loader partition brings. Keys past
@@ -245,16 +278,18 @@ def _mla_fwd_kernel_sm90(
     BN: gl.constexpr = kn_desc.block_type.shape[0]
     q_n, q_p, q_bar = _query_tiles(qn_desc, qp_desc)
     kn, kp, v, k_bar, v_bar, k_free, v_free = _ring_alloc(kn_desc, kp_desc, v_desc, STAGES)
-    pid_bh, off_h, start_m, row0, n_blocks = _program_block(seqlen, n_heads, 2 * HM, BN)
+    pid_bh, off_h, start_m, row0, j0, n_blocks = _program_block(dstart_ptr, seqlen, n_heads, 2 * HM, BN, HAS_DOC)
     gl.warp_specialize(
         [
             (_fwd_loader, (qn_desc, qp_desc, kn_desc, kp_desc, v_desc, q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar,
-                           k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, kn_col, kp_col, v_col,
-                           STAGES)),
-            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
-                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 0, STAGES, 4)),
-            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, pid_bh, row0,
-                             start_m, off_h, n_blocks, seqlen, n_heads, qk_scale, 1, STAGES, 4)),
+                           k_free, v_free, row0, start_m, off_h, j0, n_blocks, qn_col, qp_col, kn_col, kp_col,
+                           v_col, STAGES)),
+            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, dstart_ptr,
+                             pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, qk_scale, 0, STAGES, 4,
+                             HAS_DOC)),
+            (_fwd_consumer, (q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_ptr, lse_ptr, dstart_ptr,
+                             pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, qk_scale, 1, STAGES, 4,
+                             HAS_DOC)),
         ],
         FWD_WORKER_WARPS,
         FWD_WORKER_REGS,
@@ -267,7 +302,7 @@ def _mla_fwd_kernel_sm90(
 
 @gluon.jit
 def _dq_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar,
-               k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, do_col, kn_col, kp_col, v_col,
+               k_free, v_free, row0, start_m, off_h, j0, n_blocks, qn_col, qp_col, do_col, kn_col, kp_col, v_col,
                STAGES: gl.constexpr):
     """One warp: each warpgroup's query and dO tiles, then the key blocks."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
@@ -278,24 +313,26 @@ def _dq_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_
         _tma_load(qn_desc, [row, off_h * qn_col], bar, q_n.index(g))
         _tma_load(qp_desc, [row, off_h * qp_col], bar, q_p.index(g))
         _tma_load(do_desc, [row, off_h * do_col], bar, d_o.index(g))
-    _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, n_blocks, kn_col,
-               kp_col, v_col, STAGES)
+    _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, j0, n_blocks,
+               kn_col, kp_col, v_col, STAGES)
 
 
 @gluon.jit
-def _ds(s, dp, lse, delta, start_m, start_n, qk_scale, s_l: gl.constexpr, dtype: gl.constexpr):
+def _ds(s, dp, lse, delta, dstart_m, start_m, start_n, qk_scale, s_l: gl.constexpr, dtype: gl.constexpr,
+        HAS_DOC: gl.constexpr):
     """dS = P (dP - delta) of one block in the input dtype (as the dq product takes it); P = 0 above the
-    diagonal and on rows past seqlen (their lse is inf)."""
-    p = _causal(gl.exp2(s * qk_scale - lse[:, None]), start_m, start_n, 0.0, s_l)
+    diagonal, before the row's document start and on rows past seqlen (their lse is inf)."""
+    p = _documents(gl.exp2(s * qk_scale - lse[:, None]), dstart_m, start_n, 0.0, s_l, HAS_DOC)
+    p = _causal(p, start_m, start_n, 0.0, s_l)
     return (p * (dp - delta[:, None])).to(dtype)
 
 
 @gluon.jit
-def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr, dqn_ptr,
-                 dqp_ptr, pid_bh, row0, start_m, off_h, n_blocks, seqlen, n_heads, sm_scale, qk_scale,
-                 G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
-    """Warpgroup G: dq of query rows start_m + 64 G .. + 63. Step j issues S_j and dP_j, then
-    dq += dS_{j-1} k_{j-1}, and forms dS_j while that runs."""
+def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr, dstart_ptr,
+                 dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale,
+                 G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
+    """Warpgroup G: dq of query rows start_m + 64 G .. + 63 over key blocks j0 .. n_blocks - 1. Step i issues
+    S_i and dP_i, then dq += dS_{i-1} k_{i-1}, and forms dS_i while that runs."""
     HM: gl.constexpr = q_n.shape[1]
     DN: gl.constexpr = q_n.shape[2]
     DR: gl.constexpr = q_p.shape[2]
@@ -314,29 +351,31 @@ def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, 
     m_ok = offs_m < seqlen
     lse = gl.load(lse_ptr + pid_bh.to(gl.int64) * seqlen + offs_m, mask=m_ok, other=float("inf"))
     delta = gl.load(delta_ptr + pid_bh.to(gl.int64) * seqlen + offs_m, mask=m_ok, other=0.0)
+    dstart_m = _row_doc_starts(dstart_ptr, row0, first, seqlen, HM, s_l, HAS_DOC)
     mbarrier.wait(q_bar.index(G), 0)
     s, dp = warpgroup_mma_wait(0, deps=(_scores(qn, qp, kn, kp, k_bar, 0, s_l, STAGES),
                                         _dp(do, v, v_bar, 0, s_l, STAGES)))
     mbarrier.arrive(v_free.index(0))
-    ds = _ds(s, dp, lse, delta, first, 0, qk_scale, s_l, dtype)
+    ds = _ds(s, dp, lse, delta, dstart_m, first, j0 * BN, qk_scale, s_l, dtype, HAS_DOC)
     dsn = gl.convert_layout(ds, dsn_l)
     dsp = gl.convert_layout(ds, dsp_l)
     dqn = gl.zeros([HM, DN], gl.float32, dqn_l)
     dqp = gl.zeros([HM, DR], gl.float32, dqp_l)
-    for j in range(1, n_blocks):
-        prev = (j - 1) % STAGES
-        s_tok = _scores(qn, qp, kn, kp, k_bar, j, s_l, STAGES)
-        dp_tok = _dp(do, v, v_bar, j, s_l, STAGES)
+    n = n_blocks - j0
+    for i in range(1, n):
+        prev = (i - 1) % STAGES
+        s_tok = _scores(qn, qp, kn, kp, k_bar, i, s_l, STAGES)
+        dp_tok = _dp(do, v, v_bar, i, s_l, STAGES)
         dqn_tok = warpgroup_mma(dsn, kn.index(prev), dqn, is_async=True)
         dqp_tok = warpgroup_mma(dsp, kp.index(prev), dqp, is_async=True)
-        s, dp = warpgroup_mma_wait(2, deps=(s_tok, dp_tok))  # block j-1's dq products may still run
-        mbarrier.arrive(v_free.index(j % STAGES))
-        ds = _ds(s, dp, lse, delta, first, j * BN, qk_scale, s_l, dtype)
+        s, dp = warpgroup_mma_wait(2, deps=(s_tok, dp_tok))  # block i-1's dq products may still run
+        mbarrier.arrive(v_free.index(i % STAGES))
+        ds = _ds(s, dp, lse, delta, dstart_m, first, (j0 + i) * BN, qk_scale, s_l, dtype, HAS_DOC)
         dqn, dqp, dsn, dsp = warpgroup_mma_wait(0, deps=(dqn_tok, dqp_tok, dsn, dsp))
         mbarrier.arrive(k_free.index(prev))
         dsn = gl.convert_layout(ds, dsn_l)
         dsp = gl.convert_layout(ds, dsp_l)
-    last = (n_blocks - 1) % STAGES
+    last = (n - 1) % STAGES
     dqn = warpgroup_mma(dsn, kn.index(last), dqn)
     dqp = warpgroup_mma(dsp, kp.index(last), dqp)
     _store_rows(dqn_ptr, dqn * sm_scale, row0, first, off_h, n_heads, seqlen, dqn_l)
@@ -345,9 +384,9 @@ def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, 
 
 @gluon.jit
 def _mla_bwd_dq_kernel_sm90(
-    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dqn_ptr, dqp_ptr,
+    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr,
     qn_col, qp_col, kn_col, kp_col, v_col, do_col, seqlen, n_heads, sm_scale, qk_scale,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, HAS_DOC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dq_nope, dq_pe (contiguous (bsz, seqlen, heads, .)) of 128 query rows: dS = P (dP - delta),
     dq = sm_scale dS k; two warpgroups of 64 rows as in the forward, with a 1-warp loader here."""
@@ -357,17 +396,17 @@ def _mla_bwd_dq_kernel_sm90(
     q_n, q_p, q_bar = _query_tiles(qn_desc, qp_desc)
     d_o = gl.allocate_shared_memory(dtype, [2, HM, do_desc.block_type.shape[1]], do_desc.layout)
     kn, kp, v, k_bar, v_bar, k_free, v_free = _ring_alloc(kn_desc, kp_desc, v_desc, STAGES)
-    pid_bh, off_h, start_m, row0, n_blocks = _program_block(seqlen, n_heads, 2 * HM, BN)
+    pid_bh, off_h, start_m, row0, j0, n_blocks = _program_block(dstart_ptr, seqlen, n_heads, 2 * HM, BN, HAS_DOC)
     gl.warp_specialize(
         [
             (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
-                            dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, n_blocks, seqlen, n_heads, sm_scale,
-                            qk_scale, 0, STAGES, num_warps)),
+                            dstart_ptr, dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen,
+                            n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC)),
             (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
-                            dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, n_blocks, seqlen, n_heads, sm_scale,
-                            qk_scale, 1, STAGES, 4)),
+                            dstart_ptr, dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen,
+                            n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC)),
             (_dq_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_o, q_bar, kn, kp, v,
-                          k_bar, v_bar, k_free, v_free, row0, start_m, off_h, n_blocks, qn_col, qp_col, do_col,
+                          k_bar, v_bar, k_free, v_free, row0, start_m, off_h, j0, n_blocks, qn_col, qp_col, do_col,
                           kn_col, kp_col, v_col, STAGES)),
         ],
         DQ_WORKER_WARPS,
@@ -427,34 +466,37 @@ def usable(*ts: torch.Tensor) -> bool:
     return True
 
 
-def mla_fwd_sm90(q_nope, q_pe, k_nope, k_pe, v, scale: float, config: tuple[int, int] | None = None):
-    """Causal forward: out (bsz, seqlen, heads, v_dim) and the base-2 log-sum-exp (bsz, heads, seqlen) fp32, as
-    mla_attention._mla_fwd returns them."""
+def mla_fwd_sm90(q_nope, q_pe, k_nope, k_pe, v, scale: float, doc_bounds=None, config=None):
+    """Causal forward (within documents given doc_bounds, mla_attention.document_bounds): out (bsz, seqlen,
+    heads, v_dim) and the base-2 log-sum-exp (bsz, heads, seqlen) fp32, as mla_attention._mla_fwd returns them;
+    config (key block, ring slots)."""
     block_n, stages = config or FWD_CONFIG
     bsz, seqlen, heads, _ = q_nope.shape
     out = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
     lse = torch.empty(bsz, heads, seqlen, device=v.device, dtype=torch.float32)
     (qn, qn_c), (qp, qp_c) = (_rows_desc(t, HALF_M) for t in (q_nope, q_pe))
     (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, block_n) for t in (k_nope, k_pe, v))
+    dstart = doc_bounds[0] if doc_bounds is not None else lse  # lse: unused
     _mla_fwd_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_M))](
-        qn, qp, kn, kp, vd, out, lse, qn_c, qp_c, kn_c, kp_c, v_c, seqlen, heads, scale * _LOG2E,
-        STAGES=stages, num_warps=4,
+        qn, qp, kn, kp, vd, out, lse, dstart, qn_c, qp_c, kn_c, kp_c, v_c, seqlen, heads, scale * _LOG2E,
+        STAGES=stages, HAS_DOC=doc_bounds is not None, num_warps=4,
     )  # fmt: skip
     return out, lse
 
 
-def mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, config=None):
-    """dq_nope, dq_pe (contiguous, the inputs' dtype) of the causal attention, given the forward's lse and
-    delta = rowsum(o * do); config (key block, ring slots)."""
+def mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, doc_bounds=None, config=None):
+    """dq_nope, dq_pe (contiguous, the inputs' dtype) of the causal attention (within documents given
+    doc_bounds), given the forward's lse and delta = rowsum(o * do); config (key block, ring slots)."""
     block_n, stages = config or DQ_CONFIG
     bsz, seqlen, heads, nope = q_nope.shape
     dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
     dq_pe = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=q_pe.dtype)
     (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, HALF_M) for t in (q_nope, q_pe, do))
     (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, block_n) for t in (k_nope, k_pe, v))
+    dstart = doc_bounds[0] if doc_bounds is not None else lse  # lse: unused
     _mla_bwd_dq_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_M))](
-        qn, qp, kn, kp, vd, dod, lse, delta, dq_nope, dq_pe, qn_c, qp_c, kn_c, kp_c, v_c, do_c, seqlen, heads,
-        scale, scale * _LOG2E, STAGES=stages, num_warps=4,
+        qn, qp, kn, kp, vd, dod, lse, delta, dstart, dq_nope, dq_pe, qn_c, qp_c, kn_c, kp_c, v_c, do_c, seqlen,
+        heads, scale, scale * _LOG2E, STAGES=stages, HAS_DOC=doc_bounds is not None, num_warps=4,
     )  # fmt: skip
     return dq_nope, dq_pe
 
@@ -476,4 +518,5 @@ def argument_types(block_n: int) -> dict[str, str]:
             "do_desc": of(kv[..., 128:], HALF_M), "kn_desc": of(kv[..., :128], block_n),
             "kp_desc": of(k_pe, block_n), "v_desc": of(kv[..., 128:], block_n),
             "o_ptr": "*bf16", "dqn_ptr": "*bf16", "dqp_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+            "dstart_ptr": "*i32",
             "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip

@@ -73,11 +73,26 @@ def test_compiled_model_path():
         torch.testing.assert_close(a, b)
 
 
+def _packed_doc_ids(bsz: int, seqlen: int, mean_len: int) -> torch.Tensor:
+    """(bsz, seqlen) int32 ids of documents with exponential lengths (some 1 token long), different per row."""
+    g = torch.Generator().manual_seed(seqlen)
+    rows = []
+    for _ in range(bsz):
+        lens = (torch.empty(seqlen).exponential_(1.0 / mean_len, generator=g) + 1).long()
+        rows.append(torch.repeat_interleave(torch.arange(seqlen), lens)[:seqlen])
+    return torch.stack(rows).to(device="cuda", dtype=torch.int32)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("bsz,seqlen,heads", [(1, 1, 2), (2, 127, 3), (2, 1000, 2), (1, 4096, 2)])
-def test_sm90_kernels_match_triton(bsz, seqlen, heads, monkeypatch):
+@pytest.mark.parametrize(
+    "bsz,seqlen,heads,doc_len",
+    [(1, 1, 2, 0), (2, 127, 3, 0), (2, 1000, 2, 0), (1, 4096, 2, 0), (2, 1000, 2, 40), (2, 4096, 2, 700)],
+)
+def test_sm90_kernels_match_triton(bsz, seqlen, heads, doc_len, monkeypatch):
     """On Hopper the Gluon forward and dq kernels (mla_attention_sm90.py) give the Triton kernels' results:
-    output, log-sum-exp and dq to bf16 / fp32 rounding, on views of fused projections as the model passes them."""
+    output, log-sum-exp and dq to bf16 / fp32 rounding, on views of fused projections as the model passes them,
+    causal and within packed documents (doc_len: their mean length; rows whose first key blocks hold none of
+    their document's keys, and documents one token long)."""
     import titan_dsv3.kernels.mla_attention as mla
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -87,13 +102,14 @@ def test_sm90_kernels_match_triton(bsz, seqlen, heads, monkeypatch):
     kv = torch.randn(bsz, seqlen, heads, NOPE + DV, device="cuda", dtype=torch.bfloat16)
     k_pe = torch.randn(bsz, seqlen, 1, ROPE, device="cuda", dtype=torch.bfloat16)
     ins = (q[..., :NOPE], q[..., NOPE:], kv[..., :NOPE], k_pe, kv[..., NOPE:])
-    assert mla.sm90_kernels(None, *ins) is not None
+    assert mla.sm90_kernels(*ins) is not None
     do = torch.randn(bsz, seqlen, heads, DV, device="cuda", dtype=torch.bfloat16)
+    bounds = mla.document_bounds(_packed_doc_ids(bsz, seqlen, doc_len)) if doc_len else None
 
     def run(sm90: bool):
         monkeypatch.setattr(mla, "SM90", sm90)
-        out, lse = mla._mla_fwd(*ins, None, 0.1)
-        grads = mla._mla_bwd_op(do, *ins, out, lse, None, 0.1)
+        out, lse = mla._mla_fwd(*ins, bounds, 0.1)
+        grads = mla._mla_bwd_op(do, *ins, out, lse, bounds, 0.1)
         return out, lse, grads
 
     out, lse, grads = run(True)

@@ -1,8 +1,9 @@
 """The Gluon MLA forward and dq kernels for Hopper (kernels/mla_attention_sm90.py) compile for sm_90 with the
-installed Triton, without a GPU, into the design their docstrings state: warp-specialised (a TMA loader, the
-two warpgroups given more registers), each step's arithmetic running while one product (forward) or two (dq) of
-the step before are still in flight, and no wgmma serialised by ptxas (its C751x notes). Their numerics are
-checked on GPU (tests/gpu/test_mla_attention_gpu.py). The compile runs in a subprocess (sm90_compile.py).
+installed Triton, without a GPU, with and without document masks, into the design their docstrings state:
+warp-specialised (a TMA loader, the two warpgroups given more registers), each step's arithmetic running while
+one product (forward) or two (dq) of the step before are still in flight, and no wgmma serialised by ptxas (its
+C751x notes). Their numerics are checked on GPU (tests/gpu/test_mla_attention_gpu.py). The compile runs in a
+subprocess (sm90_compile.py).
 """
 
 import pytest
@@ -14,7 +15,9 @@ from titan_dsv3.kernels import mla_attention_sm90 as A
 out = {}
 for name, config in (("_mla_fwd_kernel_sm90", A.FWD_CONFIG), ("_mla_bwd_dq_kernel_sm90", A.DQ_CONFIG)):
     types = A.argument_types(config[0])
-    out[name] = design(*compile_sm90(getattr(A, name), types, {"STAGES": config[1], "num_warps": 4}, 4))
+    for doc in (False, True):
+        consts = {"STAGES": config[1], "HAS_DOC": doc, "num_warps": 4}
+        out[f"{name} HAS_DOC={doc}"] = design(*compile_sm90(getattr(A, name), types, consts, 4))
 print("RESULT" + json.dumps(out))
 """
 
@@ -22,8 +25,9 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.slow
 def test_gluon_mla_kernels_compile_for_sm90_as_designed():
     got = sm90_compile.run(SCRIPT)
-    for name, in_flight in (("_mla_fwd_kernel_sm90", 1), ("_mla_bwd_dq_kernel_sm90", 2)):
-        feats = got[name]
+    assert len(got) == 4  # both kernels, with and without documents
+    for name, feats in got.items():
+        in_flight = 1 if name.startswith("_mla_fwd") else 2
         assert feats["wgmma"] and feats["tma"], (name, feats)
         assert feats["warp_specialized"] and feats["setmaxnreg_inc"], (name, feats)
         assert in_flight in feats["pendings"], (name, feats["pendings"])
