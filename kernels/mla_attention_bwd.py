@@ -5,8 +5,8 @@ that see it, and dq per query block, looping over its key blocks. Each recompute
 forward's log-sum-exp, so the backward does 7 matmuls where a single pass would do 5; one fused kernel needed
 more registers than either (spills on sm_90), and the dq accumulation across key blocks would need atomics.
 No atomics: results are deterministic. Storing dS from the dk/dv pass for a dq GEMM was measured slower (H200,
-benchmarks/RESULTS.md). On Hopper, causal calls without documents take dq from the Gluon kernel of
-mla_attention_sm90.py (mla_attention.SM90). See the forward's file for shapes, masks and scope.
+benchmarks/RESULTS.md). On Hopper dq comes from the Gluon kernel of mla_attention_sm90.py
+(mla_attention.SM90). See the forward's file for shapes, masks and scope.
 """
 
 import torch

@@ -13,10 +13,12 @@ against 0.55. The same loop in one 8-warp partition (both warpgroups in step) ra
 warpgroups with 32-query steps, as 160 accumulator registers a thread leave no room for more; and one 64-key
 program whose warpgroups split the products, 64-query steps): the Triton dk/dv kernel stays.
 
-Same inputs, masks, scale and results as the Triton kernels (causal, no documents: mla_attention.sm90_kernels
-routes document masks, fp32 and other GPUs to those); the probabilities are rounded to the input dtype before
-their products in both, so outputs agree to fp32 rounding order (tests/gpu/test_mla_attention_gpu.py). Gluon has
-no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles these for sm_90.
+Same inputs, masks (causal, and within documents given their bounds), scale and results as the Triton kernels
+(mla_attention.sm90_kernels routes fp32, other head dims and other GPUs to those); the probabilities are rounded
+to the input dtype before their products in both, so outputs agree to fp32 rounding order
+(tests/gpu/test_mla_attention_gpu.py). With documents a program starts at the key block holding its first row's
+document start; bench6's training step with document masking gained 1.5% from this (benchmarks/RESULTS.md).
+Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles these for sm_90.
 Legend: HM query rows a warpgroup, BN key rows a block, DN / DR / DV the nope, rope and value head dims.
 """
 
