@@ -503,10 +503,10 @@ def mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, doc
     return dq_nope, dq_pe
 
 
-def argument_types(block_n: int) -> dict[str, str]:
-    """The two kernels' non-integer argument types as the JIT derives them at launch for DeepSeek's head dims
-    (nope 128, rope 64, v 128, bf16): what a compile without a GPU needs (benchmarks/compile_kernels_sm90.py, the
-    compile test)."""
+def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
+    """The Gluon MLA kernels' non-integer argument types as the JIT derives them at launch for DeepSeek's head
+    dims (nope 128, rope 64, v 128, bf16), block_n key rows and block_m query rows a tile: what a compile without
+    a GPU needs (benchmarks/compile_kernels_sm90.py, the compile test)."""
     from triton.runtime.jit import mangle_type
 
     q = torch.empty(1, 256, 2, 192, dtype=torch.bfloat16)
@@ -516,9 +516,9 @@ def argument_types(block_n: int) -> dict[str, str]:
     def of(t, rows):
         return mangle_type(_rows_desc(t, rows)[0])
 
-    return {"qn_desc": of(q[..., :128], HALF_M), "qp_desc": of(q[..., 128:], HALF_M),
-            "do_desc": of(kv[..., 128:], HALF_M), "kn_desc": of(kv[..., :128], block_n),
+    return {"qn_desc": of(q[..., :128], block_m), "qp_desc": of(q[..., 128:], block_m),
+            "do_desc": of(kv[..., 128:], block_m), "kn_desc": of(kv[..., :128], block_n),
             "kp_desc": of(k_pe, block_n), "v_desc": of(kv[..., 128:], block_n),
             "o_ptr": "*bf16", "dqn_ptr": "*bf16", "dqp_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-            "dstart_ptr": "*i32",
+            "dstart_ptr": "*i32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32", "dv_ptr": "*bf16",
             "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip

@@ -1,0 +1,202 @@
+"""The fused MLA attention's dk/dv kernel for Hopper (sm_90) in Gluon: the key-side half of the backward
+(kernels/mla_attention_bwd.py has the Triton kernels and the launcher that picks this one).
+
+A program owns 128 keys of one head: two warpgroups of 64 keys, each in its own partition, the keys the wgmma's
+M side. A 1-warp loader brings each warpgroup's k_nope | k_pe | v once, then streams the query side (q_nope,
+q_pe, dO; 32 rows a step, from the program's first key to the end) through a ring of STAGES slots both
+warpgroups read. A warpgroup's step:
+  S^T = k q^T and dP^T = v dO^T from shared memory (64 x 32),
+  P^T = exp2(S^T scale - lse), causal mask on the diagonal steps,
+  dv += P^T dO, with P^T as the register operand (only dO is read from shared memory),
+  dS^T = P^T (dP^T - delta), dk_nope += dS^T q_nope, dk_pe += dS^T q_pe, dS^T again from registers.
+The register operands are what this kernel has over the Triton one (which reads both operands of every product
+from shared memory): H200, B2 H16 (benchmarks/RESULTS.md), S4096 0.76-0.79 ms against Triton's 0.81-0.83, S8192
+2.92-2.94 against 3.16-3.27, with results bit-equal to Triton's (the same products in the same order). 64-row
+query steps would halve the shared-memory reads of S^T and dP^T but need more registers than a warpgroup has
+beside the 160 of accumulators (ptxas spilled 1.1 KB and serialised the wgmmas). Causal only: documents take
+the Triton kernel. Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
+"""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+from titan_dsv3.kernels.mla_attention import _LOG2E
+from titan_dsv3.kernels.mla_attention_sm90 import _mma_layout, _rows_desc, _store_rows, _tma_load
+
+
+# fmt: off
+@gluon.jit
+def _dkdv_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, q_n, q_p, d_o, q_bar,
+                 q_free, row0, key0, off_h, n_steps, qn_col, qp_col, do_col, kn_col, kp_col, v_col,
+                 STAGES: gl.constexpr):
+    """Each warpgroup's key tiles, then query step i's tiles into slot i % STAGES once both warpgroups have
+    released the step that was there."""
+    HK: gl.constexpr = kn_desc.block_type.shape[0]
+    MQ: gl.constexpr = qn_desc.block_type.shape[0]
+    for g in gl.static_range(2):
+        bar = k_bar.index(g)
+        mbarrier.expect(bar, kn_desc.block_type.nbytes + kp_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        row = row0 + key0 + g * HK
+        _tma_load(kn_desc, [row, off_h * kn_col], bar, kn.index(g))
+        _tma_load(kp_desc, [row, off_h * kp_col], bar, kp.index(g))
+        _tma_load(v_desc, [row, off_h * v_col], bar, v.index(g))
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(q_free.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = q_bar.index(slot)
+        mbarrier.expect(bar, qn_desc.block_type.nbytes + qp_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        row = row0 + key0 + i * MQ
+        _tma_load(qn_desc, [row, off_h * qn_col], bar, q_n.index(slot))
+        _tma_load(qp_desc, [row, off_h * qp_col], bar, q_p.index(slot))
+        _tma_load(do_desc, [row, off_h * do_col], bar, d_o.index(slot))
+
+
+@gluon.jit
+def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr, dv_ptr,
+                   pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale, qk_scale, G: gl.constexpr,
+                   STAGES: gl.constexpr, NW: gl.constexpr):
+    """Warpgroup G: dk_nope, dk_pe (per head, fp32) and dv of keys key0 + 64 G .. + 63, over the query steps
+    from its first key on. Steps before it (all their queries precede its keys) are waited for and released
+    unread: a warpgroup that skipped a slot's first fill would wait on a parity one phase ahead, which an
+    mbarrier takes as the phase before and passes at once."""
+    HK: gl.constexpr = kn.shape[1]
+    DN: gl.constexpr = kn.shape[2]
+    DR: gl.constexpr = kp.shape[2]
+    DV: gl.constexpr = v.shape[2]
+    MQ: gl.constexpr = q_n.shape[1]
+    dtype: gl.constexpr = kn.dtype
+    s_l: gl.constexpr = _mma_layout(MQ, NW)
+    dn_l: gl.constexpr = _mma_layout(DN, NW)
+    dr_l: gl.constexpr = _mma_layout(DR, NW)
+    dv_l: gl.constexpr = _mma_layout(DV, NW)
+    first_key = key0 + G * HK
+    offs_k = first_key + gl.arange(0, HK, layout=gl.SliceLayout(1, s_l))
+    kn_g = kn.index(G)
+    kp_g = kp.index(G)
+    v_g = v.index(G)
+    dkn = gl.zeros([HK, DN], gl.float32, dn_l)
+    dkp = gl.zeros([HK, DR], gl.float32, dr_l)
+    dv = gl.zeros([HK, DV], gl.float32, dv_l)
+    i0 = gl.minimum((G * HK) // MQ, n_steps)
+    for i in range(i0):
+        mbarrier.wait(q_bar.index(i % STAGES), (i // STAGES) & 1)
+        mbarrier.arrive(q_free.index(i % STAGES))
+    mbarrier.wait(k_bar.index(G), 0)
+    bh = pid_bh.to(gl.int64) * seqlen
+    for i in range(i0, n_steps):
+        slot = i % STAGES
+        mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
+        qn_s = q_n.index(slot)
+        qp_s = q_p.index(slot)
+        do_s = d_o.index(slot)
+        s = warpgroup_mma(kn_g, qn_s.permute((1, 0)), gl.zeros([HK, MQ], gl.float32, s_l), use_acc=False,
+                          is_async=True)
+        s = warpgroup_mma(kp_g, qp_s.permute((1, 0)), s, is_async=True)
+        dp = warpgroup_mma(v_g, do_s.permute((1, 0)), gl.zeros([HK, MQ], gl.float32, s_l), use_acc=False,
+                           is_async=True)
+        start_q = key0 + i * MQ
+        offs_q = start_q + gl.arange(0, MQ, layout=gl.SliceLayout(0, s_l))
+        q_ok = offs_q < seqlen
+        lse = gl.load(lse_ptr + bh + offs_q, mask=q_ok, other=float("inf"))  # queries past seqlen: P = 0
+        s = warpgroup_mma_wait(1, deps=(s,))  # S^T done; dP^T may still run
+        p = gl.exp2(s * qk_scale - lse[None, :])
+        if start_q < first_key + HK:  # the diagonal crosses this step
+            p = gl.where(offs_k[:, None] <= offs_q[None, :], p, 0.0)
+        p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dv_l, k_width=2))
+        dv_tok = warpgroup_mma(p_op, do_s, dv, is_async=True)
+        delta = gl.load(delta_ptr + bh + offs_q, mask=q_ok, other=0.0)
+        dp = warpgroup_mma_wait(1, deps=(dp,))  # dP^T done; dv's product may still run
+        ds = (p * (dp - delta[None, :])).to(dtype)
+        ds_n = gl.convert_layout(ds, gl.DotOperandLayout(operand_index=0, parent=dn_l, k_width=2))
+        ds_r = gl.convert_layout(ds, gl.DotOperandLayout(operand_index=0, parent=dr_l, k_width=2))
+        dkn_tok = warpgroup_mma(ds_n, qn_s, dkn, is_async=True)
+        dkp_tok = warpgroup_mma(ds_r, qp_s, dkp, is_async=True)
+        dv, dkn, dkp, p_op, ds_n, ds_r = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok, p_op, ds_n, ds_r))
+        mbarrier.arrive(q_free.index(slot))
+    _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dn_l)
+    _store_rows(dkp_ptr, dkp * sm_scale, row0, first_key, off_h, n_heads, seqlen, dr_l)
+    _store_rows(dv_ptr, dv, row0, first_key, off_h, n_heads, seqlen, dv_l)
+
+
+@gluon.jit
+def _mla_bwd_dkdv_kernel_sm90(
+    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr, dv_ptr,
+    qn_col, qp_col, kn_col, kp_col, v_col, do_col, seqlen, n_heads, sm_scale, qk_scale,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """dk_nope (the input dtype), dk_pe (fp32, per head) and dv, contiguous (bsz, seqlen, heads, .), of 128
+    keys: warpgroup 0 is the default partition, warpgroup 1 and the loader warp the workers."""
+    HK: gl.constexpr = kn_desc.block_type.shape[0]
+    MQ: gl.constexpr = qn_desc.block_type.shape[0]
+    dtype: gl.constexpr = qn_desc.dtype
+    kn = gl.allocate_shared_memory(dtype, [2, HK, kn_desc.block_type.shape[1]], kn_desc.layout)
+    kp = gl.allocate_shared_memory(dtype, [2, HK, kp_desc.block_type.shape[1]], kp_desc.layout)
+    v = gl.allocate_shared_memory(dtype, [2, HK, v_desc.block_type.shape[1]], v_desc.layout)
+    q_n = gl.allocate_shared_memory(dtype, [STAGES, MQ, qn_desc.block_type.shape[1]], qn_desc.layout)
+    q_p = gl.allocate_shared_memory(dtype, [STAGES, MQ, qp_desc.block_type.shape[1]], qp_desc.layout)
+    d_o = gl.allocate_shared_memory(dtype, [STAGES, MQ, do_desc.block_type.shape[1]], do_desc.layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for g in gl.static_range(2):
+        mbarrier.init(k_bar.index(g), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(q_free.index(i), count=2)
+    pid_bh = gl.program_id(0)
+    key0 = gl.program_id(1) * (2 * HK)  # key block 0 has the longest loop and starts first
+    row0 = (pid_bh // n_heads) * seqlen
+    off_h = pid_bh % n_heads
+    n_steps = gl.cdiv(seqlen - key0, MQ)
+    gl.warp_specialize(
+        [
+            (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr,
+                              dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale, qk_scale, 0,
+                              STAGES, num_warps)),
+            (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr,
+                              dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale, qk_scale, 1,
+                              STAGES, 4)),
+            (_dkdv_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, q_n, q_p, d_o,
+                            q_bar, q_free, row0, key0, off_h, n_steps, qn_col, qp_col, do_col, kn_col, kp_col,
+                            v_col, STAGES)),
+        ],
+        DKDV_WORKER_WARPS,
+        DKDV_WORKER_REGS,
+    )
+    for g in gl.static_range(2):
+        mbarrier.invalidate(k_bar.index(g))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(q_bar.index(i))
+        mbarrier.invalidate(q_free.index(i))
+# fmt: on
+
+
+# ---- launcher ------------------------------------------------------------------------------------------------
+# (query rows a step, ring slots). H200, B2 H16, in turn with the Triton kernel (ms, S4096 / S8192): this
+# arrangement (warpgroup 0 the default partition at 256 registers, warpgroup 1 at 248, the loader warp at 24)
+# with 4 slots 0.769-0.783 / 2.919-2.927, 3 slots 0.761-0.793 / 2.934-2.940; the loader as a 4-warp default
+# partition and both warpgroups at 240: 3 slots 0.767-0.769 / 2.968-3.004, 4 slots 0.766-0.779 / 2.957-2.958.
+DKDV_CONFIG = (32, 4)
+HALF_K = 64  # keys a warpgroup; a program takes two
+DKDV_WORKER_WARPS = gl.constexpr([4, 1])
+DKDV_WORKER_REGS = gl.constexpr([248, 24])
+
+
+def mla_dkdv_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, config=None):
+    """dk_nope, dk_pe per head (fp32), dv of the causal attention, as mla_attention_bwd._dkdv returns them,
+    given the forward's lse and delta = rowsum(o * do); config (query rows a step, ring slots)."""
+    block_m, stages = config or DKDV_CONFIG
+    bsz, seqlen, heads, nope = q_nope.shape
+    dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
+    dk_pe_heads = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=torch.float32)
+    dv = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
+    (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, block_m) for t in (q_nope, q_pe, do))
+    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, HALF_K) for t in (k_nope, k_pe, v))
+    _mla_bwd_dkdv_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_K))](
+        qn, qp, kn, kp, vd, dod, lse, delta, dk_nope, dk_pe_heads, dv, qn_c, qp_c, kn_c, kp_c, v_c, do_c, seqlen,
+        heads, scale, scale * _LOG2E, STAGES=stages, num_warps=4,
+    )  # fmt: skip
+    return dk_nope, dk_pe_heads, dv
