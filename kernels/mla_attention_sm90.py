@@ -9,9 +9,8 @@ when both have released it. Within a warpgroup, step j
   dq:      issues S_j and dP_j = dO v_j^T, then dq += dS_{j-1} k_{j-1}, and forms dS_j while that runs.
 H200, B2 H16 S4096 (benchmarks/RESULTS.md): forward 0.315-0.33 ms against the Triton kernel's 0.40, dq 0.40-0.43
 against 0.55. The same loop in one 8-warp partition (both warpgroups in step) ran no faster than Triton (forward
-0.41-0.42 ms), nor did two dk/dv kernels built this way (0.80-0.82 ms against Triton's 0.79-0.82: two 64-key
-warpgroups with 32-query steps, as 160 accumulator registers a thread leave no room for more; and one 64-key
-program whose warpgroups split the products, 64-query steps): the Triton dk/dv kernel stays.
+0.41-0.42 ms), nor did two dk/dv kernels built this way with every product's operands in shared memory
+(0.80-0.82 ms against Triton's 0.79-0.82); the one that gains, by register operands, is mla_attention_bwd_sm90.py.
 
 Same inputs, masks (causal, and within documents given their bounds), scale and results as the Triton kernels
 (mla_attention.sm90_kernels routes fp32, other head dims and other GPUs to those); the probabilities are rounded
