@@ -116,8 +116,10 @@ def profile_split(fn, steps: int = 3) -> None:
 
 
 def host_split(fn, calls: int = 30, top: int = 16) -> None:
-    """Where a call's host time goes: cProfile over `calls` calls, the functions by their own time (ms a call;
-    cProfile's hooks slow Python code about 1.5-2x, so read the shares, not the sums)."""
+    """Where a call's host time goes: cProfile over `calls` calls, the functions by their own time (ms a call).
+    A lead, not a measurement: cProfile's hooks slow Python code about 1.5-2x, and on a compiled chain it put
+    1.3 ms of "own time" in torch's custom-op `backend_impl`, where timing the op against its launcher directly
+    found 0.02-0.03 ms (benchmarks/RESULTS.md, stop 27). Time a suspect directly before acting on it."""
     fn()
     torch.cuda.synchronize()
     prof = cProfile.Profile()
