@@ -9,12 +9,14 @@ warpgroups read. A warpgroup's step:
   P^T = exp2(S^T scale - lse), causal mask on the diagonal steps,
   dv += P^T dO, with P^T as the register operand (only dO is read from shared memory),
   dS^T = P^T (dP^T - delta), dk_nope += dS^T q_nope, dk_pe += dS^T q_pe, dS^T again from registers.
-The register operands are what this kernel has over the Triton one (which reads both operands of every product
-from shared memory): H200, B2 H16 (benchmarks/RESULTS.md), S4096 0.76-0.79 ms against Triton's 0.80-0.83, S8192
-2.92-3.05 against 3.16-3.27, with results bit-equal to Triton's (the same products in the same order). 64-row
-query steps would halve the shared-memory reads of S^T and dP^T but need more registers than a warpgroup has
-beside the 160 of accumulators (ptxas spilled 1.1 KB and serialised the wgmmas). Causal only: documents take
-the Triton kernel. Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
+These are the Triton kernel's products, operand for operand (its compiled code takes P^T and dS^T from
+registers too), so results are bit-equal. What differs is the warp specialisation: TMA loads by their own warp,
+each warpgroup at its own pace, and each query tile read once for 128 keys instead of the Triton program's 64.
+H200, B2 H16 (benchmarks/RESULTS.md): S4096 0.76-0.79 ms against Triton's 0.80-0.83, S8192 2.92-3.05 against
+3.16-3.27; which of those differences gives the gain was not measured. 64-row query steps would halve the
+shared-memory reads of S^T and dP^T but need more registers than a warpgroup has beside the 160 of
+accumulators (ptxas spilled 1.1 KB and serialised the wgmmas). Causal only: documents take the Triton kernel.
+Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
 """
 
 import torch
