@@ -180,7 +180,9 @@ def _mla_bwd_dkdv_kernel_sm90(
 # (query rows a step, ring slots). H200, B2 H16, in turn with the Triton kernel (ms, S4096 / S8192): this
 # arrangement (warpgroup 0 the default partition at 256 registers, warpgroup 1 at 248, the loader warp at 24)
 # with 4 slots 0.769-0.783 / 2.919-2.927, 3 slots 0.761-0.793 / 2.934-2.940; the loader as a 4-warp default
-# partition and both warpgroups at 240: 3 slots 0.767-0.769 / 2.968-3.004, 4 slots 0.766-0.779 / 2.957-2.958.
+# partition and both warpgroups at 240: 3 slots 0.767-0.769 / 2.968-3.004, 4 slots 0.766-0.779 / 2.957-2.958
+# (one call); as committed, in a later call: 0.771-0.776 / 2.977-3.047. Shared memory: the keys 80 KiB + 20 KiB
+# a slot.
 DKDV_CONFIG = (32, 4)
 HALF_K = 64  # keys a warpgroup; a program takes two
 DKDV_WORKER_WARPS = gl.constexpr([4, 1])
