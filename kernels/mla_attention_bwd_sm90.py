@@ -26,7 +26,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from titan_dsv3.kernels.mla_attention import _LOG2E
-from titan_dsv3.kernels.mla_attention_sm90 import _mma_layout, _rows_desc, _store_rows, _tma_load
+from titan_dsv3.kernels.mla_attention_sm90 import _load_three, _mma_layout, _rows_desc, _store_rows
 
 
 # fmt: off
@@ -39,21 +39,13 @@ def _dkdv_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v,
     HK: gl.constexpr = kn_desc.block_type.shape[0]
     MQ: gl.constexpr = qn_desc.block_type.shape[0]
     for g in gl.static_range(2):
-        bar = k_bar.index(g)
-        mbarrier.expect(bar, kn_desc.block_type.nbytes + kp_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        row = row0 + key0 + g * HK
-        _tma_load(kn_desc, [row, off_h * kn_col], bar, kn.index(g))
-        _tma_load(kp_desc, [row, off_h * kp_col], bar, kp.index(g))
-        _tma_load(v_desc, [row, off_h * v_col], bar, v.index(g))
+        _load_three(k_bar.index(g), row0 + key0 + g * HK, off_h, kn_desc, kn_col, kn.index(g), kp_desc, kp_col,
+                    kp.index(g), v_desc, v_col, v.index(g))
     for i in range(n_steps):
         slot = i % STAGES
         mbarrier.wait(q_free.index(slot), ((i // STAGES) & 1) ^ 1)
-        bar = q_bar.index(slot)
-        mbarrier.expect(bar, qn_desc.block_type.nbytes + qp_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        row = row0 + key0 + i * MQ
-        _tma_load(qn_desc, [row, off_h * qn_col], bar, q_n.index(slot))
-        _tma_load(qp_desc, [row, off_h * qp_col], bar, q_p.index(slot))
-        _tma_load(do_desc, [row, off_h * do_col], bar, d_o.index(slot))
+        _load_three(q_bar.index(slot), row0 + key0 + i * MQ, off_h, qn_desc, qn_col, q_n.index(slot), qp_desc,
+                    qp_col, q_p.index(slot), do_desc, do_col, d_o.index(slot))
 
 
 @gluon.jit

@@ -103,6 +103,15 @@ def _program_block(dstart_ptr, seqlen, n_heads, BM: gl.constexpr, BN: gl.constex
 
 
 @gluon.jit
+def _load_three(bar, row, off_h, a_desc, a_col, a, b_desc, b_col, b, c_desc, c_col, c):
+    """Rows row.. of three (bsz x seqlen, heads x dim) views, head off_h, into a, b, c on one barrier."""
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes + c_desc.block_type.nbytes)
+    _tma_load(a_desc, [row, off_h * a_col], bar, a)
+    _tma_load(b_desc, [row, off_h * b_col], bar, b)
+    _tma_load(c_desc, [row, off_h * c_col], bar, c)
+
+
+@gluon.jit
 def _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, j0, n_blocks,
                kn_col, kp_col, v_col, STAGES: gl.constexpr):
     """The loader's loop: key block j0 + i's tiles into slot i % STAGES once both warpgroups have released the
@@ -308,12 +317,8 @@ def _dq_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_
     """One warp: each warpgroup's query and dO tiles, then the key blocks."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
     for g in gl.static_range(2):
-        bar = q_bar.index(g)
-        row = row0 + start_m + g * HM
-        mbarrier.expect(bar, qn_desc.block_type.nbytes + qp_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        _tma_load(qn_desc, [row, off_h * qn_col], bar, q_n.index(g))
-        _tma_load(qp_desc, [row, off_h * qp_col], bar, q_p.index(g))
-        _tma_load(do_desc, [row, off_h * do_col], bar, d_o.index(g))
+        _load_three(q_bar.index(g), row0 + start_m + g * HM, off_h, qn_desc, qn_col, q_n.index(g), qp_desc, qp_col,
+                    q_p.index(g), do_desc, do_col, d_o.index(g))
     _load_keys(kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, v_bar, k_free, v_free, row0, off_h, j0, n_blocks,
                kn_col, kp_col, v_col, STAGES)
 
