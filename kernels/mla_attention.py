@@ -390,7 +390,9 @@ def mla_attention(
             "document_bounds(doc_ids) returns (pass doc_ids= for the ids themselves)"
         )
     require_same_device("q", q_nope, doc_bounds=doc_bounds)
-    if torch.compiler.is_compiling():  # the custom op: torch.compile traces around it through its fakes
+    # The custom op under torch.compile (traced around through its fakes) and under a dispatch mode: selective
+    # activation checkpointing sees it as one op and keeps its output, where it would rerun the autograd.Function.
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         out, _ = _mla_fwd_op(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, float(scale))
         return out
     return _EagerMLA.apply(q_nope, q_pe, k_nope, k_pe, v, doc_bounds, float(scale))

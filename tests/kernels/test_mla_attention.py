@@ -110,6 +110,36 @@ def test_model_computes_document_bounds_once(monkeypatch):
     assert calls == [(2, 24)]
 
 
+def test_selective_checkpointing_keeps_the_attention(monkeypatch):
+    """Selective activation checkpointing by op saves the fused attention's output like SDPA's: its forward
+    kernels run once a layer, not again in the backward's recompute, and the gradients equal the run without
+    checkpointing. Before, eager calls went through an autograd.Function the policy never saw: 8 launches."""
+    import titan_dsv3.kernels.mla_attention as mla
+    from tests.tiny import tiny_model_args
+    from titan_dsv3.models import DeepSeekV3Model
+    from titan_dsv3.parallel.activation_checkpoint import apply_ac
+
+    launches = []
+    launch = mla._mla_fwd
+    monkeypatch.setattr(mla, "_mla_fwd", lambda *a: launches.append(a[0].shape) or launch(*a))
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        model = DeepSeekV3Model(tiny_model_args(attn_impl="triton", max_seq_len=32))
+        model.init_weights()
+        if mode == "selective":
+            apply_ac(model, mode, "op")
+        launches.clear()
+        logits, mtp_logits = model(tokens)
+        (logits.float().square().mean() + sum(t.float().square().mean() for t in mtp_logits)).backward()
+        assert len(launches) == 4, (mode, len(launches))  # 3 layers + the MTP block
+        grads[mode] = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads["none"]) == len(grads["selective"])
+    for a, b in zip(grads["none"], grads["selective"]):
+        torch.testing.assert_close(a, b)
+
+
 def test_traced_by_compile():
     """torch.compile traces around the custom op (fakes give the shapes) with no graph break, fwd and bwd, and
     agrees with the eager call (which runs the same launchers through an autograd.Function instead)."""

@@ -25,6 +25,13 @@ _SAVE_OPS = {
     # EP exchanges: recomputing them would repeat the all-to-alls (and their host sync) in backward
     torch.ops._c10d_functional.all_to_all_single.default,
 }
+# This project's kernels, by name: their files register the ops when first imported (they import Triton).
+# The fused MLA attention's forward (out and its log-sum-exp) is saved like SDPA's.
+_SAVE_OP_NAMES = {"titan_dsv3::mla_attention_fwd"}
+
+
+def _saved(op) -> bool:
+    return op in _SAVE_OPS or (isinstance(op, torch._ops.OpOverload) and op.name() in _SAVE_OP_NAMES)
 
 
 # Selective AC matches the forward's ops to the recompute's one by one. The FSDP2 hooks of a unit nested inside a
@@ -46,7 +53,7 @@ def _selective_op_context():
             key = f"{'recompute' if ctx.is_recompute else 'forward'}_{op}"
             counts[key] += 1
             return CheckpointPolicy.MUST_SAVE if counts[key] % 2 == 1 else CheckpointPolicy.PREFER_RECOMPUTE
-        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if _saved(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
 
