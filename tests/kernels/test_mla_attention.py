@@ -110,10 +110,12 @@ def test_model_computes_document_bounds_once(monkeypatch):
     assert calls == [(2, 24)]
 
 
-def test_selective_checkpointing_keeps_the_attention(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_selective_checkpointing_keeps_the_attention(monkeypatch, compiled):
     """Selective activation checkpointing by op saves the fused attention's output like SDPA's: its forward
     kernels run once a layer, not again in the backward's recompute, and the gradients equal the run without
-    checkpointing. Before, eager calls went through an autograd.Function the policy never saw: 8 launches."""
+    checkpointing. Before, both eager calls (an autograd.Function the policy never saw) and blocks compiled
+    per block (the op not in the policy's list) reran them: 8 launches, 4 compiled (no MTP there)."""
     import titan_dsv3.kernels.mla_attention as mla
     from tests.tiny import tiny_model_args
     from titan_dsv3.models import DeepSeekV3Model
@@ -123,17 +125,22 @@ def test_selective_checkpointing_keeps_the_attention(monkeypatch):
     launch = mla._mla_fwd
     monkeypatch.setattr(mla, "_mla_fwd", lambda *a: launches.append(a[0].shape) or launch(*a))
     tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    args = dict(attn_impl="triton", max_seq_len=32) | (dict(n_layers=2, mtp_depth=0) if compiled else {})
+    calls = 2 if compiled else 4  # one a layer and the MTP block's
     grads = {}
     for mode in ("none", "selective"):
         torch.manual_seed(0)
-        model = DeepSeekV3Model(tiny_model_args(attn_impl="triton", max_seq_len=32))
+        model = DeepSeekV3Model(tiny_model_args(**args))
         model.init_weights()
         if mode == "selective":
             apply_ac(model, mode, "op")
+        if compiled:
+            for name, block in list(model.layers.items()):
+                model.layers[name] = torch.compile(block, backend="aot_eager")
         launches.clear()
         logits, mtp_logits = model(tokens)
         (logits.float().square().mean() + sum(t.float().square().mean() for t in mtp_logits)).backward()
-        assert len(launches) == 4, (mode, len(launches))  # 3 layers + the MTP block
+        assert len(launches) == calls, (mode, len(launches))
         grads[mode] = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads["none"]) == len(grads["selective"])
     for a, b in zip(grads["none"], grads["selective"]):
