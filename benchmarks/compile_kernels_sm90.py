@@ -158,9 +158,13 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
     from titan_dsv3.kernels import mla_attention_bwd_sm90 as B
 
     block_m, stages = B.DKDV_CONFIG
-    consts = dict(STAGES=stages, num_warps=4)
-    line = compile_report(B._mla_bwd_dkdv_kernel_sm90, A.argument_types(B.HALF_K, block_m), consts, 4, 1)
-    print(f"{'_mla_bwd_dkdv_kernel_sm90':30s} {f'BM={block_m}':38s} w4 s{stages}  {line}", flush=True)
+    for doc in (False, True):
+        consts = dict(STAGES=stages, HAS_DOC=doc, num_warps=4)
+        line = compile_report(B._mla_bwd_dkdv_kernel_sm90, A.argument_types(B.HALF_K, block_m), consts, 4, 1)
+        print(
+            f"{'_mla_bwd_dkdv_kernel_sm90':30s} {f'HAS_DOC={doc} BM={block_m}':38s} w4 s{stages}  {line}",
+            flush=True,
+        )
     types = {**fp8_types, "dh_ptr": "*bf16"}
     for kernel, warp_counts in (
         (S._swiglu_bwd_quant_kernel_sm90, (8, 16)),

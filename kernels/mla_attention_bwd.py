@@ -5,8 +5,8 @@ that see it, and dq per query block, looping over its key blocks. Each recompute
 forward's log-sum-exp, so the backward does 7 matmuls where a single pass would do 5; one fused kernel needed
 more registers than either (spills on sm_90), and the dq accumulation across key blocks would need atomics.
 No atomics: results are deterministic. Storing dS from the dk/dv pass for a dq GEMM was measured slower (H200,
-benchmarks/RESULTS.md). On Hopper (mla_attention.SM90) dq comes from the Gluon kernel of mla_attention_sm90.py,
-and without documents dk/dv from the one of mla_attention_bwd_sm90.py. See the forward's file for shapes, masks
+benchmarks/RESULTS.md). On Hopper (mla_attention.SM90) dq comes from the Gluon kernel of mla_attention_sm90.py
+and dk/dv from the one of mla_attention_bwd_sm90.py. See the forward's file for shapes, masks
 and scope.
 """
 
@@ -240,15 +240,15 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
         out, do, delta, *_strides(out), *_strides(do), seqlen, heads, DV=dim_v, BLOCK_M=64
     )
     sm90 = sm90_kernels(q_nope, q_pe, k_nope, k_pe, v, do)
-    if sm90 is not None and doc_bounds is None:  # Hopper, causal: the Gluon dk/dv kernel
+    if sm90 is not None:  # Hopper: the Gluon dk/dv and dq kernels
         from titan_dsv3.kernels.mla_attention_bwd_sm90 import mla_dkdv_sm90
 
-        dk_nope, dk_pe_heads, dv = mla_dkdv_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale)
-    else:
-        dk_nope, dk_pe_heads, dv = _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
-    if sm90 is not None:  # Hopper: the Gluon dq kernel
+        dk_nope, dk_pe_heads, dv = mla_dkdv_sm90(
+            do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds
+        )
         dq_nope, dq_pe = sm90.mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds)
     else:
+        dk_nope, dk_pe_heads, dv = _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
         dq_nope, dq_pe = _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
     if k_pe.shape[2] == 1:
         dk_pe = dk_pe_heads.sum(dim=2, keepdim=True).to(k_pe.dtype)

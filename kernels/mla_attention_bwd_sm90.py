@@ -15,7 +15,8 @@ each warpgroup at its own pace, and each query tile read once for 128 keys inste
 H200, B2 H16 (benchmarks/RESULTS.md): S4096 0.76-0.79 ms against Triton's 0.80-0.83, S8192 2.92-3.05 against
 3.16-3.27; which of those differences gives the gain was not measured. 64-row query steps would halve the
 shared-memory reads of S^T and dP^T but need more registers than a warpgroup has beside the 160 of
-accumulators (ptxas spilled 1.1 KB and serialised the wgmmas). Causal only: documents take the Triton kernel.
+accumulators (ptxas spilled 1.1 KB and serialised the wgmmas). With documents a step also masks keys before
+each query's document start, and a warpgroup's steps end with its last key's document.
 Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
 """
 
@@ -49,13 +50,20 @@ def _dkdv_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v,
 
 
 @gluon.jit
-def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr, dv_ptr,
-                   pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale, qk_scale, G: gl.constexpr,
-                   STAGES: gl.constexpr, NW: gl.constexpr):
+def _release(q_bar, q_free, i, STAGES: gl.constexpr):
+    """Wait for query step i's loads and release its slot unread."""
+    mbarrier.wait(q_bar.index(i % STAGES), (i // STAGES) & 1)
+    mbarrier.arrive(q_free.index(i % STAGES))
+
+
+@gluon.jit
+def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dend_ptr,
+                   dkn_ptr, dkp_ptr, dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale,
+                   qk_scale, G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
     """Warpgroup G: dk_nope, dk_pe (per head, fp32) and dv of keys key0 + 64 G .. + 63, over the query steps
-    from its first key on. Steps before it (all their queries precede its keys) are waited for and released
-    unread: a warpgroup that skipped a slot's first fill would wait on a parity one phase ahead, which an
-    mbarrier takes as the phase before and passes at once."""
+    from its first key on to the end of its last key's document (of the sequence without documents). Steps
+    outside that range are waited for and released unread: a warpgroup that skipped a slot's fill would wait on
+    a parity one phase ahead, which an mbarrier takes as the phase before and passes at once."""
     HK: gl.constexpr = kn.shape[1]
     DN: gl.constexpr = kn.shape[2]
     DR: gl.constexpr = kp.shape[2]
@@ -75,12 +83,14 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
     dkp = gl.zeros([HK, DR], gl.float32, dr_l)
     dv = gl.zeros([HK, DV], gl.float32, dv_l)
     i0 = gl.minimum((G * HK) // MQ, n_steps)
+    i1 = n_steps
+    if HAS_DOC:  # queries from the end of the last key's document on see none of these keys
+        i1 = gl.minimum(gl.cdiv(gl.load(dend_ptr + row0 + gl.minimum(first_key + HK, seqlen) - 1) - key0, MQ), i1)
     for i in range(i0):
-        mbarrier.wait(q_bar.index(i % STAGES), (i // STAGES) & 1)
-        mbarrier.arrive(q_free.index(i % STAGES))
+        _release(q_bar, q_free, i, STAGES)
     mbarrier.wait(k_bar.index(G), 0)
     bh = pid_bh.to(gl.int64) * seqlen
-    for i in range(i0, n_steps):
+    for i in range(i0, i1):
         slot = i % STAGES
         mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
         qn_s = q_n.index(slot)
@@ -99,6 +109,9 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
         p = gl.exp2(s * qk_scale - lse[None, :])
         if start_q < first_key + HK:  # the diagonal crosses this step
             p = gl.where(offs_k[:, None] <= offs_q[None, :], p, 0.0)
+        if HAS_DOC:  # keys before a query's document start
+            dstart_q = gl.load(dstart_ptr + row0 + offs_q, mask=q_ok, other=0)
+            p = gl.where(offs_k[:, None] >= dstart_q[None, :], p, 0.0)
         p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dv_l, k_width=2))
         dv_tok = warpgroup_mma(p_op, do_s, dv, is_async=True)
         delta = gl.load(delta_ptr + bh + offs_q, mask=q_ok, other=0.0)
@@ -110,6 +123,8 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
         dkp_tok = warpgroup_mma(ds_r, qp_s, dkp, is_async=True)
         dv, dkn, dkp, p_op, ds_n, ds_r = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok, p_op, ds_n, ds_r))
         mbarrier.arrive(q_free.index(slot))
+    for i in range(gl.maximum(i0, i1), n_steps):
+        _release(q_bar, q_free, i, STAGES)
     _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dn_l)
     _store_rows(dkp_ptr, dkp * sm_scale, row0, first_key, off_h, n_heads, seqlen, dr_l)
     _store_rows(dv_ptr, dv, row0, first_key, off_h, n_heads, seqlen, dv_l)
@@ -117,12 +132,13 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
 
 @gluon.jit
 def _mla_bwd_dkdv_kernel_sm90(
-    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr, dv_ptr,
-    qn_col, qp_col, kn_col, kp_col, v_col, do_col, seqlen, n_heads, sm_scale, qk_scale,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dstart_ptr, dend_ptr, dkn_ptr,
+    dkp_ptr, dv_ptr, qn_col, qp_col, kn_col, kp_col, v_col, do_col, seqlen, n_heads, sm_scale, qk_scale,
+    STAGES: gl.constexpr, HAS_DOC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dk_nope (the input dtype), dk_pe (fp32, per head) and dv, contiguous (bsz, seqlen, heads, .), of 128
-    keys: warpgroup 0 is the default partition, warpgroup 1 and the loader warp the workers."""
+    keys: warpgroup 0 is the default partition, warpgroup 1 and the loader warp the workers. With documents
+    (HAS_DOC; dstart, dend (bsz, seqlen) int32) the query steps end with the last key's document."""
     HK: gl.constexpr = kn_desc.block_type.shape[0]
     MQ: gl.constexpr = qn_desc.block_type.shape[0]
     dtype: gl.constexpr = qn_desc.dtype
@@ -144,15 +160,18 @@ def _mla_bwd_dkdv_kernel_sm90(
     key0 = gl.program_id(1) * (2 * HK)  # key block 0 has the longest loop and starts first
     row0 = (pid_bh // n_heads) * seqlen
     off_h = pid_bh % n_heads
-    n_steps = gl.cdiv(seqlen - key0, MQ)
+    q_end = seqlen
+    if HAS_DOC:
+        q_end = gl.load(dend_ptr + row0 + gl.minimum(key0 + 2 * HK, seqlen) - 1)
+    n_steps = gl.cdiv(q_end - key0, MQ)
     gl.warp_specialize(
         [
-            (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr,
-                              dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale, qk_scale, 0,
-                              STAGES, num_warps)),
-            (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dkn_ptr, dkp_ptr,
-                              dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale, qk_scale, 1,
-                              STAGES, 4)),
+            (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr,
+                              dend_ptr, dkn_ptr, dkp_ptr, dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen,
+                              n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC)),
+            (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr,
+                              dend_ptr, dkn_ptr, dkp_ptr, dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen,
+                              n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC)),
             (_dkdv_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, q_n, q_p, d_o,
                             q_bar, q_free, row0, key0, off_h, n_steps, qn_col, qp_col, do_col, kn_col, kp_col,
                             v_col, STAGES)),
@@ -181,9 +200,10 @@ DKDV_WORKER_WARPS = gl.constexpr([4, 1])
 DKDV_WORKER_REGS = gl.constexpr([248, 24])
 
 
-def mla_dkdv_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, config=None):
-    """dk_nope, dk_pe per head (fp32), dv of the causal attention, as mla_attention_bwd._dkdv returns them,
-    given the forward's lse and delta = rowsum(o * do); config (query rows a step, ring slots)."""
+def mla_dkdv_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, doc_bounds=None, config=None):
+    """dk_nope, dk_pe per head (fp32), dv of the causal attention (within documents with doc_bounds), as
+    mla_attention_bwd._dkdv returns them, given the forward's lse and delta = rowsum(o * do); config (query rows
+    a step, ring slots)."""
     block_m, stages = config or DKDV_CONFIG
     bsz, seqlen, heads, nope = q_nope.shape
     dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
@@ -191,8 +211,9 @@ def mla_dkdv_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, c
     dv = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
     (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, block_m) for t in (q_nope, q_pe, do))
     (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, HALF_K) for t in (k_nope, k_pe, v))
+    dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
     _mla_bwd_dkdv_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_K))](
-        qn, qp, kn, kp, vd, dod, lse, delta, dk_nope, dk_pe_heads, dv, qn_c, qp_c, kn_c, kp_c, v_c, do_c, seqlen,
-        heads, scale, scale * _LOG2E, STAGES=stages, num_warps=4,
+        qn, qp, kn, kp, vd, dod, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv, qn_c, qp_c, kn_c, kp_c, v_c,
+        do_c, seqlen, heads, scale, scale * _LOG2E, STAGES=stages, HAS_DOC=doc_bounds is not None, num_warps=4,
     )  # fmt: skip
     return dk_nope, dk_pe_heads, dv

@@ -524,5 +524,5 @@ def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
             "do_desc": of(kv[..., 128:], block_m), "kn_desc": of(kv[..., :128], block_n),
             "kp_desc": of(k_pe, block_n), "v_desc": of(kv[..., 128:], block_n),
             "o_ptr": "*bf16", "dqn_ptr": "*bf16", "dqp_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-            "dstart_ptr": "*i32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32", "dv_ptr": "*bf16",
+            "dstart_ptr": "*i32", "dend_ptr": "*i32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32", "dv_ptr": "*bf16",
             "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip

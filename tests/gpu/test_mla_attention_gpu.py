@@ -89,10 +89,10 @@ def _packed_doc_ids(bsz: int, seqlen: int, mean_len: int) -> torch.Tensor:
     [(1, 1, 2, 0), (2, 127, 3, 0), (2, 1000, 2, 0), (1, 4096, 2, 0), (2, 1000, 2, 40), (2, 4096, 2, 700)],
 )
 def test_sm90_kernels_match_triton(bsz, seqlen, heads, doc_len, monkeypatch):
-    """On Hopper the Gluon forward and dq kernels (mla_attention_sm90.py) give the Triton kernels' results:
-    output, log-sum-exp and dq to bf16 / fp32 rounding, on views of fused projections as the model passes them,
-    causal and within packed documents (doc_len: their mean length; rows whose first key blocks hold none of
-    their document's keys, and documents one token long)."""
+    """On Hopper the Gluon kernels (forward and dq: mla_attention_sm90.py, dk/dv: mla_attention_bwd_sm90.py)
+    give the Triton kernels' results: output, log-sum-exp and gradients to bf16 / fp32 rounding, on views of
+    fused projections as the model passes them, causal and within packed documents (doc_len: their mean length;
+    rows whose first key blocks hold none of their document's keys, and documents one token long)."""
     import titan_dsv3.kernels.mla_attention as mla
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -116,7 +116,7 @@ def test_sm90_kernels_match_triton(bsz, seqlen, heads, doc_len, monkeypatch):
     out_t, lse_t, grads_t = run(False)
     assert _rel(out, out_t.double()) < 4e-3  # one bf16 rounding apart where block orders differ
     torch.testing.assert_close(lse, lse_t, rtol=0, atol=1e-4)
-    for a, b in zip(grads, grads_t):  # dq from the Gluon kernel, dk and dv from the same Triton kernel
+    for a, b in zip(grads, grads_t):
         assert torch.isfinite(a).all()
         if b.float().norm() > 0:
             assert _rel(a, b.double()) < 4e-3

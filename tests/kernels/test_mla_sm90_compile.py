@@ -1,6 +1,6 @@
 """The Gluon MLA forward and dq kernels for Hopper (kernels/mla_attention_sm90.py) and the dk/dv kernel
-(kernels/mla_attention_bwd_sm90.py) compile for sm_90 with the installed Triton, without a GPU (forward and dq
-with and without document masks), into the design their docstrings state: warp-specialised (a TMA loader, the
+(kernels/mla_attention_bwd_sm90.py) compile for sm_90 with the installed Triton, without a GPU (each with and
+without document masks), into the design their docstrings state: warp-specialised (a TMA loader, the
 two warpgroups given more registers), arithmetic running while one product (forward: the step before's PV;
 dk/dv: dP^T, then dv's) or two (dq) are still in flight, and no wgmma serialised by ptxas (its C751x notes).
 Their numerics are checked on GPU (tests/gpu/test_mla_attention_gpu.py). The compile runs in a subprocess
@@ -22,9 +22,9 @@ for name, config in (("_mla_fwd_kernel_sm90", A.FWD_CONFIG), ("_mla_bwd_dq_kerne
         out[f"{name} HAS_DOC={doc}"] = design(*compile_sm90(getattr(A, name), types, consts, 4))
 block_m, stages = B.DKDV_CONFIG
 types = A.argument_types(B.HALF_K, block_m)
-out["_mla_bwd_dkdv_kernel_sm90"] = design(
-    *compile_sm90(B._mla_bwd_dkdv_kernel_sm90, types, {"STAGES": stages, "num_warps": 4}, 4)
-)
+for doc in (False, True):
+    consts = {"STAGES": stages, "HAS_DOC": doc, "num_warps": 4}
+    out[f"_mla_bwd_dkdv_kernel_sm90 HAS_DOC={doc}"] = design(*compile_sm90(B._mla_bwd_dkdv_kernel_sm90, types, consts, 4))
 print("RESULT" + json.dumps(out))
 """
 
@@ -32,7 +32,7 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.slow
 def test_gluon_mla_kernels_compile_for_sm90_as_designed():
     got = sm90_compile.run(SCRIPT)
-    assert len(got) == 5  # forward and dq with and without documents, dk/dv
+    assert len(got) == 6  # forward, dq and dk/dv, each with and without documents
     for name, feats in got.items():
         in_flight = 2 if name.startswith("_mla_bwd_dq") else 1
         assert feats["wgmma"] and feats["tma"], (name, feats)
