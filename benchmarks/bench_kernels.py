@@ -8,7 +8,8 @@ MLA (B2 H16, qk 128 + 64 with one rope key per token, v 128, causal), S4096, S81
 heads, 192), kv (bsz, seqlen, heads, 256) and the raw k_pe (bsz, seqlen, 1, 64) in, RoPE on q_pe and k_pe, then
   sdpa   concatenation + per-head copy of k_pe + cuDNN SDPA (eager; "compiled": the chain under torch.compile)
   flex   (documents) the same with compiled FlexAttention and a document mask
-  ours   the fused kernel on the split views and the shared k_pe (eager; compiled chain)
+  ours   the fused kernel as the model calls it: q before RoPE, kv whole, the shared k_pe (eager; compiled
+         chain); 'on views': the kernels on q_nope, rotated q_pe, k_nope, v (autograd joins the gradients)
 and the attention alone on ready tensors (cuDNN, ours). Errors: relative Frobenius error against float64 math
 on one sequence (all heads at S4096, 4 heads at S8192), for the output and every input gradient.
 Each row: ms by CUDA events (an isolated call, its host work included), by CUDA-graph replay (the device's time
@@ -91,6 +92,15 @@ def chain_flex(q, kv, k_pe_raw, cos_sin, scale, block_mask):
 
 
 def chain_ours(q, kv, k_pe_raw, cos_sin, scale, doc_bounds=None):
+    """As the model calls it: q before RoPE and kv whole (their gradients come back whole), k_pe rotated here."""
+    from titan_dsv3.kernels.mla_attention_rope import mla_attention_rope
+
+    k_pe = apply_rope(k_pe_raw, cos_sin)
+    return mla_attention_rope(q, kv, k_pe, cos_sin, scale=scale, nope=NOPE, doc_bounds=doc_bounds)
+
+
+def chain_ours_views(q, kv, k_pe_raw, cos_sin, scale, doc_bounds=None):
+    """The kernels on views (q_nope, rotated q_pe, k_nope, v): autograd concatenates their gradients."""
     q_nope, q_pe = q.split([NOPE, ROPE], dim=-1)
     k_nope, v = kv.split([NOPE, DV], dim=-1)
     k_pe = apply_rope(k_pe_raw, cos_sin)
@@ -189,6 +199,10 @@ def mla_case(bsz: int, heads: int, seqlen: int, docs: bool, scale: float, args) 
     report(f"MLA {tag} ours eager (rope+kernel)", fwd_bwd(ours, inputs, grad), flops)
     ours_c = fwd_bwd(torch.compile(ours), inputs, grad)  # as the model runs it: per-block compile
     report(f"MLA {tag} ours compiled (rope+kernel)", ours_c, flops)
+    views = lambda a, b, c: chain_ours_views(a, b, c, cos_sin, scale, bounds)  # noqa: E731
+    report(
+        f"MLA {tag} ours compiled on views (+grad copies)", fwd_bwd(torch.compile(views), inputs, grad), flops
+    )
     if args.profile and seqlen == 4096 and not docs:  # the chains' kernels: RoPE, concatenations, grad copies
         print("  kernels of the compiled chains, ours then cuDNN's:")
         profile_split(ours_c)

@@ -229,8 +229,10 @@ def _mla_bwd_dq_kernel(
 # fmt: on
 
 
-def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale):
-    """Launcher: returns dq_nope, dq_pe, dk_nope, dk_pe (summed over heads when shared), dv."""
+def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale, into=None, cos_sin=None):
+    """Launcher: returns dq_nope, dq_pe, dk_nope, dk_pe (summed over heads when shared), dv. into: views to
+    write dq_nope, dq_pe, dk_nope, dv to (slices of the projections' gradients, mla_attention_rope.py), with
+    cos_sin the table q_pe was rotated by: dq_pe is then the gradient before the rotation."""
     do = _last_dim_contiguous(do)
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
     bsz, seqlen, heads, _ = q_nope.shape
@@ -244,12 +246,23 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale)
         from titan_dsv3.kernels.mla_attention_bwd_sm90 import mla_dkdv_sm90
 
         dk_nope, dk_pe_heads, dv = mla_dkdv_sm90(
-            do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds
+            do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds, into=into and (into[2], into[3])
         )
-        dq_nope, dq_pe = sm90.mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds)
+        dq_nope, dq_pe = sm90.mla_dq_sm90(
+            do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds, into=into and into[:2],
+            cos_sin=cos_sin,
+        )  # fmt: skip
     else:
         dk_nope, dk_pe_heads, dv = _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
         dq_nope, dq_pe = _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
+        if into is not None:  # the Triton kernels store contiguous tensors: copy them in
+            from titan_dsv3.kernels.mla_attention_rope import rope_reference
+
+            if cos_sin is not None:
+                dq_pe = rope_reference(dq_pe, cos_sin, transpose=True)
+            for dst, src in zip(into, (dq_nope, dq_pe, dk_nope, dv)):
+                dst.copy_(src)
+            dq_nope, dq_pe, dk_nope, dv = into
     if k_pe.shape[2] == 1:
         dk_pe = dk_pe_heads.sum(dim=2, keepdim=True).to(k_pe.dtype)
     else:

@@ -27,7 +27,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from titan_dsv3.kernels.mla_attention import _LOG2E
-from titan_dsv3.kernels.mla_attention_sm90 import _load_three, _mma_layout, _rows_desc, _store_rows
+from titan_dsv3.kernels.mla_attention_sm90 import (
+    _head_strides,
+    _load_three,
+    _mma_layout,
+    _rows_desc,
+    _store_rows,
+)
 
 
 # fmt: off
@@ -58,8 +64,8 @@ def _release(q_bar, q_free, i, STAGES: gl.constexpr):
 
 @gluon.jit
 def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dend_ptr,
-                   dkn_ptr, dkp_ptr, dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads, sm_scale,
-                   qk_scale, G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
+                   dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads,
+                   sm_scale, qk_scale, G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
     """Warpgroup G: dk_nope, dk_pe (per head, fp32) and dv of keys key0 + 64 G .. + 63, over the query steps
     from its first key on to the end of its last key's document (of the sequence without documents). Steps
     outside that range are waited for and released unread: a warpgroup that skipped a slot's fill would wait on
@@ -125,15 +131,16 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
         mbarrier.arrive(q_free.index(slot))
     for i in range(gl.maximum(i0, i1), n_steps):
         _release(q_bar, q_free, i, STAGES)
-    _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dn_l)
-    _store_rows(dkp_ptr, dkp * sm_scale, row0, first_key, off_h, n_heads, seqlen, dr_l)
-    _store_rows(dv_ptr, dv, row0, first_key, off_h, n_heads, seqlen, dv_l)
+    _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dkn_hs, dn_l)
+    _store_rows(dkp_ptr, dkp * sm_scale, row0, first_key, off_h, n_heads, seqlen, DR, dr_l)
+    _store_rows(dv_ptr, dv, row0, first_key, off_h, n_heads, seqlen, dv_hs, dv_l)
 
 
 @gluon.jit
 def _mla_bwd_dkdv_kernel_sm90(
     qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dstart_ptr, dend_ptr, dkn_ptr,
-    dkp_ptr, dv_ptr, qn_col, qp_col, kn_col, kp_col, v_col, do_col, seqlen, n_heads, sm_scale, qk_scale,
+    dkp_ptr, dv_ptr, qn_col, qp_col, kn_col, kp_col, v_col, do_col, dkn_hs, dv_hs, seqlen, n_heads, sm_scale,
+    qk_scale,
     STAGES: gl.constexpr, HAS_DOC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dk_nope (the input dtype), dk_pe (fp32, per head) and dv, contiguous (bsz, seqlen, heads, .), of 128
@@ -167,11 +174,11 @@ def _mla_bwd_dkdv_kernel_sm90(
     gl.warp_specialize(
         [
             (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr,
-                              dend_ptr, dkn_ptr, dkp_ptr, dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen,
-                              n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC)),
+                              dend_ptr, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, pid_bh, row0, key0, off_h, n_steps,
+                              seqlen, n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC)),
             (_dkdv_consumer, (kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr,
-                              dend_ptr, dkn_ptr, dkp_ptr, dv_ptr, pid_bh, row0, key0, off_h, n_steps, seqlen,
-                              n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC)),
+                              dend_ptr, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, pid_bh, row0, key0, off_h, n_steps,
+                              seqlen, n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC)),
             (_dkdv_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, q_n, q_p, d_o,
                             q_bar, q_free, row0, key0, off_h, n_steps, qn_col, qp_col, do_col, kn_col, kp_col,
                             v_col, STAGES)),
@@ -200,20 +207,23 @@ DKDV_WORKER_WARPS = gl.constexpr([4, 1])
 DKDV_WORKER_REGS = gl.constexpr([248, 24])
 
 
-def mla_dkdv_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, doc_bounds=None, config=None):
+def mla_dkdv_sm90(
+    do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, doc_bounds=None, config=None, into=None
+):
     """dk_nope, dk_pe per head (fp32), dv of the causal attention (within documents with doc_bounds), as
     mla_attention_bwd._dkdv returns them, given the forward's lse and delta = rowsum(o * do); config (query rows
-    a step, ring slots)."""
+    a step, ring slots); into: views to write dk_nope and dv to (rows heads apart, as slices of one gradient)."""
     block_m, stages = config or DKDV_CONFIG
     bsz, seqlen, heads, nope = q_nope.shape
-    dk_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=k_nope.dtype)
+    dk_nope, dv = into or (torch.empty(bsz, seqlen, heads, d, device=v.device, dtype=v.dtype)
+                           for d in (nope, v.shape[-1]))  # fmt: skip
     dk_pe_heads = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=torch.float32)
-    dv = torch.empty(bsz, seqlen, heads, v.shape[-1], device=v.device, dtype=v.dtype)
     (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, block_m) for t in (q_nope, q_pe, do))
     (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, HALF_K) for t in (k_nope, k_pe, v))
     dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
     _mla_bwd_dkdv_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_K))](
         qn, qp, kn, kp, vd, dod, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv, qn_c, qp_c, kn_c, kp_c, v_c,
-        do_c, seqlen, heads, scale, scale * _LOG2E, STAGES=stages, HAS_DOC=doc_bounds is not None, num_warps=4,
+        do_c, *_head_strides(dk_nope, dv), seqlen, heads, scale, scale * _LOG2E, STAGES=stages,
+        HAS_DOC=doc_bounds is not None, num_warps=4,
     )  # fmt: skip
     return dk_nope, dk_pe_heads, dv

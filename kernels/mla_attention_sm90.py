@@ -188,13 +188,14 @@ def _documents(s, dstart_m, start_n, fill, s_l: gl.constexpr, HAS_DOC: gl.conste
 
 
 @gluon.jit
-def _store_rows(ptr, acc, row0, start_m, off_h, n_heads, seqlen, acc_l: gl.constexpr):
-    """acc (HM, D) -> rows start_m.. of head off_h of a contiguous (bsz, seqlen, heads, D) tensor."""
+def _store_rows(ptr, acc, row0, start_m, off_h, n_heads, seqlen, head_stride, acc_l: gl.constexpr):
+    """acc (HM, D) -> rows start_m.. of head off_h of a (bsz, seqlen, heads, D) view whose heads are head_stride
+    apart and rows n_heads heads apart (D for a contiguous tensor; more for the slice of a fused gradient)."""
     HM: gl.constexpr = acc.shape[0]
     D: gl.constexpr = acc.shape[1]
     offs_m = start_m + gl.arange(0, HM, layout=gl.SliceLayout(1, acc_l))
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, acc_l))
-    rows = ((row0 + offs_m).to(gl.int64) * n_heads + off_h) * D
+    rows = ((row0 + offs_m).to(gl.int64) * n_heads + off_h) * head_stride
     gl.store(ptr + rows[:, None] + offs_d[None, :], acc.to(ptr.dtype.element_ty), mask=(offs_m < seqlen)[:, None])
 
 
@@ -270,7 +271,7 @@ def _fwd_consumer(q_n, q_p, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, o_pt
     mbarrier.wait(v_bar.index(last), ((n - 1) // STAGES) & 1)
     o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v.index(last), o)
     o = o / gl.convert_layout(l_i, gl.SliceLayout(1, o_l))[:, None]
-    _store_rows(o_ptr, o, row0, first, off_h, n_heads, seqlen, o_l)
+    _store_rows(o_ptr, o, row0, first, off_h, n_heads, seqlen, o.shape[1], o_l)
     offs_r = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_l))
     gl.store(lse_ptr + pid_bh.to(gl.int64) * seqlen + offs_r, m_i + gl.log2(l_i), mask=offs_r < seqlen)
 
@@ -335,10 +336,12 @@ def _ds(s, dp, lse, delta, dstart_m, start_m, start_n, qk_scale, s_l: gl.constex
 
 @gluon.jit
 def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr, dstart_ptr,
-                 dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale,
-                 G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
+                 dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen,
+                 n_heads, sm_scale, qk_scale, G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
+                 HAS_DOC: gl.constexpr, UNROTATE: gl.constexpr):
     """Warpgroup G: dq of query rows start_m + 64 G .. + 63 over key blocks j0 .. n_blocks - 1. Step i issues
-    S_i and dP_i, then dq += dS_{i-1} k_{i-1}, and forms dS_i while that runs."""
+    S_i and dP_i, then dq += dS_{i-1} k_{i-1}, and forms dS_i while that runs. UNROTATE: dq_pe is stored as the
+    gradient of q_pe before RoPE (cs_ptr: the (seqlen, rope / 2, 2) fp32 cos / sin table)."""
     HM: gl.constexpr = q_n.shape[1]
     DN: gl.constexpr = q_n.shape[2]
     DR: gl.constexpr = q_p.shape[2]
@@ -384,18 +387,41 @@ def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, 
     last = (n - 1) % STAGES
     dqn = warpgroup_mma(dsn, kn.index(last), dqn)
     dqp = warpgroup_mma(dsp, kp.index(last), dqp)
-    _store_rows(dqn_ptr, dqn * sm_scale, row0, first, off_h, n_heads, seqlen, dqn_l)
-    _store_rows(dqp_ptr, dqp * sm_scale, row0, first, off_h, n_heads, seqlen, dqp_l)
+    dqp = dqp * sm_scale
+    if UNROTATE:
+        dqp = _unrotate(dqp, cs_ptr, first, seqlen, dqp_l)
+    _store_rows(dqn_ptr, dqn * sm_scale, row0, first, off_h, n_heads, seqlen, dqn_hs, dqn_l)
+    _store_rows(dqp_ptr, dqp, row0, first, off_h, n_heads, seqlen, dqp_hs, dqp_l)
+
+
+@gluon.jit
+def _unrotate(g, cs_ptr, start_m, seqlen, g_l: gl.constexpr):
+    """g (HM, R) fp32, the gradient wrt RoPE's output of rows start_m.., times the rotation's transpose: the
+    gradient wrt its input (the table may carry YaRN's mscale: the transpose, not the inverse). Pairs (2i, 2i + 1) turn by each row's angle (models/rope.py): y0 = x0 c - x1 s,
+    y1 = x0 s + x1 c, so dx0 = dy0 c + dy1 s, dx1 = dy1 c - dy0 s. The accumulator layout holds each pair in
+    one thread, so the split is register-local."""
+    HM: gl.constexpr = g.shape[0]
+    R: gl.constexpr = g.shape[1]
+    g0, g1 = gl.split(gl.reshape(g, [HM, R // 2, 2]))
+    pair_l: gl.constexpr = g0.type.layout
+    offs_m = start_m + gl.arange(0, HM, layout=gl.SliceLayout(1, pair_l))
+    offs_p = gl.arange(0, R // 2, layout=gl.SliceLayout(0, pair_l))
+    at = cs_ptr + (offs_m[:, None] * (R // 2) + offs_p[None, :]) * 2
+    ok = (offs_m < seqlen)[:, None]
+    c = gl.load(at, mask=ok, other=0.0)
+    s = gl.load(at + 1, mask=ok, other=0.0)
+    return gl.convert_layout(gl.reshape(gl.join(g0 * c + g1 * s, g1 * c - g0 * s), [HM, R]), g_l)
 
 
 @gluon.jit
 def _mla_bwd_dq_kernel_sm90(
     qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr,
-    qn_col, qp_col, kn_col, kp_col, v_col, do_col, seqlen, n_heads, sm_scale, qk_scale,
-    STAGES: gl.constexpr, HAS_DOC: gl.constexpr, num_warps: gl.constexpr,
+    cs_ptr, qn_col, qp_col, kn_col, kp_col, v_col, do_col, dqn_hs, dqp_hs, seqlen, n_heads, sm_scale, qk_scale,
+    STAGES: gl.constexpr, HAS_DOC: gl.constexpr, UNROTATE: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """dq_nope, dq_pe (contiguous (bsz, seqlen, heads, .)) of 128 query rows: dS = P (dP - delta),
-    dq = sm_scale dS k; two warpgroups of 64 rows as in the forward, with a 1-warp loader here."""
+    """dq_nope, dq_pe ((bsz, seqlen, heads, .) views, heads dqn_hs / dqp_hs apart) of 128 query rows:
+    dS = P (dP - delta), dq = sm_scale dS k; two warpgroups of 64 rows as in the forward, with a 1-warp loader
+    here."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
     BN: gl.constexpr = kn_desc.block_type.shape[0]
     dtype: gl.constexpr = qn_desc.dtype
@@ -406,11 +432,12 @@ def _mla_bwd_dq_kernel_sm90(
     gl.warp_specialize(
         [
             (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
-                            dstart_ptr, dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen,
-                            n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC)),
+                            dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh, row0, start_m, off_h, j0,
+                            n_blocks, seqlen, n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC,
+                            UNROTATE)),
             (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
-                            dstart_ptr, dqn_ptr, dqp_ptr, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen,
-                            n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC)),
+                            dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh, row0, start_m, off_h, j0,
+                            n_blocks, seqlen, n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC, UNROTATE)),
             (_dq_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_o, q_bar, kn, kp, v,
                           k_bar, v_bar, k_free, v_free, row0, start_m, off_h, j0, n_blocks, qn_col, qp_col, do_col,
                           kn_col, kp_col, v_col, STAGES)),
@@ -490,21 +517,49 @@ def mla_fwd_sm90(q_nope, q_pe, k_nope, k_pe, v, scale: float, doc_bounds=None, c
     return out, lse
 
 
-def mla_dq_sm90(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale: float, doc_bounds=None, config=None):
+def mla_dq_sm90(
+    do,
+    q_nope,
+    q_pe,
+    k_nope,
+    k_pe,
+    v,
+    lse,
+    delta,
+    scale: float,
+    doc_bounds=None,
+    config=None,
+    into=None,
+    cos_sin=None,
+):
     """dq_nope, dq_pe (contiguous, the inputs' dtype) of the causal attention (within documents given
-    doc_bounds), given the forward's lse and delta = rowsum(o * do); config (key block, ring slots)."""
+    doc_bounds), given the forward's lse and delta = rowsum(o * do); config (key block, ring slots). into: two
+    (bsz, seqlen, heads, .) views to write them to instead (rows heads apart, as slices of one gradient);
+    cos_sin: q_pe was rotated by this table, and dq_pe is the gradient before the rotation."""
     block_n, stages = config or DQ_CONFIG
     bsz, seqlen, heads, nope = q_nope.shape
-    dq_nope = torch.empty(bsz, seqlen, heads, nope, device=v.device, dtype=q_nope.dtype)
-    dq_pe = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=q_pe.dtype)
+    dq_nope, dq_pe = into or (torch.empty(bsz, seqlen, heads, d, device=v.device, dtype=q_nope.dtype)
+                              for d in (nope, q_pe.shape[-1]))  # fmt: skip
+    hs = _head_strides(dq_nope, dq_pe)
     (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, HALF_M) for t in (q_nope, q_pe, do))
     (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, block_n) for t in (k_nope, k_pe, v))
     dstart = doc_bounds[0] if doc_bounds is not None else lse  # lse: unused
+    cs = cos_sin if cos_sin is not None else lse  # lse: unused
     _mla_bwd_dq_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_M))](
-        qn, qp, kn, kp, vd, dod, lse, delta, dstart, dq_nope, dq_pe, qn_c, qp_c, kn_c, kp_c, v_c, do_c, seqlen,
-        heads, scale, scale * _LOG2E, STAGES=stages, HAS_DOC=doc_bounds is not None, num_warps=4,
+        qn, qp, kn, kp, vd, dod, lse, delta, dstart, dq_nope, dq_pe, cs, qn_c, qp_c, kn_c, kp_c, v_c, do_c, *hs,
+        seqlen, heads, scale, scale * _LOG2E, STAGES=stages, HAS_DOC=doc_bounds is not None,
+        UNROTATE=cos_sin is not None, num_warps=4,
     )  # fmt: skip
     return dq_nope, dq_pe
+
+
+def _head_strides(*outs: torch.Tensor) -> list[int]:
+    """Each output's head stride, checking the layout the kernels' stores assume (rows heads apart)."""
+    for t in outs:
+        bsz, seqlen, heads, dim = t.shape
+        if t.stride(3) != 1 or t.stride(1) != heads * t.stride(2) or t.stride(0) != seqlen * t.stride(1):
+            raise ValueError(f"gradient view {tuple(t.shape)} strides {t.stride()}: rows must be heads apart")
+    return [t.stride(2) for t in outs]
 
 
 def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
@@ -524,5 +579,5 @@ def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
             "do_desc": of(kv[..., 128:], block_m), "kn_desc": of(kv[..., :128], block_n),
             "kp_desc": of(k_pe, block_n), "v_desc": of(kv[..., 128:], block_n),
             "o_ptr": "*bf16", "dqn_ptr": "*bf16", "dqp_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-            "dstart_ptr": "*i32", "dend_ptr": "*i32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32", "dv_ptr": "*bf16",
+            "dstart_ptr": "*i32", "dend_ptr": "*i32", "cs_ptr": "*fp32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32", "dv_ptr": "*bf16",
             "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip

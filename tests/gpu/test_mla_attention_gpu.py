@@ -120,3 +120,38 @@ def test_sm90_kernels_match_triton(bsz, seqlen, heads, doc_len, monkeypatch):
         assert torch.isfinite(a).all()
         if b.float().norm() > 0:
             assert _rel(a, b.double()) < 4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen,doc_len", [(1000, 0), (4096, 0), (1000, 300)])
+def test_sm90_rope_entry_matches_triton(seqlen, doc_len, monkeypatch):
+    """mla_attention_rope (the model's entry: q before RoPE, kv whole) on Hopper, where the Gluon backward stores
+    into slices of one dq and one dkv and the dq kernel turns dq_pe back through RoPE's transpose, against the
+    Triton kernels followed by copies (SM90 off); a YaRN-scaled table (mscale != 1)."""
+    import titan_dsv3.kernels.mla_attention as mla
+    from titan_dsv3.kernels.mla_attention_rope import mla_attention_rope
+    from titan_dsv3.models import ModelArgs
+    from titan_dsv3.models.rope import rope_cos_sin
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLA kernels are for sm_90")
+    bsz, heads = 2, 3
+    torch.manual_seed(seqlen + doc_len)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(bsz, seqlen, heads, NOPE + ROPE, **bf16, requires_grad=True)
+    kv = torch.randn(bsz, seqlen, heads, NOPE + DV, **bf16, requires_grad=True)
+    k_pe = torch.randn(bsz, seqlen, 1, ROPE, **bf16, requires_grad=True)
+    do = torch.randn(bsz, seqlen, heads, DV, **bf16)
+    args = ModelArgs(max_seq_len=2 * seqlen, original_seq_len=seqlen // 2, rope_factor=4.0, mscale=0.7,
+                     mscale_all_dim=0.5)  # fmt: skip
+    cos_sin = rope_cos_sin(args, seqlen + 7, torch.device("cuda"))
+    bounds = mla.document_bounds(_packed_doc_ids(bsz, seqlen, doc_len)) if doc_len else None
+
+    def run(sm90: bool):
+        monkeypatch.setattr(mla, "SM90", sm90)
+        out = mla_attention_rope(q, kv, k_pe, cos_sin, scale=0.1, nope=NOPE, doc_bounds=bounds)
+        return (out, *torch.autograd.grad(out, (q, kv, k_pe), do))
+
+    for a, b in zip(run(True), run(False)):  # out, dq, dkv, dk_pe
+        assert torch.isfinite(a).all()
+        assert _rel(a, b.double()) < 4e-3

@@ -116,14 +116,14 @@ def test_selective_checkpointing_keeps_the_attention(monkeypatch, compiled):
     kernels run once a layer, not again in the backward's recompute, and the gradients equal the run without
     checkpointing. Before, both eager calls (an autograd.Function the policy never saw) and blocks compiled
     per block (the op not in the policy's list) reran them: 8 launches, 4 compiled (no MTP there)."""
-    import titan_dsv3.kernels.mla_attention as mla
+    import titan_dsv3.kernels.mla_attention_rope as mla_rope
     from tests.tiny import tiny_model_args
     from titan_dsv3.models import DeepSeekV3Model
     from titan_dsv3.parallel.activation_checkpoint import apply_ac
 
     launches = []
-    launch = mla._mla_fwd
-    monkeypatch.setattr(mla, "_mla_fwd", lambda *a: launches.append(a[0].shape) or launch(*a))
+    launch = mla_rope._mla_fwd  # the model calls mla_attention_rope, which launches mla_attention's forward
+    monkeypatch.setattr(mla_rope, "_mla_fwd", lambda *a: launches.append(a[0].shape) or launch(*a))
     tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     args = dict(attn_impl="triton", max_seq_len=32) | (dict(n_layers=2, mtp_depth=0) if compiled else {})
     calls = 2 if compiled else 4  # one a layer and the MTP block's
@@ -145,6 +145,57 @@ def test_selective_checkpointing_keeps_the_attention(monkeypatch, compiled):
     assert len(grads["none"]) == len(grads["selective"])
     for a, b in zip(grads["none"], grads["selective"]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_rope_entry_matches_reference(with_docs):
+    """mla_attention_rope (q before RoPE, kv whole) against the float64 reference on models/rope.apply_rope's
+    rotation, forward and the gradients of q, kv and k_pe, with a YaRN-scaled table (mscale != 1: the backward
+    must apply the rotation's transpose, not its inverse)."""
+    from titan_dsv3.kernels.mla_attention_rope import mla_attention_rope, rope_rotate
+    from titan_dsv3.models import ModelArgs
+    from titan_dsv3.models.rope import apply_rope, rope_cos_sin
+
+    bsz, seqlen, heads = 2, 21, 2
+    args = ModelArgs(qk_rope_head_dim=ROPE, max_seq_len=64, original_seq_len=16, rope_factor=4.0, mscale=0.7,
+                     mscale_all_dim=0.5)  # fmt: skip
+    cos_sin = rope_cos_sin(args, 32)  # longer than seqlen, as the model's table
+    g = torch.Generator().manual_seed(5)
+    q, kv = (
+        torch.randn(bsz, seqlen, heads, d, generator=g, dtype=torch.float64) for d in (NOPE + ROPE, NOPE + DV)
+    )
+    k_pe = torch.randn(bsz, seqlen, 1, ROPE, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        rope_rotate(q[..., NOPE:].float(), cos_sin), apply_rope(q[..., NOPE:].float(), cos_sin[:seqlen])
+    )
+    doc_ids = (
+        torch.tensor([[0] * 5 + [1] * 9 + [2] * 7, [0] * 20 + [1]], dtype=torch.int32) if with_docs else None
+    )
+    ins = [t.float().requires_grad_() for t in (q, kv, k_pe)]
+    out = mla_attention_rope(*ins, cos_sin, scale=0.11, nope=NOPE, doc_ids=doc_ids)
+    ref_in = [t.clone().requires_grad_() for t in (q, kv, k_pe)]
+    rq, rkv, rk_pe = ref_in
+    ref = mla_attention_reference(
+        rq[..., :NOPE], rkv[..., :NOPE], rkv[..., NOPE:], scale=0.11, doc_ids=doc_ids, k_pe=rk_pe,
+        q_pe=apply_rope(rq[..., NOPE:], cos_sin[:seqlen].double()),
+    )  # fmt: skip
+    _close(out, ref, 2e-5)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(dout.float())
+    ref.backward(dout)
+    for got, want in zip(ins, ref_in):
+        assert got.grad.shape == want.shape
+        _close(got.grad, want.grad, 2e-5)
+
+
+def test_rope_entry_refuses_a_short_table():
+    from titan_dsv3.kernels.mla_attention_rope import mla_attention_rope
+
+    q, kv = torch.zeros(1, 8, 1, NOPE + ROPE), torch.zeros(1, 8, 1, NOPE + DV)
+    with pytest.raises(ValueError, match="cos_sin"):
+        mla_attention_rope(
+            q, kv, torch.zeros(1, 8, 1, ROPE), torch.zeros(4, ROPE // 2, 2), scale=0.1, nope=NOPE
+        )
 
 
 def test_traced_by_compile():

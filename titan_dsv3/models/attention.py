@@ -92,8 +92,8 @@ def triton_attention(
     """The fused Triton MLA kernel (kernels/mla_attention.py); mask is the document bounds (2, bsz, seqlen) that
     the model computes once a step (mla_attention.document_bounds), or None.
 
-    MLA passes q_nope, k_nope and the shared rope key k_pe (bsz, seqlen, 1, rope) apart: no per-head copy of
-    k_pe and no concatenation of q. Called as the other backends (full per-head q, k), it takes those too.
+    Takes full per-head q, k as the other backends do, or q_nope, k_nope and the shared rope key k_pe apart. MLA
+    itself calls kernels/mla_attention_rope.py instead (q before RoPE, kv whole, gradients returned whole).
     """
     from titan_dsv3.kernels.mla_attention import mla_attention
 
@@ -136,8 +136,6 @@ class MLA(nn.Module):
         cos_sin = cos_sin[:seqlen]  # callers may pass a longer table (sequence parallelism gathers x first)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(bsz, seqlen, -1, self.qk_head_dim)  # (bsz, seqlen, n_heads, qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos_sin)
 
         kv = self.wkv_a(x)  # (bsz, seqlen, kv_lora_rank + qk_rope_head_dim)
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -146,12 +144,20 @@ class MLA(nn.Module):
         kv = kv.view(
             bsz, seqlen, -1, self.qk_nope_head_dim + self.v_head_dim
         )  # (bsz, seqlen, n_heads, nope + v)
+
+        if self.attn_fn is triton_attention:
+            # The fused kernel takes q before RoPE and kv whole, reads the shared k_pe once (never per head), and
+            # returns q's and kv's gradients whole (kernels/mla_attention_rope.py).
+            from titan_dsv3.kernels.mla_attention_rope import mla_attention_rope
+
+            out = mla_attention_rope(
+                q, kv, k_pe, cos_sin, scale=self.softmax_scale, nope=self.qk_nope_head_dim, doc_bounds=mask
+            )
+            return self.wo(out.flatten(2))
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos_sin)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         n_local_heads = k_nope.shape[2]
-
-        if self.attn_fn is triton_attention:  # the fused kernel reads the shared k_pe once, never per head
-            out = triton_attention(q_nope, k_nope, v, self.softmax_scale, mask, k_pe=k_pe, q_pe=q_pe)
-            return self.wo(out.flatten(2))
         q = torch.cat([q_nope, q_pe], dim=-1)  # (bsz, seqlen, n_heads, qk_head_dim)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, n_local_heads, -1)], dim=-1)
         out = self.attn_fn(q, k, v, self.softmax_scale, mask)  # (bsz, seqlen, n_heads, v_head_dim)

@@ -26,8 +26,8 @@ _SAVE_OPS = {
     torch.ops._c10d_functional.all_to_all_single.default,
 }
 # This project's kernels, by name: their files register the ops when first imported (they import Triton).
-# The fused MLA attention's forward (out and its log-sum-exp) is saved like SDPA's.
-_SAVE_OP_NAMES = {"titan_dsv3::mla_attention_fwd"}
+# The fused MLA attention's forward (out, its log-sum-exp and the rotated q_pe) is saved like SDPA's.
+_SAVE_OP_NAMES = {"titan_dsv3::mla_attention_fwd", "titan_dsv3::mla_attention_rope_fwd"}
 
 
 def _saved(op) -> bool:
