@@ -148,8 +148,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, d_out, _d_lse, _d_q_pe):
-    saved = ctx.saved_tensors
-    dq, dkv, dk_pe = _bwd_op(d_out, *saved[:6], saved[6], saved[7], ctx.scale, ctx.nope)
+    dq, dkv, dk_pe = _bwd_op(d_out, *ctx.saved_tensors, ctx.scale, ctx.nope)
     return dq, dkv, dk_pe, None, None, None, None
 
 

@@ -397,9 +397,10 @@ def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, 
 @gluon.jit
 def _unrotate(g, cs_ptr, start_m, seqlen, g_l: gl.constexpr):
     """g (HM, R) fp32, the gradient wrt RoPE's output of rows start_m.., times the rotation's transpose: the
-    gradient wrt its input (the table may carry YaRN's mscale: the transpose, not the inverse). Pairs (2i, 2i + 1) turn by each row's angle (models/rope.py): y0 = x0 c - x1 s,
-    y1 = x0 s + x1 c, so dx0 = dy0 c + dy1 s, dx1 = dy1 c - dy0 s. The accumulator layout holds each pair in
-    one thread, so the split is register-local."""
+    gradient wrt its input (the table may carry YaRN's mscale: the transpose, not the inverse). Pairs
+    (2i, 2i + 1) turn by each row's angle (models/rope.py): y0 = x0 c - x1 s, y1 = x0 s + x1 c, so
+    dx0 = dy0 c + dy1 s, dx1 = dy1 c - dy0 s. The accumulator layout holds each pair in one thread, so the split
+    is register-local."""
     HM: gl.constexpr = g.shape[0]
     R: gl.constexpr = g.shape[1]
     g0, g1 = gl.split(gl.reshape(g, [HM, R // 2, 2]))
