@@ -74,6 +74,19 @@ def test_errors_name_the_key(argv, needle):
     assert needle in msg and "\n" not in msg
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the check is for machines without CUDA")
+def test_triton_attention_without_cuda_is_refused_before_the_build(monkeypatch):
+    """Outside Triton's interpreter, attn_impl = triton on a CPU-only machine is a config error, not a failure
+    inside the first step's forward."""
+    import titan_dsv3.kernels.mla_attention as mla
+
+    monkeypatch.setattr(mla, "_INTERPRET", False)
+    with pytest.raises(ConfigError, match="model.attn_impl = 'triton' runs on CUDA"):
+        parse_args(["--job.config_file", DEBUG, "--model.attn_impl", "triton"])
+    monkeypatch.setattr(mla, "_INTERPRET", True)  # the CPU tests run the kernels in the interpreter
+    parse_args(["--job.config_file", DEBUG, "--model.attn_impl", "triton"])
+
+
 def test_parallel_layout_errors():
     base = ["--job.config_file", DEBUG]
     with pytest.raises(ConfigError, match="world size 4 != replicate"):

@@ -230,11 +230,16 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
         )
     if margs.attn_impl == "triton":
         try:
-            import titan_dsv3.kernels.mla_attention  # noqa: F401
+            import titan_dsv3.kernels.mla_attention as mla
         except ImportError as e:
             raise ConfigError(
                 f"model.attn_impl = 'triton' needs the fused MLA kernel, which failed to import: {e}"
             ) from None
+        if not cuda and not mla._INTERPRET:  # else the first step would fail inside the forward
+            raise ConfigError(
+                "model.attn_impl = 'triton' runs on CUDA (on CPU only in Triton's interpreter, TRITON_INTERPRET=1, "
+                "which is slow); use sdpa"
+            )
     f8 = cfg.float8
     if f8.fsdp_float8_all_gather and f8.recipe != "tensorwise":
         raise ConfigError("float8.fsdp_float8_all_gather works with recipe = tensorwise only")
