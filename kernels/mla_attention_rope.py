@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from titan_dsv3.kernels import require_same_device
 from titan_dsv3.kernels.mla_attention import _INTERPRET, _mla_fwd, document_bounds
 
 
@@ -201,6 +202,7 @@ def mla_attention_rope(
         )
     if q.stride(-1) != 1 or kv.stride(-1) != 1:
         raise ValueError("q and kv need a contiguous last dim")
+    require_same_device("q", q, kv=kv, k_pe=k_pe, cos_sin=cos_sin, doc_bounds=doc_bounds)
     cos_sin = cos_sin[:seqlen].float().contiguous()
     if doc_bounds is None and doc_ids is not None:
         doc_bounds = document_bounds(doc_ids)

@@ -188,14 +188,18 @@ def test_rope_entry_matches_reference(with_docs):
         _close(got.grad, want.grad, 2e-5)
 
 
-def test_rope_entry_refuses_a_short_table():
+def test_rope_entry_refuses_a_short_table_or_one_elsewhere():
     from titan_dsv3.kernels.mla_attention_rope import mla_attention_rope
 
-    q, kv = torch.zeros(1, 8, 1, NOPE + ROPE), torch.zeros(1, 8, 1, NOPE + DV)
+    q, kv, k_pe = (
+        torch.zeros(1, 8, 1, NOPE + ROPE),
+        torch.zeros(1, 8, 1, NOPE + DV),
+        torch.zeros(1, 8, 1, ROPE),
+    )
     with pytest.raises(ValueError, match="cos_sin"):
-        mla_attention_rope(
-            q, kv, torch.zeros(1, 8, 1, ROPE), torch.zeros(4, ROPE // 2, 2), scale=0.1, nope=NOPE
-        )
+        mla_attention_rope(q, kv, k_pe, torch.zeros(4, ROPE // 2, 2), scale=0.1, nope=NOPE)
+    with pytest.raises(ValueError, match="cos_sin is on meta"):
+        mla_attention_rope(q, kv, k_pe, torch.zeros(8, ROPE // 2, 2, device="meta"), scale=0.1, nope=NOPE)
 
 
 def test_traced_by_compile():
