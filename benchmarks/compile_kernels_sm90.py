@@ -144,26 +144,9 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
             print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
     from titan_dsv3.kernels import mla_attention_sm90 as A
 
-    for kernel, (block_n, stages), extra in (
-        (A._mla_fwd_kernel_sm90, A.FWD_CONFIG, ({},)),
-        (A._mla_bwd_dq_kernel_sm90, A.DQ_CONFIG, ({"UNROTATE": False}, {"UNROTATE": True})),
-    ):
-        for doc in (False, True):
-            for more in extra:
-                consts = dict(STAGES=stages, HAS_DOC=doc, num_warps=4, **more)
-                line = compile_report(kernel, A.argument_types(block_n), consts, 4, 1)
-                tag = f"HAS_DOC={doc} BN={block_n}" + "".join(f" {k}={v}" for k, v in more.items())
-                print(f"{kernel.fn.__name__:30s} {tag:38s} w4 s{stages}  {line}", flush=True)
-    from titan_dsv3.kernels import mla_attention_bwd_sm90 as B
-
-    block_m, stages = B.DKDV_CONFIG
-    for doc in (False, True):
-        consts = dict(STAGES=stages, HAS_DOC=doc, num_warps=4)
-        line = compile_report(B._mla_bwd_dkdv_kernel_sm90, A.argument_types(B.HALF_K, block_m), consts, 4, 1)
-        print(
-            f"{'_mla_bwd_dkdv_kernel_sm90':30s} {f'HAS_DOC={doc} BM={block_m}':38s} w4 s{stages}  {line}",
-            flush=True,
-        )
+    for label, kernel, types, consts in A.compile_builds():
+        line = compile_report(kernel, types, consts, 4, 1)
+        print(f"{label:69s} w4 s{consts['STAGES']}  {line}", flush=True)
     types = {**fp8_types, "dh_ptr": "*bf16"}
     for kernel, warp_counts in (
         (S._swiglu_bwd_quant_kernel_sm90, (8, 16)),

@@ -580,5 +580,27 @@ def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
             "do_desc": of(kv[..., 128:], block_m), "kn_desc": of(kv[..., :128], block_n),
             "kp_desc": of(k_pe, block_n), "v_desc": of(kv[..., 128:], block_n),
             "o_ptr": "*bf16", "dqn_ptr": "*bf16", "dqp_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-            "dstart_ptr": "*i32", "dend_ptr": "*i32", "cs_ptr": "*fp32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32", "dv_ptr": "*bf16",
-            "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
+            "dstart_ptr": "*i32", "dend_ptr": "*i32", "cs_ptr": "*fp32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32",
+            "dv_ptr": "*bf16", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
+
+
+def compile_builds() -> list[tuple[str, object, dict[str, str], dict]]:
+    """Every build of the Gluon MLA kernels the launchers make, as (label, kernel, argument types, constexprs):
+    forward, dq and dk/dv (mla_attention_bwd_sm90.py), each with and without documents, dq also with UNROTATE.
+    The compile test checks them; benchmarks/compile_kernels_sm90.py reports them."""
+    from titan_dsv3.kernels import mla_attention_bwd_sm90 as B
+
+    builds = []
+    unrotate = ({"UNROTATE": False}, {"UNROTATE": True})
+    for kernel, block_n, block_m, stages, extra in (  # configs: (key rows, slots); dk/dv (query rows, slots)
+        (_mla_fwd_kernel_sm90, FWD_CONFIG[0], HALF_M, FWD_CONFIG[1], ({},)),
+        (_mla_bwd_dq_kernel_sm90, DQ_CONFIG[0], HALF_M, DQ_CONFIG[1], unrotate),
+        (B._mla_bwd_dkdv_kernel_sm90, B.HALF_K, B.DKDV_CONFIG[0], B.DKDV_CONFIG[1], ({},)),
+    ):
+        types = argument_types(block_n, block_m)
+        for doc in (False, True):
+            for more in extra:
+                consts = {"STAGES": stages, "HAS_DOC": doc, "num_warps": 4, **more}
+                label = f"{kernel.fn.__name__} HAS_DOC={doc}" + "".join(f" {k}={v}" for k, v in more.items())
+                builds.append((label, kernel, types, consts))
+    return builds
