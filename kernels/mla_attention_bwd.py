@@ -256,10 +256,10 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale,
         dk_nope, dk_pe_heads, dv = _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
         dq_nope, dq_pe = _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
         if into is not None:  # the Triton kernels store contiguous tensors: copy them in
-            from titan_dsv3.kernels.mla_attention_rope import rope_reference
+            from titan_dsv3.models.rope import apply_rope
 
-            if cos_sin is not None:
-                dq_pe = rope_reference(dq_pe, cos_sin, transpose=True)
+            if cos_sin is not None:  # RoPE's transpose: the same turn by the negated angle (not the inverse:
+                dq_pe = apply_rope(dq_pe, cos_sin * cos_sin.new_tensor([1.0, -1.0]))  # the table has mscale)
             for dst, src in zip(into, (dq_nope, dq_pe, dk_nope, dv)):
                 dst.copy_(src)
             dq_nope, dq_pe, dk_nope, dv = into

@@ -45,7 +45,8 @@ def _rope_kernel(x_ptr, cs_ptr, out_ptr, sx_b, sx_s, sx_h, seqlen, n_heads,
 
 
 def rope_rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """x (bsz, seqlen, heads, rope), any strides with a contiguous last dim, rotated into a contiguous tensor."""
+    """x (bsz, seqlen, heads, rope), any strides with a contiguous last dim, rotated into a contiguous tensor
+    (the torch reference: models.rope.apply_rope)."""
     bsz, seqlen, heads, rope = x.shape
     out = torch.empty(bsz, seqlen, heads, rope, device=x.device, dtype=x.dtype)
     _rope_kernel[(bsz * seqlen,)](
@@ -53,16 +54,6 @@ def rope_rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         ROPE=rope, BLOCK_H=triton.next_power_of_2(heads),
     )  # fmt: skip
     return out
-
-
-def rope_reference(x: torch.Tensor, cos_sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """The rotation in torch (models/rope.apply_rope's), or its transpose, which maps a gradient wrt its output
-    to one wrt its input (the table may carry YaRN's mscale, so the transpose is not the inverse)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = cos_sin[: x.shape[1], None, :, 0], cos_sin[: x.shape[1], None, :, 1]
-    sin = -sin if transpose else sin
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def _forward(q, kv, k_pe, cos_sin, doc_bounds, scale, nope):
@@ -167,10 +158,7 @@ class _EagerMLARope(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        q, q_pe, kv, k_pe, out, lse, cos_sin, doc_bounds = ctx.saved_tensors
-        dq, dkv, dk_pe = _backward(
-            d_out, q, q_pe, kv, k_pe, out, lse, cos_sin, doc_bounds, ctx.scale, ctx.nope
-        )
+        dq, dkv, dk_pe = _backward(d_out, *ctx.saved_tensors, ctx.scale, ctx.nope)
         return dq, dkv, dk_pe, None, None, None, None
 
 
