@@ -6,6 +6,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py, shared by the test packages
+# `python -m pytest` from the checkout puts its root first on sys.path, where kernels/ (installed as
+# titan_dsv3.kernels) would shadow the PyPI package `kernels`, which transformers (5.25.0) depends on and
+# imports: its import then fails. The root goes last instead (tests/distributed imports `tests.` from it).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 # Without a GPU, Triton kernels run in its interpreter. The variable must be set before the first @triton.jit
@@ -13,7 +18,7 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny import tiny_args
+from tiny import tiny_args  # noqa: E402  (after the sys.path changes above)
 
 
 @pytest.fixture

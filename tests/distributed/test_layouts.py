@@ -112,8 +112,10 @@ def assert_matches(results: list[dict], ref: dict) -> None:
             torch.testing.assert_close(
                 torch.tensor(r[key]), torch.tensor(ref[key]), rtol=1e-5, atol=0, msg=key
             )
-    # Adam turns rounding-level differences of near-zero gradients into ~lr-sized ones: parameters get atol 1e-5
-    for key, rtol, atol in (("grads", 1e-4, 1e-7), ("state", 1e-4, 1e-5)):
+    # Adam turns rounding-level differences of near-zero gradients into ~lr-sized ones: parameters get atol 3e-5,
+    # 1% of the 3e-3 learning rate (with 1e-5, tp2 runs differed at one embedding element of 65,536 by 1.8e-5 on
+    # 2026-12-07 with the same torch that passed on 2026-12-01, its gradients within the 1e-7 below)
+    for key, rtol, atol in (("grads", 1e-4, 1e-7), ("state", 1e-4, 3e-5)):
         got = merged(results, key)
         assert sorted(got) == sorted(ref[key]), key
         for name, t in ref[key].items():
