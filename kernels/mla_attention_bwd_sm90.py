@@ -16,7 +16,10 @@ H200, B2 H16 (benchmarks/RESULTS.md): S4096 0.76-0.79 ms against Triton's 0.80-0
 3.16-3.27; which of those differences gives the gain was not measured. 64-row query steps would halve the
 shared-memory reads of S^T and dP^T but need more registers than a warpgroup has beside the 160 of
 accumulators (ptxas spilled 1.1 KB and serialised the wgmmas). With documents a step also masks keys before
-each query's document start, and a warpgroup's steps end with its last key's document.
+each query's document start, a warpgroup's steps end with its last key's document, and the steps are pipelined:
+step i's S^T and dP^T are issued before step i - 1's dk products, and P^T_i, dS^T_i formed while those run (the
+same products in the same order: bit-equal; H100, 1-11% faster with documents, 3-5% slower without, so
+causal calls keep the plain steps; see the launcher's notes).
 Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
 """
 
@@ -63,13 +66,99 @@ def _release(q_bar, q_free, i, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i, STAGES: gl.constexpr, s_l: gl.constexpr):
+    """Issue query step i's S^T = k q^T (two products) and dP^T = v dO^T (64 x 32), asynchronous."""
+    HK: gl.constexpr = kn_g.shape[0]
+    MQ: gl.constexpr = q_n.shape[1]
+    slot = i % STAGES
+    s = warpgroup_mma(kn_g, q_n.index(slot).permute((1, 0)), gl.zeros([HK, MQ], gl.float32, s_l), use_acc=False,
+                      is_async=True)
+    s = warpgroup_mma(kp_g, q_p.index(slot).permute((1, 0)), s, is_async=True)
+    dp = warpgroup_mma(v_g, d_o.index(slot).permute((1, 0)), gl.zeros([HK, MQ], gl.float32, s_l), use_acc=False,
+                       is_async=True)
+    return s, dp
+
+
+@gluon.jit
+def _probs(s, offs_k, first_key, start_q, lse_q, dstart_ptr, seqlen, qk_scale, s_l: gl.constexpr,
+           HAS_DOC: gl.constexpr):
+    """P^T (HK, MQ) fp32 of the step whose queries start at start_q, given their lse (inf past seqlen): 0 above
+    the diagonal, before a query's document start (dstart_ptr: the row's) and for queries past seqlen."""
+    HK: gl.constexpr = s.shape[0]
+    MQ: gl.constexpr = s.shape[1]
+    p = gl.exp2(s * qk_scale - lse_q[None, :])
+    if start_q < first_key + HK:  # the diagonal crosses this step
+        offs_q = start_q + gl.arange(0, MQ, layout=gl.SliceLayout(0, s_l))
+        p = gl.where(offs_k[:, None] <= offs_q[None, :], p, 0.0)
+    if HAS_DOC:  # keys before a query's document start
+        dstart_q = _step_rows(dstart_ptr, start_q, seqlen, 0, MQ, s_l)
+        p = gl.where(offs_k[:, None] >= dstart_q[None, :], p, 0.0)
+    return p
+
+
+@gluon.jit
+def _step_rows(ptr, start_q, seqlen, other, MQ: gl.constexpr, s_l: gl.constexpr):
+    """A query step's values of a per-row vector (lse, delta or the document starts; `other` past seqlen),
+    (MQ,) in the scores' column layout."""
+    offs_q = start_q + gl.arange(0, MQ, layout=gl.SliceLayout(0, s_l))
+    return gl.load(ptr + offs_q, mask=offs_q < seqlen, other=other)
+
+
+@gluon.jit
+def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dkn, dkp,
+                          dv, offs_k, first_key, key0, i0, i1, seqlen, qk_scale, STAGES: gl.constexpr,
+                          s_l: gl.constexpr, HAS_DOC: gl.constexpr):
+    """Query steps i0 .. i1 - 1 (at least one) of a warpgroup, pipelined: step i issues S^T_i and dP^T_i, then
+    step i - 1's dk_nope and dk_pe products, and forms P^T_i and dS^T_i while those run (dv's product follows
+    P^T_i). lse_ptr, delta_ptr: this head's rows; dstart_ptr: this batch row's."""
+    MQ: gl.constexpr = q_n.shape[1]
+    dtype: gl.constexpr = q_n.dtype
+    ds_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dkn.type.layout, k_width=2)
+    # step i0: S^T, dP^T and dv's product in full; dS^T kept as the next step's register operand
+    mbarrier.wait(q_bar.index(i0 % STAGES), (i0 // STAGES) & 1)
+    s, dp = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i0, STAGES, s_l)
+    lse_q = _step_rows(lse_ptr, key0 + i0 * MQ, seqlen, float("inf"), MQ, s_l)
+    s, dp = warpgroup_mma_wait(0, deps=(s, dp))
+    p = _probs(s, offs_k, first_key, key0 + i0 * MQ, lse_q, dstart_ptr, seqlen, qk_scale, s_l, HAS_DOC)
+    delta_q = _step_rows(delta_ptr, key0 + i0 * MQ, seqlen, 0.0, MQ, s_l)
+    p_op = gl.convert_layout(p.to(dtype), ds_op)
+    dv = warpgroup_mma(p_op, d_o.index(i0 % STAGES), dv)
+    ds = gl.convert_layout((p * (dp - delta_q[None, :])).to(dtype), ds_op)
+    for i in range(i0 + 1, i1):
+        prev = (i - 1) % STAGES
+        slot = i % STAGES
+        start_q = key0 + i * MQ
+        mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
+        s_tok, dp_tok = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i, STAGES, s_l)
+        dkn_tok = warpgroup_mma(ds, q_n.index(prev), dkn, is_async=True)
+        dkp_tok = warpgroup_mma(ds, q_p.index(prev), dkp, is_async=True)
+        lse_q = _step_rows(lse_ptr, start_q, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
+        s = warpgroup_mma_wait(3, deps=(s_tok,))  # S^T_i done; dP^T_i and step i - 1's dk products may run
+        p = _probs(s, offs_k, first_key, start_q, lse_q, dstart_ptr, seqlen, qk_scale, s_l, HAS_DOC)
+        delta_q = _step_rows(delta_ptr, start_q, seqlen, 0.0, MQ, s_l)
+        p_op = gl.convert_layout(p.to(dtype), ds_op)
+        dv_tok = warpgroup_mma(p_op, d_o.index(slot), dv, is_async=True)
+        dp = warpgroup_mma_wait(3, deps=(dp_tok,))  # dP^T_i done
+        ds_next = (p * (dp - delta_q[None, :])).to(dtype)
+        dkn, dkp, dv, ds, p_op = warpgroup_mma_wait(0, deps=(dkn_tok, dkp_tok, dv_tok, ds, p_op))
+        mbarrier.arrive(q_free.index(prev))
+        ds = gl.convert_layout(ds_next, ds_op)
+    last = (i1 - 1) % STAGES
+    dkn = warpgroup_mma(ds, q_n.index(last), dkn)
+    dkp = warpgroup_mma(ds, q_p.index(last), dkp)
+    mbarrier.arrive(q_free.index(last))
+    return dkn, dkp, dv
+
+
+@gluon.jit
 def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dend_ptr,
                    dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads,
                    sm_scale, qk_scale, G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
     """Warpgroup G: dk_nope, dk_pe (per head, fp32) and dv of keys key0 + 64 G .. + 63, over the query steps
-    from its first key on to the end of its last key's document (of the sequence without documents). Steps
-    outside that range are waited for and released unread: a warpgroup that skipped a slot's fill would wait on
-    a parity one phase ahead, which an mbarrier takes as the phase before and passes at once."""
+    from its first key on to the end of its last key's document (of the sequence without documents); with
+    documents the steps are pipelined (_dkdv_steps_pipelined). Steps outside the range are waited for and
+    released unread: a warpgroup that skipped a slot's fill would wait on a parity one phase ahead, which an
+    mbarrier takes as the phase before and passes at once."""
     HK: gl.constexpr = kn.shape[1]
     DN: gl.constexpr = kn.shape[2]
     DR: gl.constexpr = kp.shape[2]
@@ -80,6 +169,9 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
     dn_l: gl.constexpr = _mma_layout(DN, NW)
     dr_l: gl.constexpr = _mma_layout(DR, NW)
     dv_l: gl.constexpr = _mma_layout(DV, NW)
+    # P^T and dS^T as register (A) operands: one layout serves the three products (wgmma's A side is 64 x 16
+    # fragments whatever the N)
+    ds_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dn_l, k_width=2)
     first_key = key0 + G * HK
     offs_k = first_key + gl.arange(0, HK, layout=gl.SliceLayout(1, s_l))
     kn_g = kn.index(G)
@@ -96,39 +188,29 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
         _release(q_bar, q_free, i, STAGES)
     mbarrier.wait(k_bar.index(G), 0)
     bh = pid_bh.to(gl.int64) * seqlen
-    for i in range(i0, i1):
-        slot = i % STAGES
-        mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
-        qn_s = q_n.index(slot)
-        qp_s = q_p.index(slot)
-        do_s = d_o.index(slot)
-        s = warpgroup_mma(kn_g, qn_s.permute((1, 0)), gl.zeros([HK, MQ], gl.float32, s_l), use_acc=False,
-                          is_async=True)
-        s = warpgroup_mma(kp_g, qp_s.permute((1, 0)), s, is_async=True)
-        dp = warpgroup_mma(v_g, do_s.permute((1, 0)), gl.zeros([HK, MQ], gl.float32, s_l), use_acc=False,
-                           is_async=True)
-        start_q = key0 + i * MQ
-        offs_q = start_q + gl.arange(0, MQ, layout=gl.SliceLayout(0, s_l))
-        q_ok = offs_q < seqlen
-        lse = gl.load(lse_ptr + bh + offs_q, mask=q_ok, other=float("inf"))  # queries past seqlen: P = 0
-        s = warpgroup_mma_wait(1, deps=(s,))  # S^T done; dP^T may still run
-        p = gl.exp2(s * qk_scale - lse[None, :])
-        if start_q < first_key + HK:  # the diagonal crosses this step
-            p = gl.where(offs_k[:, None] <= offs_q[None, :], p, 0.0)
-        if HAS_DOC:  # keys before a query's document start
-            dstart_q = gl.load(dstart_ptr + row0 + offs_q, mask=q_ok, other=0)
-            p = gl.where(offs_k[:, None] >= dstart_q[None, :], p, 0.0)
-        p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dv_l, k_width=2))
-        dv_tok = warpgroup_mma(p_op, do_s, dv, is_async=True)
-        delta = gl.load(delta_ptr + bh + offs_q, mask=q_ok, other=0.0)
-        dp = warpgroup_mma_wait(1, deps=(dp,))  # dP^T done; dv's product may still run
-        ds = (p * (dp - delta[None, :])).to(dtype)
-        ds_n = gl.convert_layout(ds, gl.DotOperandLayout(operand_index=0, parent=dn_l, k_width=2))
-        ds_r = gl.convert_layout(ds, gl.DotOperandLayout(operand_index=0, parent=dr_l, k_width=2))
-        dkn_tok = warpgroup_mma(ds_n, qn_s, dkn, is_async=True)
-        dkp_tok = warpgroup_mma(ds_r, qp_s, dkp, is_async=True)
-        dv, dkn, dkp, p_op, ds_n, ds_r = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok, p_op, ds_n, ds_r))
-        mbarrier.arrive(q_free.index(slot))
+    if HAS_DOC:  # the pipelined loop (measured faster with documents, slower without: see DKDV_WORKER_REGS)
+        if i1 > i0:
+            dkn, dkp, dv = _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr + bh,
+                                                 delta_ptr + bh, dstart_ptr + row0, dkn, dkp, dv, offs_k, first_key,
+                                                 key0, i0, i1, seqlen, qk_scale, STAGES, s_l, HAS_DOC)
+    else:
+        for i in range(i0, i1):  # S^T, P^T, dv's product, dP^T, dS^T, dk's products; then the next step
+            slot = i % STAGES
+            start_q = key0 + i * MQ
+            mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
+            s, dp = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i, STAGES, s_l)
+            lse_q = _step_rows(lse_ptr + bh, start_q, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
+            s = warpgroup_mma_wait(1, deps=(s,))  # S^T done; dP^T may still run
+            p = _probs(s, offs_k, first_key, start_q, lse_q, dstart_ptr + row0, seqlen, qk_scale, s_l, HAS_DOC)
+            p_op = gl.convert_layout(p.to(dtype), ds_op)
+            dv_tok = warpgroup_mma(p_op, d_o.index(slot), dv, is_async=True)
+            delta_q = _step_rows(delta_ptr + bh, start_q, seqlen, 0.0, MQ, s_l)
+            dp = warpgroup_mma_wait(1, deps=(dp,))  # dP^T done; dv's product may still run
+            ds = gl.convert_layout((p * (dp - delta_q[None, :])).to(dtype), ds_op)
+            dkn_tok = warpgroup_mma(ds, q_n.index(slot), dkn, is_async=True)
+            dkp_tok = warpgroup_mma(ds, q_p.index(slot), dkp, is_async=True)
+            dv, dkn, dkp, p_op, ds = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok, p_op, ds))
+            mbarrier.arrive(q_free.index(slot))
     for i in range(gl.maximum(i0, i1), n_steps):
         _release(q_bar, q_free, i, STAGES)
     _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dkn_hs, dn_l)
@@ -145,7 +227,8 @@ def _mla_bwd_dkdv_kernel_sm90(
 ):
     """dk_nope (the input dtype), dk_pe (fp32, per head) and dv, contiguous (bsz, seqlen, heads, .), of 128
     keys: warpgroup 0 is the default partition, warpgroup 1 and the loader warp the workers. With documents
-    (HAS_DOC; dstart, dend (bsz, seqlen) int32) the query steps end with the last key's document."""
+    (HAS_DOC; dstart, dend (bsz, seqlen) int32) the query steps end with the last key's document and are
+    pipelined."""
     HK: gl.constexpr = kn_desc.block_type.shape[0]
     MQ: gl.constexpr = qn_desc.block_type.shape[0]
     dtype: gl.constexpr = qn_desc.dtype
@@ -184,7 +267,7 @@ def _mla_bwd_dkdv_kernel_sm90(
                             v_col, STAGES)),
         ],
         DKDV_WORKER_WARPS,
-        DKDV_WORKER_REGS,
+        DKDV_WORKER_REGS_DOC if HAS_DOC else DKDV_WORKER_REGS,
     )
     for g in gl.static_range(2):
         mbarrier.invalidate(k_bar.index(g))
@@ -200,11 +283,18 @@ def _mla_bwd_dkdv_kernel_sm90(
 # with 4 slots 0.769-0.783 / 2.919-2.927, 3 slots 0.761-0.793 / 2.934-2.940; the loader as a 4-warp default
 # partition and both warpgroups at 240: 3 slots 0.767-0.769 / 2.968-3.004, 4 slots 0.766-0.779 / 2.957-2.958
 # (one call); as committed, in a later call: 0.771-0.776 / 2.977-3.047. Shared memory: the keys 80 KiB + 20 KiB
-# a slot.
+# a slot. The warpgroups' registers: the launch's pool is 12 warps x 168 = 64,512 a CTA, so the default
+# partition gets what the workers leave: 232 beside [248, 24] (not 256), 240 beside [240, 24].
+# With documents the pipelined steps (_dkdv_steps_pipelined), at [240, 24]: at [248, 24] ptxas (Triton 3.6)
+# spilled 64 B in the default partition's loop. H100, do_bench, in turn with the plain steps (ms, two rounds;
+# benchmarks/RESULTS.md): B4 S4096 3000-token documents 1.311-1.339 against 1.471-1.476, 512-token documents
+# 0.276 against 0.294, 64-token 0.147 against 0.148-0.149; without documents slower, 0.836-0.837 against
+# 0.807-0.808 at S4096 and 3.047-3.091 against 2.949-2.966 at S8192, so causal calls keep the plain steps.
 DKDV_CONFIG = (32, 4)
 HALF_K = 64  # keys a warpgroup; a program takes two
 DKDV_WORKER_WARPS = gl.constexpr([4, 1])
 DKDV_WORKER_REGS = gl.constexpr([248, 24])
+DKDV_WORKER_REGS_DOC = gl.constexpr([240, 24])
 
 
 def mla_dkdv_sm90(

@@ -276,3 +276,17 @@ def test_tensors_on_another_device_are_refused():
     q_nope, q_pe = q.split([k_nope.shape[-1], k_pe.shape[-1]], dim=-1)
     with pytest.raises(ValueError, match="k_pe is on meta, q on cpu"):
         _mla_fwd(q_nope, q_pe, k_nope, k_pe.to("meta"), v, None, 0.1)
+
+
+@pytest.mark.parametrize("heads", [16, 3])
+def test_shared_rope_key_gradient_head_sum(heads):
+    """The shared rope key's gradient is the per-head gradients (fp32) summed over heads, in k_pe's dtype: the
+    Triton pass (heads a power of two; rows not a multiple of its block) or torch's sum (3 heads)."""
+    from titan_dsv3.kernels.mla_attention_bwd import _head_sum
+
+    x = torch.randn(2, 37, heads, ROPE, generator=torch.Generator().manual_seed(0))
+    want = x.double().sum(2, keepdim=True)
+    got = _head_sum(x, torch.float32)
+    assert got.shape == (2, 37, 1, ROPE) and got.dtype == torch.float32
+    _close(got, want, 1e-6)
+    assert _head_sum(x, torch.bfloat16).dtype == torch.bfloat16
