@@ -279,12 +279,12 @@ def _mla_bwd_dkdv_kernel_sm90(
 
 # ---- launcher ------------------------------------------------------------------------------------------------
 # (query rows a step, ring slots). H200, B2 H16, in turn with the Triton kernel (ms, S4096 / S8192): this
-# arrangement (warpgroup 0 the default partition at 256 registers, warpgroup 1 at 248, the loader warp at 24)
+# arrangement (warpgroup 0 the default partition at 232 registers, warpgroup 1 at 248, the loader warp at 24)
 # with 4 slots 0.769-0.783 / 2.919-2.927, 3 slots 0.761-0.793 / 2.934-2.940; the loader as a 4-warp default
 # partition and both warpgroups at 240: 3 slots 0.767-0.769 / 2.968-3.004, 4 slots 0.766-0.779 / 2.957-2.958
 # (one call); as committed, in a later call: 0.771-0.776 / 2.977-3.047. Shared memory: the keys 80 KiB + 20 KiB
 # a slot. The warpgroups' registers: the launch's pool is 12 warps x 168 = 64,512 a CTA, so the default
-# partition gets what the workers leave: 232 beside [248, 24] (not 256), 240 beside [240, 24].
+# partition gets what the workers leave: 232 beside [248, 24], 240 beside [240, 24] (their PTX's setmaxnreg).
 # With documents the pipelined steps (_dkdv_steps_pipelined), at [240, 24]: at [248, 24] ptxas (Triton 3.6)
 # spilled 64 B in the default partition's loop. H100, do_bench, in turn with the plain steps (ms, two rounds;
 # benchmarks/RESULTS.md): B4 S4096 3000-token documents 1.311-1.339 against 1.471-1.476, 512-token documents

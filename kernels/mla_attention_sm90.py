@@ -457,10 +457,12 @@ def _mla_bwd_dq_kernel_sm90(
 FWD_CONFIG = (128, 2)
 DQ_CONFIG = (64, 3)
 HALF_M = 64  # query rows a warpgroup; a program takes two
-# Worker partitions and their registers a thread; the default partition (4 warps) gets what is left of the SM's
-# 64K: 128 x (default + the workers') <= 65,536 (a request past it would wait for ever). H200, B2 H16 (ms):
+# Worker partitions and their registers a thread; the default partition (4 warps) gets what the workers leave of
+# the launch's pool, 12 warps x 168 = 64,512 (a 1-warp worker takes a whole warpgroup's share, 128 x its count):
+# with dq's [224, 32] the default warpgroup runs at 248 (its PTX: setmaxnreg.inc 256, then .dec 248), not 256.
+# A request past the pool would wait for ever. H200, B2 H16 (ms):
 # - forward: the loader as the default partition (24 registers), both warpgroups workers at 240; against a
-#   warpgroup as the default (256), the other at 224 (64 B of spill) and a 1-warp loader at 32: S4096 0.316-0.327
+#   warpgroup as the default (248), the other at 224 (64 B of spill) and a 1-warp loader at 32: S4096 0.316-0.327
 #   against 0.330-0.331, S8192 1.222-1.232 against 1.300-1.304.
 # - dq: the second arrangement, 0.430-0.434 against 0.443-0.447 (S8192 1.681-1.686 against 1.705-1.727).
 FWD_WORKER_WARPS = gl.constexpr([4, 4])
