@@ -286,10 +286,11 @@ def _mla_bwd_dkdv_kernel_sm90(
 # a slot. The warpgroups' registers: the launch's pool is 12 warps x 168 = 64,512 a CTA, so the default
 # partition gets what the workers leave: 232 beside [248, 24], 240 beside [240, 24] (their PTX's setmaxnreg).
 # With documents the pipelined steps (_dkdv_steps_pipelined), at [240, 24]: at [248, 24] ptxas (Triton 3.6)
-# spilled 64 B in the default partition's loop. H100, do_bench, in turn with the plain steps (ms, two rounds;
-# benchmarks/RESULTS.md): B4 S4096 3000-token documents 1.311-1.339 against 1.471-1.476, 512-token documents
-# 0.276 against 0.294, 64-token 0.147 against 0.148-0.149; without documents slower, 0.836-0.837 against
-# 0.807-0.808 at S4096 and 3.047-3.091 against 2.949-2.966 at S8192, so causal calls keep the plain steps.
+# spilled 64-80 B, 7 reloads a step in the default partition's loop (at [240, 24] 32 B, 2 reloads a step in
+# one warpgroup's loop). H100, do_bench, in turn with the plain steps (ms, two rounds; benchmarks/RESULTS.md):
+# B4 S4096 3000-token documents 1.311-1.339 against 1.471-1.476, 512-token documents 0.276 against 0.294,
+# 64-token 0.147 against 0.148-0.149; without documents slower, 0.836-0.837 against 0.807-0.808 at S4096 and
+# 3.047-3.091 against 2.949-2.966 at S8192, so causal calls keep the plain steps.
 DKDV_CONFIG = (32, 4)
 HALF_K = 64  # keys a warpgroup; a program takes two
 DKDV_WORKER_WARPS = gl.constexpr([4, 1])
