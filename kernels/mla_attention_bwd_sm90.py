@@ -105,6 +105,37 @@ def _step_rows(ptr, start_q, seqlen, other, MQ: gl.constexpr, s_l: gl.constexpr)
 
 
 @gluon.jit
+def _dkdv_steps(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dkn, dkp, dv, offs_k,
+                first_key, key0, i0, i1, seqlen, qk_scale, STAGES: gl.constexpr, s_l: gl.constexpr,
+                HAS_DOC: gl.constexpr):
+    """Query steps i0 .. i1 - 1 of a warpgroup, one after the other: S^T, P^T, dv's product, dP^T, dS^T, dk's
+    products. Arguments as _dkdv_steps_pipelined's."""
+    MQ: gl.constexpr = q_n.shape[1]
+    dtype: gl.constexpr = q_n.dtype
+    # P^T and dS^T as register (A) operands: one layout serves the three products (wgmma's A side is 64 x 16
+    # fragments whatever the N)
+    ds_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dkn.type.layout, k_width=2)
+    for i in range(i0, i1):
+        slot = i % STAGES
+        start_q = key0 + i * MQ
+        mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
+        s, dp = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i, STAGES, s_l)
+        lse_q = _step_rows(lse_ptr, start_q, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
+        s = warpgroup_mma_wait(1, deps=(s,))  # S^T done; dP^T may still run
+        p = _probs(s, offs_k, first_key, start_q, lse_q, dstart_ptr, seqlen, qk_scale, s_l, HAS_DOC)
+        p_op = gl.convert_layout(p.to(dtype), ds_op)
+        dv_tok = warpgroup_mma(p_op, d_o.index(slot), dv, is_async=True)
+        delta_q = _step_rows(delta_ptr, start_q, seqlen, 0.0, MQ, s_l)
+        dp = warpgroup_mma_wait(1, deps=(dp,))  # dP^T done; dv's product may still run
+        ds = gl.convert_layout((p * (dp - delta_q[None, :])).to(dtype), ds_op)
+        dkn_tok = warpgroup_mma(ds, q_n.index(slot), dkn, is_async=True)
+        dkp_tok = warpgroup_mma(ds, q_p.index(slot), dkp, is_async=True)
+        dv, dkn, dkp, p_op, ds = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok, p_op, ds))
+        mbarrier.arrive(q_free.index(slot))
+    return dkn, dkp, dv
+
+
+@gluon.jit
 def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dkn, dkp,
                           dv, offs_k, first_key, key0, i0, i1, seqlen, qk_scale, STAGES: gl.constexpr,
                           s_l: gl.constexpr, HAS_DOC: gl.constexpr):
@@ -113,7 +144,7 @@ def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr
     P^T_i). lse_ptr, delta_ptr: this head's rows; dstart_ptr: this batch row's."""
     MQ: gl.constexpr = q_n.shape[1]
     dtype: gl.constexpr = q_n.dtype
-    ds_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dkn.type.layout, k_width=2)
+    ds_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dkn.type.layout, k_width=2)  # as above
     # step i0: S^T, dP^T and dv's product in full; dS^T kept as the next step's register operand
     mbarrier.wait(q_bar.index(i0 % STAGES), (i0 // STAGES) & 1)
     s, dp = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i0, STAGES, s_l)
@@ -164,14 +195,10 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
     DR: gl.constexpr = kp.shape[2]
     DV: gl.constexpr = v.shape[2]
     MQ: gl.constexpr = q_n.shape[1]
-    dtype: gl.constexpr = kn.dtype
     s_l: gl.constexpr = _mma_layout(MQ, NW)
     dn_l: gl.constexpr = _mma_layout(DN, NW)
     dr_l: gl.constexpr = _mma_layout(DR, NW)
     dv_l: gl.constexpr = _mma_layout(DV, NW)
-    # P^T and dS^T as register (A) operands: one layout serves the three products (wgmma's A side is 64 x 16
-    # fragments whatever the N)
-    ds_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dn_l, k_width=2)
     first_key = key0 + G * HK
     offs_k = first_key + gl.arange(0, HK, layout=gl.SliceLayout(1, s_l))
     kn_g = kn.index(G)
@@ -194,23 +221,9 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
                                                  delta_ptr + bh, dstart_ptr + row0, dkn, dkp, dv, offs_k, first_key,
                                                  key0, i0, i1, seqlen, qk_scale, STAGES, s_l, HAS_DOC)
     else:
-        for i in range(i0, i1):  # S^T, P^T, dv's product, dP^T, dS^T, dk's products; then the next step
-            slot = i % STAGES
-            start_q = key0 + i * MQ
-            mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
-            s, dp = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i, STAGES, s_l)
-            lse_q = _step_rows(lse_ptr + bh, start_q, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
-            s = warpgroup_mma_wait(1, deps=(s,))  # S^T done; dP^T may still run
-            p = _probs(s, offs_k, first_key, start_q, lse_q, dstart_ptr + row0, seqlen, qk_scale, s_l, HAS_DOC)
-            p_op = gl.convert_layout(p.to(dtype), ds_op)
-            dv_tok = warpgroup_mma(p_op, d_o.index(slot), dv, is_async=True)
-            delta_q = _step_rows(delta_ptr + bh, start_q, seqlen, 0.0, MQ, s_l)
-            dp = warpgroup_mma_wait(1, deps=(dp,))  # dP^T done; dv's product may still run
-            ds = gl.convert_layout((p * (dp - delta_q[None, :])).to(dtype), ds_op)
-            dkn_tok = warpgroup_mma(ds, q_n.index(slot), dkn, is_async=True)
-            dkp_tok = warpgroup_mma(ds, q_p.index(slot), dkp, is_async=True)
-            dv, dkn, dkp, p_op, ds = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok, p_op, ds))
-            mbarrier.arrive(q_free.index(slot))
+        dkn, dkp, dv = _dkdv_steps(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr + bh, delta_ptr + bh,
+                                   dstart_ptr + row0, dkn, dkp, dv, offs_k, first_key, key0, i0, i1, seqlen,
+                                   qk_scale, STAGES, s_l, HAS_DOC)
     for i in range(gl.maximum(i0, i1), n_steps):
         _release(q_bar, q_free, i, STAGES)
     _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dkn_hs, dn_l)
