@@ -258,7 +258,13 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale,
     )
     sm90 = sm90_kernels(q_nope, q_pe, k_nope, k_pe, v, do)
     if sm90 is not None:  # Hopper: the Gluon dk/dv and dq kernels
-        from titan_dsv3.kernels.mla_attention_bwd_sm90 import mla_dkdv_sm90
+        # dk/dv: causal calls split each step over two warpgroups; with documents the two-warpgroup kernel with
+        # whole steps measured faster (H100, B2 H16 S4096: causal 0.744 ms against 0.792; 3000-token documents,
+        # B4, 1.56-1.59 against 1.30-1.37; benchmarks/RESULTS.md)
+        if doc_bounds is None:
+            from titan_dsv3.kernels.mla_attention_dkdv_split_sm90 import mla_dkdv_split_sm90 as mla_dkdv_sm90
+        else:
+            from titan_dsv3.kernels.mla_attention_bwd_sm90 import mla_dkdv_sm90
 
         dk_nope, dk_pe_heads, dv = mla_dkdv_sm90(
             do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds, into=into and (into[2], into[3])

@@ -1,25 +1,22 @@
-"""The fused MLA attention's dk/dv kernel for Hopper (sm_90) in Gluon: the key-side half of the backward
-(kernels/mla_attention_bwd.py has the Triton kernels and the launcher that picks this one).
+"""The fused MLA attention's dk/dv kernel for Hopper (sm_90) in Gluon, for calls with documents: the key-side half
+of the backward (kernels/mla_attention_bwd.py has the Triton kernels and the launcher that picks this one;
+causal calls take mla_attention_dkdv_split_sm90.py's).
 
 A program owns 128 keys of one head: two warpgroups of 64 keys, each in its own partition, the keys the wgmma's
 M side. A 1-warp loader brings each warpgroup's k_nope | k_pe | v once, then streams the query side (q_nope,
-q_pe, dO; 32 rows a step, from the program's first key to the end) through a ring of STAGES slots both
-warpgroups read. A warpgroup's step:
+q_pe, dO; 32 rows a step, from the program's first key to the end of its last key's document) through a ring of
+STAGES slots both warpgroups read. A warpgroup's step:
   S^T = k q^T and dP^T = v dO^T from shared memory (64 x 32),
-  P^T = exp2(S^T scale - lse), causal mask on the diagonal steps,
+  P^T = exp2(S^T scale - lse), causal mask on the diagonal steps, keys before each query's document start masked,
   dv += P^T dO, with P^T as the register operand (only dO is read from shared memory),
-  dS^T = P^T (dP^T - delta), dk_nope += dS^T q_nope, dk_pe += dS^T q_pe, dS^T again from registers.
-These are the Triton kernel's products, operand for operand (its compiled code takes P^T and dS^T from
-registers too), so results are bit-equal. What differs is the warp specialisation: TMA loads by their own warp,
-each warpgroup at its own pace, and each query tile read once for 128 keys instead of the Triton program's 64.
-H200, B2 H16 (benchmarks/RESULTS.md): S4096 0.76-0.79 ms against Triton's 0.80-0.83, S8192 2.92-3.05 against
-3.16-3.27; which of those differences gives the gain was not measured. 64-row query steps would halve the
-shared-memory reads of S^T and dP^T but need more registers than a warpgroup has beside the 160 of
-accumulators (ptxas spilled 1.1 KB and serialised the wgmmas). With documents a step also masks keys before
-each query's document start, a warpgroup's steps end with its last key's document, and the steps are pipelined:
-step i's S^T and dP^T are issued before step i - 1's dk products, and P^T_i, dS^T_i formed while those run (the
-same products in the same order: bit-equal; H100, 1-11% faster with documents, 3-5% slower without, so
-causal calls keep the plain steps; see the launcher's notes).
+  dS^T = P^T (dP^T - delta), dk_nope += dS^T q_nope, dk_pe += dS^T q_pe, dS^T again from registers;
+pipelined: step i's S^T and dP^T are issued before step i - 1's dk products, and P^T_i, dS^T_i formed while
+those run. These are the Triton kernel's products, operand for operand, in the same order, so results are
+bit-equal. H200, B2 H16, causal, before the pipelining (benchmarks/RESULTS.md): S4096 0.76-0.79 ms against
+Triton's 0.80-0.83, S8192 2.92-3.05 against 3.16-3.27. 64-row query steps would halve the shared-memory reads of
+S^T and dP^T but need more registers than a warpgroup has beside the 160 of accumulators (ptxas spilled 1.1 KB
+and serialised the wgmmas); the split kernel gets them by moving the accumulators to its second warpgroup, and
+measured slower than this one with documents (see the launcher in mla_attention_bwd.py).
 Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
 """
 
@@ -105,37 +102,6 @@ def _step_rows(ptr, start_q, seqlen, other, MQ: gl.constexpr, s_l: gl.constexpr)
 
 
 @gluon.jit
-def _dkdv_steps(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dkn, dkp, dv, offs_k,
-                first_key, key0, i0, i1, seqlen, qk_scale, STAGES: gl.constexpr, s_l: gl.constexpr,
-                HAS_DOC: gl.constexpr):
-    """Query steps i0 .. i1 - 1 of a warpgroup, one after the other: S^T, P^T, dv's product, dP^T, dS^T, dk's
-    products. Arguments as _dkdv_steps_pipelined's."""
-    MQ: gl.constexpr = q_n.shape[1]
-    dtype: gl.constexpr = q_n.dtype
-    # P^T and dS^T as register (A) operands: one layout serves the three products (wgmma's A side is 64 x 16
-    # fragments whatever the N)
-    ds_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dkn.type.layout, k_width=2)
-    for i in range(i0, i1):
-        slot = i % STAGES
-        start_q = key0 + i * MQ
-        mbarrier.wait(q_bar.index(slot), (i // STAGES) & 1)
-        s, dp = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i, STAGES, s_l)
-        lse_q = _step_rows(lse_ptr, start_q, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
-        s = warpgroup_mma_wait(1, deps=(s,))  # S^T done; dP^T may still run
-        p = _probs(s, offs_k, first_key, start_q, lse_q, dstart_ptr, seqlen, qk_scale, s_l, HAS_DOC)
-        p_op = gl.convert_layout(p.to(dtype), ds_op)
-        dv_tok = warpgroup_mma(p_op, d_o.index(slot), dv, is_async=True)
-        delta_q = _step_rows(delta_ptr, start_q, seqlen, 0.0, MQ, s_l)
-        dp = warpgroup_mma_wait(1, deps=(dp,))  # dP^T done; dv's product may still run
-        ds = gl.convert_layout((p * (dp - delta_q[None, :])).to(dtype), ds_op)
-        dkn_tok = warpgroup_mma(ds, q_n.index(slot), dkn, is_async=True)
-        dkp_tok = warpgroup_mma(ds, q_p.index(slot), dkp, is_async=True)
-        dv, dkn, dkp, p_op, ds = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok, p_op, ds))
-        mbarrier.arrive(q_free.index(slot))
-    return dkn, dkp, dv
-
-
-@gluon.jit
 def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delta_ptr, dstart_ptr, dkn, dkp,
                           dv, offs_k, first_key, key0, i0, i1, seqlen, qk_scale, STAGES: gl.constexpr,
                           s_l: gl.constexpr, HAS_DOC: gl.constexpr):
@@ -186,8 +152,8 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
                    dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, pid_bh, row0, key0, off_h, n_steps, seqlen, n_heads,
                    sm_scale, qk_scale, G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, HAS_DOC: gl.constexpr):
     """Warpgroup G: dk_nope, dk_pe (per head, fp32) and dv of keys key0 + 64 G .. + 63, over the query steps
-    from its first key on to the end of its last key's document (of the sequence without documents); with
-    documents the steps are pipelined (_dkdv_steps_pipelined). Steps outside the range are waited for and
+    from its first key on to the end of its last key's document (of the sequence without documents),
+    pipelined (_dkdv_steps_pipelined). Steps outside the range are waited for and
     released unread: a warpgroup that skipped a slot's fill would wait on a parity one phase ahead, which an
     mbarrier takes as the phase before and passes at once."""
     HK: gl.constexpr = kn.shape[1]
@@ -215,15 +181,10 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
         _release(q_bar, q_free, i, STAGES)
     mbarrier.wait(k_bar.index(G), 0)
     bh = pid_bh.to(gl.int64) * seqlen
-    if HAS_DOC:  # the pipelined loop (measured faster with documents, slower without: see DKDV_WORKER_REGS)
-        if i1 > i0:
-            dkn, dkp, dv = _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr + bh,
-                                                 delta_ptr + bh, dstart_ptr + row0, dkn, dkp, dv, offs_k, first_key,
-                                                 key0, i0, i1, seqlen, qk_scale, STAGES, s_l, HAS_DOC)
-    else:
-        dkn, dkp, dv = _dkdv_steps(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr + bh, delta_ptr + bh,
-                                   dstart_ptr + row0, dkn, dkp, dv, offs_k, first_key, key0, i0, i1, seqlen,
-                                   qk_scale, STAGES, s_l, HAS_DOC)
+    if i1 > i0:
+        dkn, dkp, dv = _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr + bh,
+                                             delta_ptr + bh, dstart_ptr + row0, dkn, dkp, dv, offs_k, first_key,
+                                             key0, i0, i1, seqlen, qk_scale, STAGES, s_l, HAS_DOC)
     for i in range(gl.maximum(i0, i1), n_steps):
         _release(q_bar, q_free, i, STAGES)
     _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dkn_hs, dn_l)
@@ -280,7 +241,7 @@ def _mla_bwd_dkdv_kernel_sm90(
                             v_col, STAGES)),
         ],
         DKDV_WORKER_WARPS,
-        DKDV_WORKER_REGS_DOC if HAS_DOC else DKDV_WORKER_REGS,
+        DKDV_WORKER_REGS,
     )
     for g in gl.static_range(2):
         mbarrier.invalidate(k_bar.index(g))
@@ -298,17 +259,15 @@ def _mla_bwd_dkdv_kernel_sm90(
 # (one call); as committed, in a later call: 0.771-0.776 / 2.977-3.047. Shared memory: the keys 80 KiB + 20 KiB
 # a slot. The warpgroups' registers: the launch's pool is 12 warps x 168 = 64,512 a CTA, so the default
 # partition gets what the workers leave: 232 beside [248, 24], 240 beside [240, 24] (their PTX's setmaxnreg).
-# With documents the pipelined steps (_dkdv_steps_pipelined), at [240, 24]: at [248, 24] ptxas (Triton 3.6)
-# spilled 64-80 B, 7 reloads a step in the default partition's loop (at [240, 24] 32 B, 2 reloads a step in
-# one warpgroup's loop). H100, do_bench, in turn with the plain steps (ms, two rounds; benchmarks/RESULTS.md):
-# B4 S4096 3000-token documents 1.311-1.339 against 1.471-1.476, 512-token documents 0.276 against 0.294,
-# 64-token 0.147 against 0.148-0.149; without documents slower, 0.836-0.837 against 0.807-0.808 at S4096 and
-# 3.047-3.091 against 2.949-2.966 at S8192, so causal calls keep the plain steps.
+# The pipelined steps (_dkdv_steps_pipelined) at [240, 24]: at [248, 24] ptxas (Triton 3.6) spilled 64-80 B, 7
+# reloads a step in the default partition's loop (at [240, 24] 32 B, 2 reloads a step in one warpgroup's loop).
+# H100, do_bench, in turn with the steps unpipelined (ms, two rounds; benchmarks/RESULTS.md): B4 S4096 3000-token
+# documents 1.311-1.339 against 1.471-1.476, 512-token documents 0.276 against 0.294, 64-token 0.147 against
+# 0.148-0.149; causal, 0.836-0.837 against 0.807-0.808 at S4096, where the split kernel now takes the call.
 DKDV_CONFIG = (32, 4)
 HALF_K = 64  # keys a warpgroup; a program takes two
 DKDV_WORKER_WARPS = gl.constexpr([4, 1])
-DKDV_WORKER_REGS = gl.constexpr([248, 24])
-DKDV_WORKER_REGS_DOC = gl.constexpr([240, 24])
+DKDV_WORKER_REGS = gl.constexpr([240, 24])
 
 
 def mla_dkdv_sm90(

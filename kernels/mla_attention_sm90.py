@@ -588,19 +588,30 @@ def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
 
 def compile_builds() -> list[tuple[str, object, dict[str, str], dict]]:
     """Every build of the Gluon MLA kernels the launchers make, as (label, kernel, argument types, constexprs):
-    forward, dq and dk/dv (mla_attention_bwd_sm90.py), each with and without documents, dq also with UNROTATE.
-    The compile test checks them; benchmarks/compile_kernels_sm90.py reports them."""
+    forward and dq with and without documents (dq also with UNROTATE), dk/dv with documents
+    (mla_attention_bwd_sm90.py) and without (mla_attention_dkdv_split_sm90.py). The compile test checks them;
+    benchmarks/compile_kernels_sm90.py reports them."""
     from titan_dsv3.kernels import mla_attention_bwd_sm90 as B
+    from titan_dsv3.kernels import mla_attention_dkdv_split_sm90 as S
 
     builds = []
     unrotate = ({"UNROTATE": False}, {"UNROTATE": True})
-    for kernel, block_n, block_m, stages, extra in (  # configs: (key rows, slots); dk/dv (query rows, slots)
-        (_mla_fwd_kernel_sm90, FWD_CONFIG[0], HALF_M, FWD_CONFIG[1], ({},)),
-        (_mla_bwd_dq_kernel_sm90, DQ_CONFIG[0], HALF_M, DQ_CONFIG[1], unrotate),
-        (B._mla_bwd_dkdv_kernel_sm90, B.HALF_K, B.DKDV_CONFIG[0], B.DKDV_CONFIG[1], ({},)),
+    both = (False, True)
+    for (
+        kernel,
+        block_n,
+        block_m,
+        stages,
+        docs,
+        extra,
+    ) in (  # configs: (key rows, slots); dk/dv (query rows, slots)
+        (_mla_fwd_kernel_sm90, FWD_CONFIG[0], HALF_M, FWD_CONFIG[1], both, ({},)),
+        (_mla_bwd_dq_kernel_sm90, DQ_CONFIG[0], HALF_M, DQ_CONFIG[1], both, unrotate),
+        (B._mla_bwd_dkdv_kernel_sm90, B.HALF_K, B.DKDV_CONFIG[0], B.DKDV_CONFIG[1], (True,), ({},)),
+        (S._mla_bwd_dkdv_split_kernel_sm90, S.SPLIT_K, S.SPLIT_CONFIG[0], S.SPLIT_CONFIG[1], (False,), ({},)),
     ):
         types = argument_types(block_n, block_m)
-        for doc in (False, True):
+        for doc in docs:
             for more in extra:
                 consts = {"STAGES": stages, "HAS_DOC": doc, "num_warps": 4, **more}
                 label = f"{kernel.fn.__name__} HAS_DOC={doc}" + "".join(f" {k}={v}" for k, v in more.items())

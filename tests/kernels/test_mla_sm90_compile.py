@@ -1,10 +1,10 @@
-"""The Gluon MLA forward and dq kernels for Hopper (kernels/mla_attention_sm90.py) and the dk/dv kernel
-(kernels/mla_attention_bwd_sm90.py) compile for sm_90 with the installed Triton, without a GPU (every build the
-launchers make, mla_attention_sm90.compile_builds: each with and without document masks, dq also storing the
-gradient before RoPE), into the design their docstrings state: warp-specialised (a TMA loader, the two
-warpgroups given more registers), arithmetic running while products are still in flight (forward: the step
-before's PV; dq: two, the block before's dq products; dk/dv: dP^T, then dv's, and with documents three, dP^T
-and the step before's dk products), and no wgmma serialised by ptxas (its C751x notes).
+"""The Gluon MLA forward and dq kernels for Hopper (kernels/mla_attention_sm90.py) and the dk/dv kernels
+(kernels/mla_attention_bwd_sm90.py with documents, kernels/mla_attention_dkdv_split_sm90.py without) compile for
+sm_90 with the installed Triton, without a GPU (every build the launchers make, mla_attention_sm90.compile_builds),
+into the design their docstrings state: warp-specialised (a TMA loader, the warpgroups given more registers),
+arithmetic running while products are still in flight (forward: the step before's PV; dq: two, the block before's
+dq products; dk/dv with documents: three, dP^T and the step before's dk products; split dk/dv: dP^T while P^T is
+formed), and no wgmma serialised by ptxas (its C751x notes).
 Their numerics are checked on GPU (tests/gpu/test_mla_attention_gpu.py). The compile runs in a subprocess
 (sm90_compile.py).
 """
@@ -25,10 +25,10 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.slow
 def test_gluon_mla_kernels_compile_for_sm90_as_designed():
     got = sm90_compile.run(SCRIPT)
-    # forward, dq and dk/dv, each with and without documents; dq with and without UNROTATE
+    # forward and dq with and without documents, dq with and without UNROTATE; dk/dv with, split dk/dv without
     assert len(got) == 8
     for name, feats in got.items():
-        in_flight = {"_mla_fwd": 1, "_mla_bwd_dq": 2, "_mla_bwd_dkdv": 3 if "HAS_DOC=True" in name else 1}[
+        in_flight = {"_mla_fwd": 1, "_mla_bwd_dq": 2, "_mla_bwd_dkdv": 3, "_mla_bwd_dkdv_split": 1}[
             name.split("_kernel")[0]
         ]
         assert feats["wgmma"] and feats["tma"], (name, feats)
