@@ -8,7 +8,7 @@ log2(e)) and saves the log-sum-exp per row. The backward (kernels/mla_attention_
 probabilities twice: per key block for dk/dv, and per query block for dq; no atomics, results are deterministic.
 Longest causal loops start first. On Hopper the forward and dq run as the warp-specialised Gluon kernels of
 mla_attention_sm90.py instead (SM90 below), with or without documents, and dk/dv as the one of
-mla_attention_bwd_sm90.py. The model calls mla_attention_rope.py, which takes q before RoPE and kv whole.
+mla_attention_dkdv_split_sm90.py (causal) or mla_attention_bwd_sm90.py (documents). The model calls mla_attention_rope.py, which takes q before RoPE and kv whole.
 
 Scope and limits:
 - q_nope, k_nope: (bsz, seqlen, heads, nope); q_pe: (bsz, seqlen, heads, rope); k_pe: (bsz, seqlen, 1 or heads,
@@ -212,11 +212,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (t.stride(2) if t.shape[2] > 1 else 0)
 
 
-# Hopper: the Gluon forward and dq kernels of mla_attention_sm90.py and the dk/dv kernel of
-# mla_attention_bwd_sm90.py, causal and within documents (TMA, asynchronous wgmma; the same results to fp32
-# rounding order, dk/dv bit-equal). H200, B2 H16 S4096: forward 0.29-0.33 ms against Triton's 0.40, dq 0.39-0.43
-# against 0.55, dk/dv 0.76-0.79 against 0.80-0.83 (benchmarks/RESULTS.md). False keeps the Triton kernels (the
-# GPU test compares the two).
+# Hopper: the Gluon forward and dq kernels of mla_attention_sm90.py and the dk/dv kernels of
+# mla_attention_dkdv_split_sm90.py (causal) and mla_attention_bwd_sm90.py (within documents) (TMA, asynchronous
+# wgmma; the same results to fp32 rounding order, dk/dv bit-equal). H200, B2 H16 S4096: forward 0.29-0.33 ms
+# against Triton's 0.40, dq 0.39-0.43 against 0.55, dk/dv 0.76-0.79 against 0.80-0.83; H100, the split dk/dv
+# 0.74 (benchmarks/RESULTS.md). False keeps the Triton kernels (the GPU test compares the two).
 SM90 = True
 
 

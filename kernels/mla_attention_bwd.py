@@ -6,8 +6,8 @@ forward's log-sum-exp, so the backward does 7 matmuls where a single pass would 
 more registers than either (spills on sm_90), and the dq accumulation across key blocks would need atomics.
 No atomics: results are deterministic. Storing dS from the dk/dv pass for a dq GEMM was measured slower (H200,
 benchmarks/RESULTS.md). On Hopper (mla_attention.SM90) dq comes from the Gluon kernel of mla_attention_sm90.py
-and dk/dv from the one of mla_attention_bwd_sm90.py. See the forward's file for shapes, masks
-and scope.
+and dk/dv from mla_attention_dkdv_split_sm90.py (causal) or mla_attention_bwd_sm90.py (documents). See the
+forward's file for shapes, masks and scope.
 """
 
 import torch
