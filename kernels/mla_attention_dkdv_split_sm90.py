@@ -32,13 +32,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from titan_dsv3.kernels.mla_attention import _LOG2E
-from titan_dsv3.kernels.mla_attention_bwd_sm90 import _issue_sdp, _probs, _step_rows
+from titan_dsv3.kernels.mla_attention_bwd_sm90 import (
+    _issue_sdp,
+    _load_query_steps,
+    _probs,
+    _query_ring,
+    _step_rows,
+    _store_dkdv,
+)
 from titan_dsv3.kernels.mla_attention_sm90 import (
     _head_strides,
     _load_three,
     _mma_layout,
     _rows_desc,
-    _store_rows,
 )
 
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the partition's threads; 3.9: gl.barrier
@@ -50,13 +56,9 @@ def _split_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v
                   q_free, row0, key0, off_h, n_steps, qn_col, qp_col, do_col, kn_col, kp_col, v_col,
                   STAGES: gl.constexpr):
     """The keys once, then query step i's tiles into slot i % STAGES once both warpgroups released it."""
-    MQ: gl.constexpr = qn_desc.block_type.shape[0]
     _load_three(k_bar, row0 + key0, off_h, kn_desc, kn_col, kn, kp_desc, kp_col, kp, v_desc, v_col, v)
-    for i in range(n_steps):
-        slot = i % STAGES
-        mbarrier.wait(q_free.index(slot), ((i // STAGES) & 1) ^ 1)
-        _load_three(q_bar.index(slot), row0 + key0 + i * MQ, off_h, qn_desc, qn_col, q_n.index(slot), qp_desc,
-                    qp_col, q_p.index(slot), do_desc, do_col, d_o.index(slot))
+    _load_query_steps(qn_desc, qp_desc, do_desc, q_n, q_p, d_o, q_bar, q_free, row0 + key0, off_h, n_steps, qn_col,
+                      qp_col, do_col, STAGES)
 
 
 @gluon.jit
@@ -134,9 +136,7 @@ def _split_dkdv(d_o, q_n, q_p, q_bar, q_free, pt_buf, ds_buf, ready, free, dkn_p
         dv, dkn, dkp = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok))
         mbarrier.arrive(free.index(buf))
         mbarrier.arrive(q_free.index(slot))
-    _store_rows(dkn_ptr, dkn * sm_scale, row0, key0, off_h, n_heads, seqlen, dkn_hs, dn_l)
-    _store_rows(dkp_ptr, dkp * sm_scale, row0, key0, off_h, n_heads, seqlen, DR, dr_l)
-    _store_rows(dv_ptr, dv, row0, key0, off_h, n_heads, seqlen, dv_hs, dv_l)
+    _store_dkdv(dkn, dkp, dv, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, row0, key0, off_h, n_heads, seqlen, sm_scale)
 
 
 @gluon.jit
@@ -155,9 +155,7 @@ def _mla_bwd_dkdv_split_kernel_sm90(
     kn = gl.allocate_shared_memory(dtype, [HK, kn_desc.block_type.shape[1]], kn_desc.layout)
     kp = gl.allocate_shared_memory(dtype, [HK, kp_desc.block_type.shape[1]], kp_desc.layout)
     v = gl.allocate_shared_memory(dtype, [HK, v_desc.block_type.shape[1]], v_desc.layout)
-    q_n = gl.allocate_shared_memory(dtype, [STAGES, MQ, qn_desc.block_type.shape[1]], qn_desc.layout)
-    q_p = gl.allocate_shared_memory(dtype, [STAGES, MQ, qp_desc.block_type.shape[1]], qp_desc.layout)
-    d_o = gl.allocate_shared_memory(dtype, [STAGES, MQ, do_desc.block_type.shape[1]], do_desc.layout)
+    q_n, q_p, d_o = _query_ring(qn_desc, qp_desc, do_desc, STAGES)
     ds_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HK, MQ], dtype)
     pt_buf = gl.allocate_shared_memory(dtype, [2, HK, MQ], ds_l)
     ds_buf = gl.allocate_shared_memory(dtype, [2, HK, MQ], ds_l)
