@@ -169,11 +169,17 @@ def _query_ring(qn_desc, qp_desc, do_desc, STAGES: gl.constexpr):
 
 @gluon.jit
 def _store_dkdv(dkn, dkp, dv, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, row0, first_key, off_h, n_heads, seqlen,
-                sm_scale):
-    """A warpgroup's dk_nope, dk_pe (both times the softmax scale) and dv into rows first_key.. of head off_h."""
-    _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dkn_hs, dkn.type.layout)
-    _store_rows(dkp_ptr, dkp * sm_scale, row0, first_key, off_h, n_heads, seqlen, dkp.shape[1], dkp.type.layout)
-    _store_rows(dv_ptr, dv, row0, first_key, off_h, n_heads, seqlen, dv_hs, dv.type.layout)
+                sm_scale, NW: gl.constexpr):
+    """A warpgroup's dk_nope, dk_pe (both times the softmax scale) and dv (wgmma accumulators of NW warps) into rows
+    first_key.. of head off_h. The layouts are rebuilt, not read off the tensors: Triton 3.6 cannot pass a
+    tensor's layout on as an argument."""
+    DR: gl.constexpr = dkp.shape[1]
+    dn_l: gl.constexpr = _mma_layout(dkn.shape[1], NW)
+    dr_l: gl.constexpr = _mma_layout(DR, NW)
+    dv_l: gl.constexpr = _mma_layout(dv.shape[1], NW)
+    _store_rows(dkn_ptr, dkn * sm_scale, row0, first_key, off_h, n_heads, seqlen, dkn_hs, dn_l)
+    _store_rows(dkp_ptr, dkp * sm_scale, row0, first_key, off_h, n_heads, seqlen, DR, dr_l)
+    _store_rows(dv_ptr, dv, row0, first_key, off_h, n_heads, seqlen, dv_hs, dv_l)
 
 
 @gluon.jit
@@ -217,7 +223,7 @@ def _dkdv_consumer(kn, kp, v, k_bar, q_n, q_p, d_o, q_bar, q_free, lse_ptr, delt
     for i in range(gl.maximum(i0, i1), n_steps):
         _release(q_bar, q_free, i, STAGES)
     _store_dkdv(dkn, dkp, dv, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, row0, first_key, off_h, n_heads, seqlen,
-                sm_scale)
+                sm_scale, NW)
 
 
 @gluon.jit

@@ -136,7 +136,8 @@ def _split_dkdv(d_o, q_n, q_p, q_bar, q_free, pt_buf, ds_buf, ready, free, dkn_p
         dv, dkn, dkp = warpgroup_mma_wait(0, deps=(dv_tok, dkn_tok, dkp_tok))
         mbarrier.arrive(free.index(buf))
         mbarrier.arrive(q_free.index(slot))
-    _store_dkdv(dkn, dkp, dv, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, row0, key0, off_h, n_heads, seqlen, sm_scale)
+    _store_dkdv(dkn, dkp, dv, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, row0, key0, off_h, n_heads, seqlen, sm_scale,
+                NW)
 
 
 @gluon.jit
