@@ -309,16 +309,27 @@ def mla_dkdv_sm90(
     mla_attention_bwd._dkdv returns them, given the forward's lse and delta = rowsum(o * do); config (query rows
     a step, ring slots); into: views to write dk_nope and dv to (rows heads apart, as slices of one gradient)."""
     block_m, stages = config or DKDV_CONFIG
+    return launch_dkdv(_mla_bwd_dkdv_kernel_sm90, HALF_K, 2 * HALF_K, block_m, stages, do, q_nope, q_pe, k_nope,
+                       k_pe, v, lse, delta, scale, doc_bounds, into)  # fmt: skip
+
+
+# fmt: off
+def launch_dkdv(kernel, key_rows, program_keys, block_m, stages, do, q_nope, q_pe, k_nope, k_pe, v, lse, delta,
+                scale, doc_bounds, into):
+    """Both Gluon dk/dv kernels' launch (this file's and mla_attention_dkdv_split_sm90.py's, same arguments):
+    the outputs, the TMA descriptors (block_m query rows, key_rows key rows a tile), a program for each
+    program_keys keys of a head."""
     bsz, seqlen, heads, nope = q_nope.shape
     dk_nope, dv = into or (torch.empty(bsz, seqlen, heads, d, device=v.device, dtype=v.dtype)
-                           for d in (nope, v.shape[-1]))  # fmt: skip
+                           for d in (nope, v.shape[-1]))
     dk_pe_heads = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=torch.float32)
     (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, block_m) for t in (q_nope, q_pe, do))
-    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, HALF_K) for t in (k_nope, k_pe, v))
+    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, key_rows) for t in (k_nope, k_pe, v))
     dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
-    _mla_bwd_dkdv_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_K))](
+    kernel[(bsz * heads, triton.cdiv(seqlen, program_keys))](
         qn, qp, kn, kp, vd, dod, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv, qn_c, qp_c, kn_c, kp_c, v_c,
         do_c, *_head_strides(dk_nope, dv), seqlen, heads, scale, scale * _LOG2E, STAGES=stages,
         HAS_DOC=doc_bounds is not None, num_warps=4,
-    )  # fmt: skip
+    )
     return dk_nope, dk_pe_heads, dv
+# fmt: on

@@ -20,8 +20,6 @@ kernel's, so results are bit-equal to it (checked on H100: causal and document c
 Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
 """
 
-import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -31,7 +29,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from titan_dsv3.kernels.mla_attention import _LOG2E
 from titan_dsv3.kernels.mla_attention_bwd_sm90 import (
     _issue_sdp,
     _load_query_steps,
@@ -39,12 +36,11 @@ from titan_dsv3.kernels.mla_attention_bwd_sm90 import (
     _query_ring,
     _step_rows,
     _store_dkdv,
+    launch_dkdv,
 )
 from titan_dsv3.kernels.mla_attention_sm90 import (
-    _head_strides,
     _load_three,
     _mma_layout,
-    _rows_desc,
 )
 
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the partition's threads; 3.9: gl.barrier
@@ -222,16 +218,5 @@ def mla_dkdv_split_sm90(
     """As mla_attention_bwd_sm90.mla_dkdv_sm90: dk_nope, dk_pe per head (fp32), dv; config (query rows a step,
     ring slots); into: views to write dk_nope and dv to."""
     block_m, stages = config or SPLIT_CONFIG
-    bsz, seqlen, heads, nope = q_nope.shape
-    dk_nope, dv = into or (torch.empty(bsz, seqlen, heads, d, device=v.device, dtype=v.dtype)
-                           for d in (nope, v.shape[-1]))  # fmt: skip
-    dk_pe_heads = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=torch.float32)
-    (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, block_m) for t in (q_nope, q_pe, do))
-    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, SPLIT_K) for t in (k_nope, k_pe, v))
-    dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
-    _mla_bwd_dkdv_split_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, SPLIT_K))](
-        qn, qp, kn, kp, vd, dod, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv, qn_c, qp_c, kn_c, kp_c, v_c,
-        do_c, *_head_strides(dk_nope, dv), seqlen, heads, scale, scale * _LOG2E, STAGES=stages,
-        HAS_DOC=doc_bounds is not None, num_warps=4,
-    )  # fmt: skip
-    return dk_nope, dk_pe_heads, dv
+    return launch_dkdv(_mla_bwd_dkdv_split_kernel_sm90, SPLIT_K, SPLIT_K, block_m, stages, do, q_nope, q_pe, k_nope,
+                       k_pe, v, lse, delta, scale, doc_bounds, into)  # fmt: skip
