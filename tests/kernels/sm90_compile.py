@@ -48,9 +48,20 @@ def design(ttgir, ptx, serialised):
 '''
 
 
-def run(body: str) -> dict:
-    """PRELUDE + body (which prints RESULT and a JSON object) in a Python without TRITON_INTERPRET: the object."""
+# A directory holding another Triton (its package unpacked from the wheel) to compile with as well: the GPU
+# machines run Triton 3.6 while CI installs the newest, and a kernel that only the older one rejects would pass
+# here unseen (.ci/run sets it; without it the tests compile with the installed Triton alone).
+SIDE_TRITON = os.environ.get("TITAN_SM90_SIDE_TRITON")
+TRITONS = ["installed"] + (["side"] if SIDE_TRITON else [])  # what the compile tests parametrise over
+
+
+def run(body: str, side: bool = False) -> dict:
+    """PRELUDE + body (which prints RESULT and a JSON object) in a Python without TRITON_INTERPRET: the object.
+    side: with the Triton in SIDE_TRITON ahead of the installed one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if side:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (SIDE_TRITON, env.get("PYTHONPATH")) if p)
+        body = f"assert triton.__file__.startswith({SIDE_TRITON!r}), triton.__file__\n" + body
     proc = subprocess.run(
         [sys.executable, "-c", PRELUDE + body], capture_output=True, text=True, env=env, timeout=600
     )

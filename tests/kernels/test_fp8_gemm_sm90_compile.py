@@ -1,5 +1,6 @@
 """The Gluon FP8 GEMMs for Hopper (kernels/fp8_grouped_gemm_sm90.py) compile for sm_90 with the installed Triton,
-without a GPU, into the design their docstrings state. Gluon has no interpreter, so on the CPU machine this is
+without a GPU (and with the GPU machines' Triton where CI provides it: sm90_compile.SIDE_TRITON), into the
+design their docstrings state. Gluon has no interpreter, so on the CPU machine this is
 what can be checked of them: that they build (the Gluon API moves between Triton releases: 3.6 names the TMA
 load async_copy_global_to_shared, 3.9 async_load), and that the compiled code keeps one wgmma in flight while the
 slice before it is rescaled, loads by TMA, and runs a warp-specialised loader beside consumers that were given
@@ -29,8 +30,9 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_gluon_gemms_compile_for_sm90_as_designed():
-    got = sm90_compile.run(SCRIPT)
+@pytest.mark.parametrize("triton_build", sm90_compile.TRITONS)
+def test_gluon_gemms_compile_for_sm90_as_designed(triton_build):
+    got = sm90_compile.run(SCRIPT, side=triton_build == "side")
     for name in ("_gemm_scatter_kernel_sm90_ws", "_wgrad_kernel_sm90_ws"):
         feats = got[name]
         assert feats["wgmma"] and feats["tma"] and 1 in feats["pendings"], (name, feats)
@@ -63,13 +65,14 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_gluon_quantisation_passes_transpose_bf16_inputs():
+@pytest.mark.parametrize("triton_build", sm90_compile.TRITONS)
+def test_gluon_quantisation_passes_transpose_bf16_inputs(triton_build):
     """The Gluon SwiGLU-backward pass, activation and weight quantisers (kernels/fp8_quant_sm90.py) compile for
     sm_90 into what they were written for: no byte-wide shared-memory stores (the Triton passes make 192 and 128 a
     thread to transpose their fp8 outputs), 16-byte global stores, nothing spilled to local memory; the
     activation quantiser's bf16 tile transposed by ldmatrix, the other two's inputs staged by 16-byte cp.async
     copies (with 8 warps 24 a thread for the SwiGLU backward's 96 KiB, 8 for a weight block's 32)."""
-    got_all = sm90_compile.run(PASS_SCRIPT)
+    got_all = sm90_compile.run(PASS_SCRIPT, side=triton_build == "side")
     for name, got in got_all.items():
         assert got["st.shared.b8"] == 0 and got["st.local"] == 0, (name, got)
         assert got["st.global.v4"] > 0, (name, got)

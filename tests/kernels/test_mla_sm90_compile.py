@@ -4,7 +4,8 @@ sm_90 with the installed Triton, without a GPU (every build the launchers make, 
 into the design their docstrings state: warp-specialised (a TMA loader, the warpgroups given more registers),
 arithmetic running while products are still in flight (forward: the step before's PV; dq: two, the block before's
 dq products; dk/dv with documents: three, dP^T and the step before's dk products; split dk/dv: dP^T while P^T is
-formed), and no wgmma serialised by ptxas (its C751x notes).
+formed), and no wgmma serialised by ptxas (its C751x notes). CI compiles them with the GPU machines' Triton
+too (TITAN_SM90_SIDE_TRITON, sm90_compile.py).
 Their numerics are checked on GPU (tests/gpu/test_mla_attention_gpu.py). The compile runs in a subprocess
 (sm90_compile.py).
 """
@@ -23,8 +24,9 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_gluon_mla_kernels_compile_for_sm90_as_designed():
-    got = sm90_compile.run(SCRIPT)
+@pytest.mark.parametrize("triton_build", sm90_compile.TRITONS)
+def test_gluon_mla_kernels_compile_for_sm90_as_designed(triton_build):
+    got = sm90_compile.run(SCRIPT, side=triton_build == "side")
     # forward and dq with and without documents, dq with and without UNROTATE; dk/dv with, split dk/dv without
     assert len(got) == 8
     for name, feats in got.items():
