@@ -5,9 +5,9 @@ that see it, and dq per query block, looping over its key blocks. Each recompute
 forward's log-sum-exp, so the backward does 7 matmuls where a single pass would do 5; one fused kernel needed
 more registers than either (spills on sm_90), and the dq accumulation across key blocks would need atomics.
 No atomics: results are deterministic. Storing dS from the dk/dv pass for a dq GEMM was measured slower (H200,
-benchmarks/RESULTS.md). On Hopper (mla_attention.SM90) dq comes from the Gluon kernel of mla_attention_sm90.py
-and dk/dv from mla_attention_dkdv_split_sm90.py (causal) or mla_attention_bwd_sm90.py (documents). See the
-forward's file for shapes, masks and scope.
+benchmarks/RESULTS.md). On Hopper (mla_attention.SM90) the Gluon dq kernel of mla_attention_sm90.py runs first
+and forms delta itself (no row-sum pass), then dk/dv from mla_attention_dkdv_split_sm90.py (causal) or
+mla_attention_bwd_sm90.py (documents). See the forward's file for shapes, masks and scope.
 """
 
 import torch
@@ -252,12 +252,12 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale,
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
     bsz, seqlen, heads, _ = q_nope.shape
     dim_v = v.shape[-1]
-    delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(bsz * heads, triton.cdiv(seqlen, 64))](
-        out, do, delta, *_strides(out), *_strides(do), seqlen, heads, DV=dim_v, BLOCK_M=64
-    )
     sm90 = sm90_kernels(q_nope, q_pe, k_nope, k_pe, v, do)
-    if sm90 is not None:  # Hopper: the Gluon dk/dv and dq kernels
+    if sm90 is not None:  # Hopper: the Gluon dq kernel (which also forms delta), then dk/dv
+        dq_nope, dq_pe, delta = sm90.mla_dq_sm90(
+            do, q_nope, q_pe, k_nope, k_pe, v, out, lse, scale, doc_bounds, into=into and into[:2],
+            cos_sin=cos_sin,
+        )  # fmt: skip
         # dk/dv: causal calls split each step over two warpgroups; with documents the two-warpgroup kernel with
         # whole steps measured faster (H100, B2 H16 S4096: causal 0.744 ms against 0.792; 3000-token documents,
         # B4, 1.56-1.59 against 1.30-1.37; benchmarks/RESULTS.md)
@@ -269,11 +269,11 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale,
         dk_nope, dk_pe_heads, dv = mla_dkdv_sm90(
             do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds, into=into and (into[2], into[3])
         )
-        dq_nope, dq_pe = sm90.mla_dq_sm90(
-            do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds, into=into and into[:2],
-            cos_sin=cos_sin,
-        )  # fmt: skip
     else:
+        delta = torch.empty_like(lse)
+        _bwd_preprocess_kernel[(bsz * heads, triton.cdiv(seqlen, 64))](
+            out, do, delta, *_strides(out), *_strides(do), seqlen, heads, DV=dim_v, BLOCK_M=64
+        )
         dk_nope, dk_pe_heads, dv = _dkdv(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
         dq_nope, dq_pe = _dq(do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, doc_bounds, scale)
         if into is not None:  # the Triton kernels store contiguous tensors: copy them in

@@ -335,14 +335,45 @@ def _ds(s, dp, lse, delta, dstart_m, start_m, start_n, qk_scale, s_l: gl.constex
     return (p * (dp - delta[:, None])).to(dtype)
 
 
+@constexpr_function
+def _rows_layout(dv, num_warps):
+    # (rows, dv) with 16 bytes of bf16 a thread along a row: what the dq kernel reads o in
+    return gl.BlockedLayout([1, 8], [32 * 8 // dv, dv // 8], [num_warps, 1], [1, 0])
+
+
 @gluon.jit
-def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr, dstart_ptr,
-                 dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh, row0, start_m, off_h, j0, n_blocks, seqlen,
-                 n_heads, sm_scale, qk_scale, G: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
-                 HAS_DOC: gl.constexpr, UNROTATE: gl.constexpr):
-    """Warpgroup G: dq of query rows start_m + 64 G .. + 63 over key blocks j0 .. n_blocks - 1. Step i issues
-    S_i and dP_i, then dq += dS_{i-1} k_{i-1}, and forms dS_i while that runs. UNROTATE: dq_pe is stored as the
-    gradient of q_pe before RoPE (cs_ptr: the (seqlen, rope / 2, 2) fp32 cos / sin table)."""
+def _load_o(o_ptr, so_b, so_s, so_h, pid_bh, off_h, first, seqlen, n_heads, HM: gl.constexpr, DV: gl.constexpr,
+            NW: gl.constexpr):
+    """A warpgroup's rows of the forward's output o (HM, DV), 16-byte loads, zero past seqlen."""
+    ld_l: gl.constexpr = _rows_layout(DV, NW)
+    offs_m = first + gl.arange(0, HM, layout=gl.SliceLayout(1, ld_l))
+    offs_d = gl.arange(0, DV, layout=gl.SliceLayout(0, ld_l))
+    base = o_ptr + (pid_bh // n_heads).to(gl.int64) * so_b + off_h * so_h
+    return gl.load(base + offs_m.to(gl.int64)[:, None] * so_s + offs_d[None, :], mask=(offs_m < seqlen)[:, None],
+                   other=0.0)
+
+
+@gluon.jit
+def _row_delta(o, d_o, delta_ptr, pid_bh, first, seqlen, s_l: gl.constexpr):
+    """delta = rowsum(o * dO) of a warpgroup's rows (HM,) in the scores' row layout, also stored (bsz, heads,
+    seqlen) for the dk/dv kernel; dO from its tile in shared memory."""
+    HM: gl.constexpr = o.shape[0]
+    ld_l: gl.constexpr = o.type.layout
+    offs_m = first + gl.arange(0, HM, layout=gl.SliceLayout(1, ld_l))
+    delta = gl.sum(o.to(gl.float32) * d_o.load(ld_l).to(gl.float32), axis=1)
+    gl.store(delta_ptr + pid_bh.to(gl.int64) * seqlen + offs_m, delta, mask=offs_m < seqlen)
+    return gl.convert_layout(delta, gl.SliceLayout(1, s_l))
+
+
+@gluon.jit
+def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, o_ptr, so_b, so_s, so_h,
+                 delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh, row0, start_m, off_h, j0,
+                 n_blocks, seqlen, n_heads, sm_scale, qk_scale, G: gl.constexpr, STAGES: gl.constexpr,
+                 NW: gl.constexpr, HAS_DOC: gl.constexpr, UNROTATE: gl.constexpr):
+    """Warpgroup G: dq of query rows start_m + 64 G .. + 63 over key blocks j0 .. n_blocks - 1, and their
+    delta = rowsum(o * dO) (stored for the dk/dv kernel, which runs after). Step i issues S_i and dP_i, then
+    dq += dS_{i-1} k_{i-1}, and forms dS_i while that runs. UNROTATE: dq_pe is stored as the gradient of q_pe
+    before RoPE (cs_ptr: the (seqlen, rope / 2, 2) fp32 cos / sin table)."""
     HM: gl.constexpr = q_n.shape[1]
     DN: gl.constexpr = q_n.shape[2]
     DR: gl.constexpr = q_p.shape[2]
@@ -360,11 +391,13 @@ def _dq_consumer(q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, 
     offs_m = first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_l))
     m_ok = offs_m < seqlen
     lse = gl.load(lse_ptr + pid_bh.to(gl.int64) * seqlen + offs_m, mask=m_ok, other=float("inf"))
-    delta = gl.load(delta_ptr + pid_bh.to(gl.int64) * seqlen + offs_m, mask=m_ok, other=0.0)
     dstart_m = _row_doc_starts(dstart_ptr, row0, first, seqlen, HM, s_l, HAS_DOC)
+    o = _load_o(o_ptr, so_b, so_s, so_h, pid_bh, off_h, first, seqlen, n_heads, HM, do.shape[1], NW)  # in flight
     mbarrier.wait(q_bar.index(G), 0)
-    s, dp = warpgroup_mma_wait(0, deps=(_scores(qn, qp, kn, kp, k_bar, 0, s_l, STAGES),
-                                        _dp(do, v, v_bar, 0, s_l, STAGES)))
+    s_tok = _scores(qn, qp, kn, kp, k_bar, 0, s_l, STAGES)
+    dp_tok = _dp(do, v, v_bar, 0, s_l, STAGES)
+    delta = _row_delta(o, do, delta_ptr, pid_bh, first, seqlen, s_l)
+    s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
     mbarrier.arrive(v_free.index(0))
     ds = _ds(s, dp, lse, delta, dstart_m, first, j0 * BN, qk_scale, s_l, dtype, HAS_DOC)
     dsn = gl.convert_layout(ds, dsn_l)
@@ -417,13 +450,14 @@ def _unrotate(g, cs_ptr, start_m, seqlen, g_l: gl.constexpr):
 
 @gluon.jit
 def _mla_bwd_dq_kernel_sm90(
-    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr,
-    cs_ptr, qn_col, qp_col, kn_col, kp_col, v_col, do_col, dqn_hs, dqp_hs, seqlen, n_heads, sm_scale, qk_scale,
+    qn_desc, qp_desc, kn_desc, kp_desc, v_desc, do_desc, lse_ptr, o_ptr, delta_ptr, dstart_ptr, dqn_ptr,
+    dqp_ptr, cs_ptr, qn_col, qp_col, kn_col, kp_col, v_col, do_col, so_b, so_s, so_h, dqn_hs, dqp_hs, seqlen,
+    n_heads, sm_scale, qk_scale,
     STAGES: gl.constexpr, HAS_DOC: gl.constexpr, UNROTATE: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dq_nope, dq_pe ((bsz, seqlen, heads, .) views, heads dqn_hs / dqp_hs apart) of 128 query rows:
-    dS = P (dP - delta), dq = sm_scale dS k; two warpgroups of 64 rows as in the forward, with a 1-warp loader
-    here."""
+    dS = P (dP - delta), dq = sm_scale dS k, with delta = rowsum(o * dO) formed here and stored (bsz, heads,
+    seqlen); two warpgroups of 64 rows as in the forward, with a 1-warp loader here."""
     HM: gl.constexpr = qn_desc.block_type.shape[0]
     BN: gl.constexpr = kn_desc.block_type.shape[0]
     dtype: gl.constexpr = qn_desc.dtype
@@ -433,13 +467,13 @@ def _mla_bwd_dq_kernel_sm90(
     pid_bh, off_h, start_m, row0, j0, n_blocks = _program_block(dstart_ptr, seqlen, n_heads, 2 * HM, BN, HAS_DOC)
     gl.warp_specialize(
         [
-            (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
-                            dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh, row0, start_m, off_h, j0,
-                            n_blocks, seqlen, n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC,
+            (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, o_ptr, so_b,
+                            so_s, so_h, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh,
+                            row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC,
                             UNROTATE)),
-            (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, delta_ptr,
-                            dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh, row0, start_m, off_h, j0,
-                            n_blocks, seqlen, n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC, UNROTATE)),
+            (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, o_ptr, so_b,
+                            so_s, so_h, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh,
+                            row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC, UNROTATE)),
             (_dq_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_o, q_bar, kn, kp, v,
                           k_bar, v_bar, k_free, v_free, row0, start_m, off_h, j0, n_blocks, qn_col, qp_col, do_col,
                           kn_col, kp_col, v_col, STAGES)),
@@ -528,8 +562,8 @@ def mla_dq_sm90(
     k_nope,
     k_pe,
     v,
+    out,
     lse,
-    delta,
     scale: float,
     doc_bounds=None,
     config=None,
@@ -537,9 +571,10 @@ def mla_dq_sm90(
     cos_sin=None,
 ):
     """dq_nope, dq_pe (contiguous, the inputs' dtype) of the causal attention (within documents given
-    doc_bounds), given the forward's lse and delta = rowsum(o * do); config (key block, ring slots). into: two
-    (bsz, seqlen, heads, .) views to write them to instead (rows heads apart, as slices of one gradient);
-    cos_sin: q_pe was rotated by this table, and dq_pe is the gradient before the rotation."""
+    doc_bounds), given the forward's output and lse, and delta = rowsum(out * do) (bsz, heads, seqlen) fp32, which
+    the kernel forms on the way (the dk/dv kernels take it); config (key block, ring slots). into: two (bsz,
+    seqlen, heads, .) views to write dq to instead (rows heads apart, as slices of one gradient); cos_sin: q_pe
+    was rotated by this table, and dq_pe is the gradient before the rotation."""
     block_n, stages = config or DQ_CONFIG
     bsz, seqlen, heads, nope = q_nope.shape
     dq_nope, dq_pe = into or (torch.empty(bsz, seqlen, heads, d, device=v.device, dtype=q_nope.dtype)
@@ -549,12 +584,15 @@ def mla_dq_sm90(
     (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, block_n) for t in (k_nope, k_pe, v))
     dstart = doc_bounds[0] if doc_bounds is not None else lse  # lse: unused
     cs = cos_sin if cos_sin is not None else lse  # lse: unused
+    if out.stride(3) != 1:
+        raise ValueError(f"attention output strides {out.stride()}: its last dim must be contiguous")
+    delta = torch.empty_like(lse)
     _mla_bwd_dq_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_M))](
-        qn, qp, kn, kp, vd, dod, lse, delta, dstart, dq_nope, dq_pe, cs, qn_c, qp_c, kn_c, kp_c, v_c, do_c, *hs,
-        seqlen, heads, scale, scale * _LOG2E, STAGES=stages, HAS_DOC=doc_bounds is not None,
+        qn, qp, kn, kp, vd, dod, lse, out, delta, dstart, dq_nope, dq_pe, cs, qn_c, qp_c, kn_c, kp_c, v_c, do_c,
+        *out.stride()[:3], *hs, seqlen, heads, scale, scale * _LOG2E, STAGES=stages, HAS_DOC=doc_bounds is not None,
         UNROTATE=cos_sin is not None, num_warps=4,
     )  # fmt: skip
-    return dq_nope, dq_pe
+    return dq_nope, dq_pe, delta
 
 
 def _head_strides(*outs: torch.Tensor) -> list[int]:
