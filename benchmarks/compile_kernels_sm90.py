@@ -142,7 +142,7 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
             types = {**fp8_types, **G.descriptor_types(bm)}
             line = compile_report(kernel, types, dict(STAGES=stages, num_warps=warps), warps, 1)
             print(f"{kernel.fn.__name__:30s} {f'BM={bm}':38s} w{warps} s{stages}  {line}", flush=True)
-    from titan_dsv3.kernels import mla_attention_sm90 as A
+    from titan_dsv3.kernels import mla_attention_sm90_builds as A
 
     for label, kernel, types, consts in A.compile_builds():
         line = compile_report(kernel, types, consts, 4, 1)

@@ -6,7 +6,8 @@ pace and one's exponentials overlap the other's products), and a loader that bri
 tiles (and dO) once, then every key block into a ring of STAGES slots both warpgroups read; a slot is refilled
 when both have released it. Within a warpgroup, step j
   forward: issues S_j = q k_j^T, then O += P_{j-1} v_{j-1}, and forms P_j (online softmax) while the second runs;
-  dq:      issues S_j and dP_j = dO v_j^T, then dq += dS_{j-1} k_{j-1}, and forms dS_j while that runs.
+  dq:      issues S_j and dP_j = dO v_j^T, then dq += dS_{j-1} k_{j-1}, and forms dS_j while that runs; before
+           its first step it forms its rows' delta = rowsum(o dO) and stores them for the dk/dv kernels.
 H200, B2 H16 S4096 (benchmarks/RESULTS.md): forward 0.315-0.33 ms against the Triton kernel's 0.40, dq 0.40-0.43
 against 0.55. The same loop in one 8-warp partition (both warpgroups in step) ran no faster than Triton (forward
 0.41-0.42 ms), nor did two dk/dv kernels built this way in stop 26 (0.80-0.82 ms against Triton's 0.79-0.82);
@@ -18,7 +19,8 @@ Same inputs, masks (causal, and within documents given their bounds), scale and 
 to the input dtype before their products in both, so outputs agree to fp32 rounding order
 (tests/gpu/test_mla_attention_gpu.py). With documents a program starts at the key block holding its first row's
 document start; bench6's training step with document masking gained 1.5% from this (benchmarks/RESULTS.md).
-Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles these for sm_90.
+Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles these for sm_90 (the builds:
+mla_attention_sm90_builds.py).
 Legend: HM query rows a warpgroup, BN key rows a block, DN / DR / DV the nope, rope and value head dims.
 """
 
@@ -602,57 +604,3 @@ def _head_strides(*outs: torch.Tensor) -> list[int]:
         if t.stride(3) != 1 or t.stride(1) != heads * t.stride(2) or t.stride(0) != seqlen * t.stride(1):
             raise ValueError(f"gradient view {tuple(t.shape)} strides {t.stride()}: rows must be heads apart")
     return [t.stride(2) for t in outs]
-
-
-def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
-    """The Gluon MLA kernels' non-integer argument types as the JIT derives them at launch for DeepSeek's head
-    dims (nope 128, rope 64, v 128, bf16), block_n key rows and block_m query rows a tile: what a compile without
-    a GPU needs (benchmarks/compile_kernels_sm90.py, the compile test)."""
-    from triton.runtime.jit import mangle_type
-
-    q = torch.empty(1, 256, 2, 192, dtype=torch.bfloat16)
-    kv = torch.empty(1, 256, 2, 256, dtype=torch.bfloat16)
-    k_pe = torch.empty(1, 256, 1, 64, dtype=torch.bfloat16)
-
-    def of(t, rows):
-        return mangle_type(_rows_desc(t, rows)[0])
-
-    return {"qn_desc": of(q[..., :128], block_m), "qp_desc": of(q[..., 128:], block_m),
-            "do_desc": of(kv[..., 128:], block_m), "kn_desc": of(kv[..., :128], block_n),
-            "kp_desc": of(k_pe, block_n), "v_desc": of(kv[..., 128:], block_n),
-            "o_ptr": "*bf16", "dqn_ptr": "*bf16", "dqp_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-            "dstart_ptr": "*i32", "dend_ptr": "*i32", "cs_ptr": "*fp32", "dkn_ptr": "*bf16", "dkp_ptr": "*fp32",
-            "dv_ptr": "*bf16", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
-
-
-def compile_builds() -> list[tuple[str, object, dict[str, str], dict]]:
-    """Every build of the Gluon MLA kernels the launchers make, as (label, kernel, argument types, constexprs):
-    forward and dq with and without documents (dq also with UNROTATE), dk/dv with documents
-    (mla_attention_bwd_sm90.py) and without (mla_attention_dkdv_split_sm90.py). The compile test checks them;
-    benchmarks/compile_kernels_sm90.py reports them."""
-    from titan_dsv3.kernels import mla_attention_bwd_sm90 as B
-    from titan_dsv3.kernels import mla_attention_dkdv_split_sm90 as S
-
-    builds = []
-    unrotate = ({"UNROTATE": False}, {"UNROTATE": True})
-    both = (False, True)
-    for (
-        kernel,
-        block_n,
-        block_m,
-        stages,
-        docs,
-        extra,
-    ) in (  # configs: (key rows, slots); dk/dv (query rows, slots)
-        (_mla_fwd_kernel_sm90, FWD_CONFIG[0], HALF_M, FWD_CONFIG[1], both, ({},)),
-        (_mla_bwd_dq_kernel_sm90, DQ_CONFIG[0], HALF_M, DQ_CONFIG[1], both, unrotate),
-        (B._mla_bwd_dkdv_kernel_sm90, B.HALF_K, B.DKDV_CONFIG[0], B.DKDV_CONFIG[1], (True,), ({},)),
-        (S._mla_bwd_dkdv_split_kernel_sm90, S.SPLIT_K, S.SPLIT_CONFIG[0], S.SPLIT_CONFIG[1], (False,), ({},)),
-    ):
-        types = argument_types(block_n, block_m)
-        for doc in docs:
-            for more in extra:
-                consts = {"STAGES": stages, "HAS_DOC": doc, "num_warps": 4, **more}
-                label = f"{kernel.fn.__name__} HAS_DOC={doc}" + "".join(f" {k}={v}" for k, v in more.items())
-                builds.append((label, kernel, types, consts))
-    return builds

@@ -1,6 +1,6 @@
 """The Gluon MLA forward and dq kernels for Hopper (kernels/mla_attention_sm90.py) and the dk/dv kernels
 (kernels/mla_attention_bwd_sm90.py with documents, kernels/mla_attention_dkdv_split_sm90.py without) compile for
-sm_90 with the installed Triton, without a GPU (every build the launchers make, mla_attention_sm90.compile_builds),
+sm_90 with the installed Triton, without a GPU (every build the launchers make, mla_attention_sm90_builds.compile_builds),
 into the design their docstrings state: warp-specialised (a TMA loader, the warpgroups given more registers),
 arithmetic running while products are still in flight (forward: the step before's PV; dq: two, the block before's
 dq products; dk/dv with documents: three, dP^T and the step before's dk products; split dk/dv: dP^T while P^T is
@@ -14,7 +14,7 @@ import pytest
 import sm90_compile
 
 SCRIPT = r"""
-from titan_dsv3.kernels import mla_attention_sm90 as A
+from titan_dsv3.kernels import mla_attention_sm90_builds as A
 
 out = {}
 for label, kernel, types, consts in A.compile_builds():
