@@ -471,11 +471,12 @@ def _mla_bwd_dq_kernel_sm90(
         [
             (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, o_ptr, so_b,
                             so_s, so_h, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh,
-                            row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale, 0, STAGES, num_warps, HAS_DOC,
-                            UNROTATE)),
+                            row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale, 0, STAGES,
+                            num_warps, HAS_DOC, UNROTATE)),
             (_dq_consumer, (q_n, q_p, d_o, q_bar, kn, kp, v, k_bar, v_bar, k_free, v_free, lse_ptr, o_ptr, so_b,
                             so_s, so_h, delta_ptr, dstart_ptr, dqn_ptr, dqp_ptr, cs_ptr, dqn_hs, dqp_hs, pid_bh,
-                            row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale, 1, STAGES, 4, HAS_DOC, UNROTATE)),
+                            row0, start_m, off_h, j0, n_blocks, seqlen, n_heads, sm_scale, qk_scale, 1, STAGES, 4,
+                            HAS_DOC, UNROTATE)),
             (_dq_loader, (qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, q_n, q_p, d_o, q_bar, kn, kp, v,
                           k_bar, v_bar, k_free, v_free, row0, start_m, off_h, j0, n_blocks, qn_col, qp_col, do_col,
                           kn_col, kp_col, v_col, STAGES)),
@@ -574,9 +575,9 @@ def mla_dq_sm90(
 ):
     """dq_nope, dq_pe (contiguous, the inputs' dtype) of the causal attention (within documents given
     doc_bounds), given the forward's output and lse, and delta = rowsum(out * do) (bsz, heads, seqlen) fp32, which
-    the kernel forms on the way (the dk/dv kernels take it); config (key block, ring slots). into: two (bsz,
-    seqlen, heads, .) views to write dq to instead (rows heads apart, as slices of one gradient); cos_sin: q_pe
-    was rotated by this table, and dq_pe is the gradient before the rotation."""
+    the kernel forms on the way (returned third: the dk/dv kernels take it); config (key block, ring slots).
+    into: two (bsz, seqlen, heads, .) views to write dq to instead (rows heads apart, as slices of one gradient);
+    cos_sin: q_pe was rotated by this table, and dq_pe is the gradient before the rotation."""
     block_n, stages = config or DQ_CONFIG
     bsz, seqlen, heads, nope = q_nope.shape
     dq_nope, dq_pe = into or (torch.empty(bsz, seqlen, heads, d, device=v.device, dtype=q_nope.dtype)

@@ -1,11 +1,11 @@
 """The Gluon MLA forward and dq kernels for Hopper (kernels/mla_attention_sm90.py) and the dk/dv kernels
 (kernels/mla_attention_bwd_sm90.py with documents, kernels/mla_attention_dkdv_split_sm90.py without) compile for
-sm_90 with the installed Triton, without a GPU (every build the launchers make, mla_attention_sm90_builds.compile_builds),
-into the design their docstrings state: warp-specialised (a TMA loader, the warpgroups given more registers),
-arithmetic running while products are still in flight (forward: the step before's PV; dq: two, the block before's
-dq products; dk/dv with documents: three, dP^T and the step before's dk products; split dk/dv: dP^T while P^T is
-formed), and no wgmma serialised by ptxas (its C751x notes). CI compiles them with the GPU machines' Triton
-too (TITAN_SM90_SIDE_TRITON, sm90_compile.py).
+sm_90 with the installed Triton, without a GPU (every build the launchers make:
+mla_attention_sm90_builds.compile_builds), into the design their docstrings state: warp-specialised (a TMA
+loader, the warpgroups given more registers), arithmetic running while products are still in flight (forward:
+the step before's PV; dq: two, the block before's dq products; dk/dv with documents: three, dP^T and the step
+before's dk products; split dk/dv: dP^T while P^T is formed), and no wgmma serialised by ptxas (its C751x
+notes). CI compiles them with the GPU machines' Triton too (TITAN_SM90_SIDE_TRITON, sm90_compile.py).
 Their numerics are checked on GPU (tests/gpu/test_mla_attention_gpu.py). The compile runs in a subprocess
 (sm90_compile.py).
 """
