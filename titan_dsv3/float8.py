@@ -22,15 +22,12 @@ seed; -2.7% to +1.3% over five earlier ones).
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 from torch import nn
 
 from titan_dsv3.config.job_config import Float8
 from titan_dsv3.models.moe import GroupedExperts, _local_shard
-
-logger = logging.getLogger(__name__)
 
 
 def _linear_filter(cfg: Float8):
@@ -60,8 +57,11 @@ class FP8GroupedExperts(GroupedExperts):
         return fp8_grouped_swiglu(x_ND, counts_E, w1, w2, w3)
 
 
-def apply_float8(model: nn.Module, cfg: Float8) -> None:
-    """Convert model in place as cfg asks (nothing when both float8.enable and float8.moe_experts are off)."""
+def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
+    """Convert model in place as cfg asks (nothing when both float8.enable and float8.moe_experts are off). Returns
+    a line saying what was converted, for the trainer to print (None when nothing was asked): a run with
+    float8.enable whose linears all fall under min_dim or the filters runs in bf16 and should say so."""
+    said = []
     if cfg.enable:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -70,7 +70,13 @@ def apply_float8(model: nn.Module, cfg: Float8) -> None:
             config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
         convert_to_float8_training(model, config=config, module_filter_fn=_linear_filter(cfg))
         n = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
-        logger.info("float8: %d linears converted (%s, min_dim %d)", n, cfg.recipe, cfg.min_dim)
+        if n:
+            said.append(f"{n} linears in FP8 ({cfg.recipe}, min_dim {cfg.min_dim})")
+        else:
+            said.append(
+                f"no linear converted (every one has a dim under float8.min_dim {cfg.min_dim}, one not divisible "
+                f"by 16, or a name in float8.filter_fqns {cfg.filter_fqns}): the dense layers stay in high precision"
+            )
     if cfg.moe_experts:
         swapped = 0
         for module in model.modules():
@@ -82,4 +88,5 @@ def apply_float8(model: nn.Module, cfg: Float8) -> None:
                     )
                 module.__class__ = FP8GroupedExperts
                 swapped += 1
-        logger.info("float8: %d routed-expert modules run FP8 grouped GEMMs", swapped)
+        said.append(f"{swapped} routed-expert modules on FP8 grouped GEMMs")
+    return "float8: " + "; ".join(said) if said else None

@@ -179,7 +179,10 @@ class Trainer:
         """Meta model -> pipeline stages (if PP) -> parallelize each -> materialise -> initial weights."""
         with torch.device("meta"):
             model = DeepSeekV3Model(self.model_args)
-        apply_float8(model, self.cfg.float8)  # module swaps keep names: before the split and fully_shard
+        # module swaps keep names: before the split and fully_shard
+        float8 = apply_float8(model, self.cfg.float8)
+        if float8 and self.rank == self.cfg.metrics.log_rank:
+            print(float8, flush=True)
         stage_ids, parts = [0], [model]
         if self.dims.pp > 1:
             stage_ids, parts = split_model(model, self.dims, self.dims.coords(self.rank)["pp"])

@@ -46,15 +46,19 @@ def _converted(model):
 
 def test_filters_select_linears():
     model = Toy()
-    apply_float8(model, Float8(enable=True, min_dim=128, filter_fqns=["output"]))
+    said = apply_float8(model, Float8(enable=True, min_dim=128, filter_fqns=["output"]))
     assert _converted(model) == {"big", "inner.0"}
+    assert said == "float8: 2 linears in FP8 (tensorwise, min_dim 128)"
     assert type(model.experts) is GroupedExperts  # moe_experts off
     model = Toy()
-    apply_float8(model, Float8(enable=True, min_dim=512, filter_fqns=[]))
-    assert _converted(model) == set()  # every linear has a dim under 512
+    said = apply_float8(model, Float8(enable=True, min_dim=512, filter_fqns=[]))
+    assert _converted(model) == set()  # every linear has a dim under 512: the run is told so
+    assert said.startswith("float8: no linear converted") and "min_dim 512" in said
     model = Toy()
-    apply_float8(model, Float8(enable=False, moe_experts=True))
+    said = apply_float8(model, Float8(enable=False, moe_experts=True))
     assert _converted(model) == set() and type(model.experts) is FP8GroupedExperts
+    assert said == "float8: 1 routed-expert modules on FP8 grouped GEMMs"
+    assert apply_float8(Toy(), Float8(enable=False, moe_experts=False)) is None
 
 
 def test_state_dict_unchanged():
