@@ -48,7 +48,7 @@ def design(ttgir, ptx, serialised):
 '''
 
 
-# A directory holding another Triton (its package unpacked from the wheel) to compile with as well: the GPU
+# A directory holding another Triton (`pip install --target DIR triton==3.6.0`) to compile with as well: the GPU
 # machines run Triton 3.6 while CI installs the newest, and a kernel that only the older one rejects would pass
 # here unseen (.ci/run sets it; without it the tests compile with the installed Triton alone).
 SIDE_TRITON = os.environ.get("TITAN_SM90_SIDE_TRITON")
