@@ -248,7 +248,7 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale,
     """Launcher: returns dq_nope, dq_pe, dk_nope, dk_pe (summed over heads when shared), dv. into: views to
     write dq_nope, dq_pe, dk_nope, dv to (slices of the projections' gradients, mla_attention_rope.py), with
     cos_sin the table q_pe was rotated by: dq_pe is then the gradient before the rotation."""
-    do = _last_dim_contiguous(do)
+    do, out = _last_dim_contiguous(do), _last_dim_contiguous(out)  # both kernels that read o assume this
     q_nope, q_pe, k_nope, k_pe, v = (_last_dim_contiguous(t) for t in (q_nope, q_pe, k_nope, k_pe, v))
     bsz, seqlen, heads, _ = q_nope.shape
     dim_v = v.shape[-1]
