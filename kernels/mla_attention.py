@@ -8,8 +8,7 @@ log2(e)) and saves the log-sum-exp per row. The backward (kernels/mla_attention_
 probabilities twice: per key block for dk/dv, and per query block for dq; no atomics, results are deterministic.
 Longest causal loops start first. On Hopper the forward and dq run as the warp-specialised Gluon kernels of
 mla_attention_sm90.py instead (SM90 below), with or without documents, and dk/dv as the one of
-mla_attention_dkdv_split_sm90.py (causal) or mla_attention_bwd_sm90.py (documents); there the dq kernel also
-forms the row sums delta, so the backward has no separate pass for them. The model calls mla_attention_rope.py,
+mla_attention_bwd_sm90.py; there the dq kernel also forms the row sums delta, so the backward has no separate pass for them. The model calls mla_attention_rope.py,
 which takes q before RoPE and kv whole.
 
 Scope and limits:
@@ -214,11 +213,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (t.stride(2) if t.shape[2] > 1 else 0)
 
 
-# Hopper: the Gluon forward and dq kernels of mla_attention_sm90.py and the dk/dv kernels of
-# mla_attention_dkdv_split_sm90.py (causal) and mla_attention_bwd_sm90.py (within documents) (TMA, asynchronous
-# wgmma; the same results to fp32 rounding order, dk/dv bit-equal). H200, B2 H16 S4096: forward 0.29-0.33 ms
-# against Triton's 0.40, dq 0.39-0.43 against 0.55, dk/dv 0.76-0.79 against 0.80-0.83; H100, the split dk/dv
-# 0.74 (benchmarks/RESULTS.md). False keeps the Triton kernels (the GPU test compares the two).
+# Hopper: the Gluon forward and dq kernels of mla_attention_sm90.py and the dk/dv kernel of
+# mla_attention_bwd_sm90.py (TMA, asynchronous wgmma; the same results to fp32 rounding order, dk/dv
+# bit-equal). H200, B2 H16 S4096: forward 0.29-0.33 ms against Triton's 0.40, dq 0.39-0.43 against 0.55, dk/dv
+# 0.76-0.79 against 0.80-0.83; H100, dk/dv with lse loaded a step ahead 0.694 (benchmarks/RESULTS.md, stop 32).
+# False keeps the Triton kernels (the GPU test compares the two).
 SM90 = True
 
 

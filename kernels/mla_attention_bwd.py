@@ -6,8 +6,8 @@ forward's log-sum-exp, so the backward does 7 matmuls where a single pass would 
 more registers than either (spills on sm_90), and the dq accumulation across key blocks would need atomics.
 No atomics: results are deterministic. Storing dS from the dk/dv pass for a dq GEMM was measured slower (H200,
 benchmarks/RESULTS.md). On Hopper (mla_attention.SM90) the Gluon dq kernel of mla_attention_sm90.py runs first
-and forms delta itself (no row-sum pass), then dk/dv from mla_attention_dkdv_split_sm90.py (causal) or
-mla_attention_bwd_sm90.py (documents). See the forward's file for shapes, masks and scope.
+and forms delta itself (no row-sum pass), then dk/dv from mla_attention_bwd_sm90.py. See the forward's file for
+shapes, masks and scope.
 """
 
 import torch
@@ -258,13 +258,10 @@ def mla_backward(do, q_nope, q_pe, k_nope, k_pe, v, out, lse, doc_bounds, scale,
             do, q_nope, q_pe, k_nope, k_pe, v, out, lse, scale, doc_bounds, into=into and into[:2],
             cos_sin=cos_sin,
         )  # fmt: skip
-        # dk/dv: causal calls split each step over two warpgroups; with documents the two-warpgroup kernel with
-        # whole steps measured faster (H100, B2 H16 S4096: causal 0.744 ms against 0.792; 3000-token documents,
-        # B4, 1.56-1.59 against 1.30-1.37; benchmarks/RESULTS.md)
-        if doc_bounds is None:
-            from titan_dsv3.kernels.mla_attention_dkdv_split_sm90 import mla_dkdv_split_sm90 as mla_dkdv_sm90
-        else:
-            from titan_dsv3.kernels.mla_attention_bwd_sm90 import mla_dkdv_sm90
+        # dk/dv: two warpgroups with whole steps, causal or with documents. With each step's lse loaded a step
+        # ahead it beat the kernel that split a step over a probability and a dk/dv warpgroup (H100, B2 H16
+        # S4096 causal: 0.694 ms against 0.721-0.748; benchmarks/RESULTS.md, stop 32), which was then removed.
+        from titan_dsv3.kernels.mla_attention_bwd_sm90 import mla_dkdv_sm90
 
         dk_nope, dk_pe_heads, dv = mla_dkdv_sm90(
             do, q_nope, q_pe, k_nope, k_pe, v, lse, delta, scale, doc_bounds, into=into and (into[2], into[3])

@@ -1,6 +1,5 @@
-"""The fused MLA attention's dk/dv kernel for Hopper (sm_90) in Gluon, for calls with documents: the key-side half
-of the backward (kernels/mla_attention_bwd.py has the Triton kernels and the launcher that picks this one;
-causal calls take mla_attention_dkdv_split_sm90.py's).
+"""The fused MLA attention's dk/dv kernel for Hopper (sm_90) in Gluon, causal and within documents: the key-side
+half of the backward (kernels/mla_attention_bwd.py has the Triton kernels and the launcher that picks this one).
 
 A program owns 128 keys of one head: two warpgroups of 64 keys, each in its own partition, the keys the wgmma's
 M side. A 1-warp loader brings each warpgroup's k_nope | k_pe | v once, then streams the query side (q_nope,
@@ -11,12 +10,13 @@ STAGES slots both warpgroups read. A warpgroup's step:
   dv += P^T dO, with P^T as the register operand (only dO is read from shared memory),
   dS^T = P^T (dP^T - delta), dk_nope += dS^T q_nope, dk_pe += dS^T q_pe, dS^T again from registers;
 pipelined: step i's S^T and dP^T are issued before step i - 1's dk products, and P^T_i, dS^T_i formed while
-those run. These are the Triton kernel's products, operand for operand, in the same order, so results are
-bit-equal. H200, B2 H16, causal, before the pipelining (benchmarks/RESULTS.md): S4096 0.76-0.79 ms against
-Triton's 0.80-0.83, S8192 2.92-3.05 against 3.16-3.27. 64-row query steps would halve the shared-memory reads of
-S^T and dP^T but need more registers than a warpgroup has beside the 160 of accumulators (ptxas spilled 1.1 KB
-and serialised the wgmmas); the split kernel gets them by moving the accumulators to its second warpgroup, and
-measured slower than this one with documents (see the launcher in mla_attention_bwd.py).
+those run; each step's lse is loaded a step ahead. These are the Triton kernel's products, operand for operand,
+in the same order, so results are bit-equal. H100, B2 H16 S4096 causal (benchmarks/RESULTS.md, stop 32): 0.694 ms
+(0.812-0.821 with lse loaded in its own step). 64-row query steps would halve the shared-memory reads of S^T and
+dP^T but need more registers than a warpgroup has beside the 160 of accumulators (ptxas spilled 1.1 KB and
+serialised the wgmmas). Stops 30-32 kept the accumulators in a third warpgroup instead, fed by one (or two)
+warpgroups forming P^T and dS^T into shared memory, for 64-query steps: 0.721-0.759 ms, the probability
+warpgroup's exponentials and hand-over serial with its own S^T (Nsight Compute: the tensor pipe 49.6% busy).
 Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
 """
 
@@ -127,6 +127,10 @@ def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr
     s, dp = warpgroup_mma_wait(0, deps=(s, dp))
     p = _probs(s, offs_k, first_key, key0 + i0 * MQ, lse_q, dstart_ptr, seqlen, qk_scale, s_l, HAS_DOC)
     delta_q = _step_rows(delta_ptr, key0 + i0 * MQ, seqlen, 0.0, MQ, s_l)
+    # The next step's lse is loaded a step ahead: loaded in its own step, its L2 round trip stood between S^T
+    # and the exponentials (H100 causal S4096: 0.694 ms against 0.812-0.821). delta is used after the dP^T wait,
+    # by which time its load is back; prefetching it too spilled (120 B, Triton 3.6).
+    lse_next = _step_rows(lse_ptr, key0 + (i0 + 1) * MQ, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
     p_op = gl.convert_layout(p.to(dtype), ds_op)
     dv = warpgroup_mma(p_op, d_o.index(i0 % STAGES), dv)
     ds = gl.convert_layout((p * (dp - delta_q[None, :])).to(dtype), ds_op)
@@ -138,7 +142,8 @@ def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr
         s_tok, dp_tok = _issue_sdp(kn_g, kp_g, v_g, q_n, q_p, d_o, i, STAGES, s_l)
         dkn_tok = warpgroup_mma(ds, q_n.index(prev), dkn, is_async=True)
         dkp_tok = warpgroup_mma(ds, q_p.index(prev), dkp, is_async=True)
-        lse_q = _step_rows(lse_ptr, start_q, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
+        lse_q = lse_next
+        lse_next = _step_rows(lse_ptr, start_q + MQ, seqlen, float("inf"), MQ, s_l)
         s = warpgroup_mma_wait(3, deps=(s_tok,))  # S^T_i done; dP^T_i and step i - 1's dk products may run
         p = _probs(s, offs_k, first_key, start_q, lse_q, dstart_ptr, seqlen, qk_scale, s_l, HAS_DOC)
         delta_q = _step_rows(delta_ptr, start_q, seqlen, 0.0, MQ, s_l)
@@ -295,7 +300,9 @@ def _mla_bwd_dkdv_kernel_sm90(
 # reloads a step in the default partition's loop (at [240, 24] 32 B, 2 reloads a step in one warpgroup's loop).
 # H100, do_bench, in turn with the steps unpipelined (ms, two rounds; benchmarks/RESULTS.md): B4 S4096 3000-token
 # documents 1.311-1.339 against 1.471-1.476, 512-token documents 0.276 against 0.294, 64-token 0.147 against
-# 0.148-0.149; causal, 0.836-0.837 against 0.807-0.808 at S4096, where the split kernel now takes the call.
+# 0.148-0.149; causal, 0.836-0.837 against 0.807-0.808 at S4096. With lse a step ahead (stop 32; ptxas: 112 B
+# spilled, 32 before): causal 0.694 against 0.812-0.821; 512-token documents 0.187-0.188 against 0.186-0.188,
+# B4 S6000 3000-token documents 1.808-1.902 against 1.791-1.795 (H100, two rounds each).
 DKDV_CONFIG = (32, 4)
 HALF_K = 64  # keys a warpgroup; a program takes two
 DKDV_WORKER_WARPS = gl.constexpr([4, 1])
@@ -309,27 +316,16 @@ def mla_dkdv_sm90(
     mla_attention_bwd._dkdv returns them, given the forward's lse and delta = rowsum(o * do); config (query rows
     a step, ring slots); into: views to write dk_nope and dv to (rows heads apart, as slices of one gradient)."""
     block_m, stages = config or DKDV_CONFIG
-    return launch_dkdv(_mla_bwd_dkdv_kernel_sm90, HALF_K, 2 * HALF_K, block_m, stages, do, q_nope, q_pe, k_nope,
-                       k_pe, v, lse, delta, scale, doc_bounds, into)  # fmt: skip
-
-
-# fmt: off
-def launch_dkdv(kernel, key_rows, program_keys, block_m, stages, do, q_nope, q_pe, k_nope, k_pe, v, lse, delta,
-                scale, doc_bounds, into):
-    """Both Gluon dk/dv kernels' launch (this file's and mla_attention_dkdv_split_sm90.py's, same arguments):
-    the outputs, the TMA descriptors (block_m query rows, key_rows key rows a tile), a program for each
-    program_keys keys of a head."""
     bsz, seqlen, heads, nope = q_nope.shape
     dk_nope, dv = into or (torch.empty(bsz, seqlen, heads, d, device=v.device, dtype=v.dtype)
-                           for d in (nope, v.shape[-1]))
+                           for d in (nope, v.shape[-1]))  # fmt: skip
     dk_pe_heads = torch.empty(bsz, seqlen, heads, q_pe.shape[-1], device=v.device, dtype=torch.float32)
     (qn, qn_c), (qp, qp_c), (dod, do_c) = (_rows_desc(t, block_m) for t in (q_nope, q_pe, do))
-    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, key_rows) for t in (k_nope, k_pe, v))
+    (kn, kn_c), (kp, kp_c), (vd, v_c) = (_rows_desc(t, HALF_K) for t in (k_nope, k_pe, v))
     dstart, dend = (doc_bounds[0], doc_bounds[1]) if doc_bounds is not None else (lse, lse)  # lse: unused
-    kernel[(bsz * heads, triton.cdiv(seqlen, program_keys))](
+    _mla_bwd_dkdv_kernel_sm90[(bsz * heads, triton.cdiv(seqlen, 2 * HALF_K))](
         qn, qp, kn, kp, vd, dod, lse, delta, dstart, dend, dk_nope, dk_pe_heads, dv, qn_c, qp_c, kn_c, kp_c, v_c,
         do_c, *_head_strides(dk_nope, dv), seqlen, heads, scale, scale * _LOG2E, STAGES=stages,
         HAS_DOC=doc_bounds is not None, num_warps=4,
-    )
+    )  # fmt: skip
     return dk_nope, dk_pe_heads, dv
-# fmt: on

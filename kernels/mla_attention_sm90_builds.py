@@ -1,7 +1,6 @@
-"""The builds of the Gluon MLA kernels (mla_attention_sm90.py, mla_attention_bwd_sm90.py,
-mla_attention_dkdv_split_sm90.py) as the launchers make them, with the argument types the JIT derives at launch:
-what compiling them for sm_90 without a GPU needs (tests/kernels/test_mla_sm90_compile.py,
-benchmarks/compile_kernels_sm90.py)."""
+"""The builds of the Gluon MLA kernels (mla_attention_sm90.py, mla_attention_bwd_sm90.py) as the launchers make
+them, with the argument types the JIT derives at launch: what compiling them for sm_90 without a GPU needs
+(tests/kernels/test_mla_sm90_compile.py, benchmarks/compile_kernels_sm90.py)."""
 
 import torch
 
@@ -38,11 +37,9 @@ def argument_types(block_n: int, block_m: int = HALF_M) -> dict[str, str]:
 
 def compile_builds() -> list[tuple[str, object, dict[str, str], dict]]:
     """Every build of the Gluon MLA kernels the launchers make, as (label, kernel, argument types, constexprs):
-    forward and dq with and without documents (dq also with UNROTATE), dk/dv with documents
-    (mla_attention_bwd_sm90.py) and without (mla_attention_dkdv_split_sm90.py). The compile test checks them;
-    benchmarks/compile_kernels_sm90.py reports them."""
+    forward, dq (also with UNROTATE) and dk/dv (mla_attention_bwd_sm90.py), each with and without documents. The
+    compile test checks them; benchmarks/compile_kernels_sm90.py reports them."""
     from titan_dsv3.kernels import mla_attention_bwd_sm90 as B
-    from titan_dsv3.kernels import mla_attention_dkdv_split_sm90 as S
 
     builds = []
     unrotate = ({"UNROTATE": False}, {"UNROTATE": True})
@@ -57,8 +54,7 @@ def compile_builds() -> list[tuple[str, object, dict[str, str], dict]]:
     ) in (  # configs: (key rows, slots); dk/dv (query rows, slots)
         (_mla_fwd_kernel_sm90, FWD_CONFIG[0], HALF_M, FWD_CONFIG[1], both, ({},)),
         (_mla_bwd_dq_kernel_sm90, DQ_CONFIG[0], HALF_M, DQ_CONFIG[1], both, unrotate),
-        (B._mla_bwd_dkdv_kernel_sm90, B.HALF_K, B.DKDV_CONFIG[0], B.DKDV_CONFIG[1], (True,), ({},)),
-        (S._mla_bwd_dkdv_split_kernel_sm90, S.SPLIT_K, S.SPLIT_CONFIG[0], S.SPLIT_CONFIG[1], (False,), ({},)),
+        (B._mla_bwd_dkdv_kernel_sm90, B.HALF_K, B.DKDV_CONFIG[0], B.DKDV_CONFIG[1], both, ({},)),
     ):
         types = argument_types(block_n, block_m)
         for doc in docs:

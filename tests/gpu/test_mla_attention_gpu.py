@@ -89,9 +89,8 @@ def _packed_doc_ids(bsz: int, seqlen: int, mean_len: int) -> torch.Tensor:
     [(1, 1, 2, 0), (2, 127, 3, 0), (2, 1000, 2, 0), (1, 4096, 2, 0), (2, 1000, 2, 40), (2, 4096, 2, 700)],
 )
 def test_sm90_kernels_match_triton(bsz, seqlen, heads, doc_len, monkeypatch):
-    """On Hopper the Gluon kernels (forward and dq: mla_attention_sm90.py, dk/dv: mla_attention_dkdv_split_sm90.py causal,
-    mla_attention_bwd_sm90.py with documents)
-    give the Triton kernels' results: output, log-sum-exp and gradients to bf16 / fp32 rounding, on views of
+    """On Hopper the Gluon kernels (forward and dq: mla_attention_sm90.py, dk/dv: mla_attention_bwd_sm90.py) give
+    the Triton kernels' results: output, log-sum-exp and gradients to bf16 / fp32 rounding, on views of
     fused projections as the model passes them, causal and within packed documents (doc_len: their mean length;
     rows whose first key blocks hold none of their document's keys, and documents one token long)."""
     import titan_dsv3.kernels.mla_attention as mla
