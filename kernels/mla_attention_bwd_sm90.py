@@ -14,8 +14,8 @@ those run; each step's lse is loaded a step ahead. These are the Triton kernel's
 in the same order, so results are bit-equal. H100, B2 H16 S4096 causal (benchmarks/RESULTS.md, stop 32): 0.694 ms
 (0.812-0.821 with lse loaded in its own step). 64-row query steps would halve the shared-memory reads of S^T and
 dP^T but need more registers than a warpgroup has beside the 160 of accumulators (ptxas spilled 1.1 KB and
-serialised the wgmmas). Stops 30-32 kept the accumulators in a third warpgroup instead, fed by one (or two)
-warpgroups forming P^T and dS^T into shared memory, for 64-query steps: 0.721-0.759 ms, the probability
+serialised the wgmmas). Stops 30-32 moved the accumulators to a warpgroup of their own instead, fed by one (or
+two) warpgroups forming P^T and dS^T into shared memory, for 64-query steps: 0.721-0.759 ms, the probability
 warpgroup's exponentials and hand-over serial with its own S^T (Nsight Compute: the tensor pipe 49.6% busy).
 Gluon has no interpreter: on CPU, tests/kernels/test_mla_sm90_compile.py compiles it.
 """
