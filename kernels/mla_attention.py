@@ -8,8 +8,8 @@ log2(e)) and saves the log-sum-exp per row. The backward (kernels/mla_attention_
 probabilities twice: per key block for dk/dv, and per query block for dq; no atomics, results are deterministic.
 Longest causal loops start first. On Hopper the forward and dq run as the warp-specialised Gluon kernels of
 mla_attention_sm90.py instead (SM90 below), with or without documents, and dk/dv as the one of
-mla_attention_bwd_sm90.py; there the dq kernel also forms the row sums delta, so the backward has no separate pass for them. The model calls mla_attention_rope.py,
-which takes q before RoPE and kv whole.
+mla_attention_bwd_sm90.py; there the dq kernel also forms the row sums delta, so the backward has no separate
+pass for them. The model calls mla_attention_rope.py, which takes q before RoPE and kv whole.
 
 Scope and limits:
 - q_nope, k_nope: (bsz, seqlen, heads, nope); q_pe: (bsz, seqlen, heads, rope); k_pe: (bsz, seqlen, 1 or heads,
