@@ -11,7 +11,7 @@ when both have released it. Within a warpgroup, step j
 H200, B2 H16 S4096 (benchmarks/RESULTS.md): forward 0.315-0.33 ms against the Triton kernel's 0.40, dq 0.40-0.43
 against 0.55. The same loop in one 8-warp partition (both warpgroups in step) ran no faster than Triton (forward
 0.41-0.42 ms), nor did two dk/dv kernels built this way in stop 26 (0.80-0.82 ms against Triton's 0.79-0.82);
-mla_attention_bwd_sm90.py's, 32-query steps streamed to two 64-key warpgroups, gains 4-12%, and 15% more with
+mla_attention_bwd_sm90.py's, 32-query steps streamed to two 64-key warpgroups, gains 4-12%, and 12-15% more with
 each step's lse loaded a step ahead (stop 32).
 
 Same inputs, masks (causal, and within documents given their bounds), scale and results as the Triton kernels
