@@ -129,7 +129,7 @@ def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr
     delta_q = _step_rows(delta_ptr, key0 + i0 * MQ, seqlen, 0.0, MQ, s_l)
     # The next step's lse is loaded a step ahead: loaded in its own step, its L2 round trip stood between S^T
     # and the exponentials (H100 causal S4096: 0.694 ms against 0.812-0.821). delta is used after the dP^T wait,
-    # by which time its load is back; prefetching it too spilled (120 B, Triton 3.6).
+    # by which time its load is back; prefetching it too grew ptxas's spill stack frame (112 to 120 B, 3.6).
     lse_next = _step_rows(lse_ptr, key0 + (i0 + 1) * MQ, seqlen, float("inf"), MQ, s_l)  # inf: P = 0 past seqlen
     p_op = gl.convert_layout(p.to(dtype), ds_op)
     dv = warpgroup_mma(p_op, d_o.index(i0 % STAGES), dv)
@@ -300,9 +300,10 @@ def _mla_bwd_dkdv_kernel_sm90(
 # reloads a step in the default partition's loop (at [240, 24] 32 B, 2 reloads a step in one warpgroup's loop).
 # H100, do_bench, in turn with the steps unpipelined (ms, two rounds; benchmarks/RESULTS.md): B4 S4096 3000-token
 # documents 1.311-1.339 against 1.471-1.476, 512-token documents 0.276 against 0.294, 64-token 0.147 against
-# 0.148-0.149; causal, 0.836-0.837 against 0.807-0.808 at S4096. With lse a step ahead (stop 32; ptxas: 112 B
-# spilled, 32 before): causal 0.694 against 0.812-0.821; 512-token documents 0.187-0.188 against 0.186-0.188,
-# B4 S6000 3000-token documents 1.808-1.902 against 1.791-1.795 (H100, two rounds each).
+# 0.148-0.149; causal, 0.836-0.837 against 0.807-0.808 at S4096. With lse a step ahead (stop 32; ptxas spill
+# stores, Triton 3.6: 260 B without documents, 72 before; 196 B with, 36 before): causal 0.694 against
+# 0.812-0.821; 512-token documents 0.187-0.188 against 0.186-0.188, B4 S6000 3000-token documents 1.808-1.902
+# against 1.791-1.795 (H100, two rounds each).
 DKDV_CONFIG = (32, 4)
 HALF_K = 64  # keys a warpgroup; a program takes two
 DKDV_WORKER_WARPS = gl.constexpr([4, 1])
