@@ -2,11 +2,11 @@
 (kernels/mla_attention_bwd_sm90.py), with and without documents, compile for sm_90 with the installed Triton,
 without a GPU (every build the launchers make: mla_attention_sm90_builds.compile_builds), into the design their
 docstrings state: warp-specialised (a TMA loader, the warpgroups given more registers), arithmetic running while
-products are still in flight (forward: the step before's PV; dq: two, the block before's dq products; dk/dv:
-three, dP^T and the step before's dk products), and no wgmma serialised by ptxas (its C751x notes) but in the
-builds KNOWN_SERIALISED lists. CI compiles them with the GPU machines' Triton too (TITAN_SM90_SIDE_TRITON,
-sm90_compile.py). Their numerics are checked on GPU (tests/gpu/test_mla_attention_gpu.py). The compile runs in a
-subprocess (sm90_compile.py).
+products are still in flight (forward: the step before's PV; dq: two, the block before's dq products; dk/dv: three,
+dP^T and the step before's dk products), and no wgmma serialised by ptxas (its C751x notes) with the GPU machines'
+Triton, none but the builds KNOWN_SERIALISED lists with another. CI compiles them with the GPU machines' Triton too
+(TITAN_SM90_SIDE_TRITON, sm90_compile.py). Their numerics are checked on GPU (tests/gpu/test_mla_attention_gpu.py).
+The compile runs in a subprocess (sm90_compile.py).
 """
 
 import pytest
@@ -21,11 +21,12 @@ for label, kernel, types, consts in A.compile_builds():
 print("RESULT" + json.dumps({"triton": triton.__version__, "builds": out}))
 """
 
-# Builds whose wgmmas ptxas serialises (C7512: too few registers), by Triton version. The GPU machines run 3.6,
-# where none is; the CPU machine's 3.9 serialises the causal build of the dk/dv kernel (it did before that build
-# became the causal path in stop 32; the timings in benchmarks/RESULTS.md are 3.6's). Listed so that a new
-# serialisation, or this one going away, fails here.
-KNOWN_SERIALISED = {"3.9": {"_mla_bwd_dkdv_kernel_sm90 HAS_DOC=False"}}
+# Builds whose wgmmas ptxas may serialise (C7512: too few registers) with a Triton other than the GPU machines'
+# 3.6, where none may: the CPU machine's 3.9 serialises the causal build of the dk/dv kernel (it did before that
+# build became the causal path in stop 32; the timings in benchmarks/RESULTS.md are 3.6's). Any other build
+# serialised fails here.
+KNOWN_SERIALISED = {"_mla_bwd_dkdv_kernel_sm90 HAS_DOC=False"}
+GPU_MACHINES_TRITON = "3.6"
 
 
 @pytest.mark.slow
@@ -35,9 +36,9 @@ def test_gluon_mla_kernels_compile_for_sm90_as_designed(triton_build):
     got = result["builds"]
     # forward, dq and dk/dv with and without documents, dq with and without UNROTATE
     assert len(got) == 8
-    known = KNOWN_SERIALISED.get(".".join(result["triton"].split(".")[:2]), set())
+    on_gpu_machines = result["triton"].startswith(GPU_MACHINES_TRITON + ".")
     serialised = {name for name, feats in got.items() if feats["ptxas_serialised"]}
-    assert serialised == known, (result["triton"], serialised)
+    assert serialised <= (set() if on_gpu_machines else KNOWN_SERIALISED), (result["triton"], serialised)
     for name, feats in got.items():
         in_flight = {"_mla_fwd": 1, "_mla_bwd_dq": 2, "_mla_bwd_dkdv": 3}[name.split("_kernel")[0]]
         assert feats["wgmma"] and feats["tma"], (name, feats)
