@@ -38,19 +38,6 @@ from titan_dsv3.kernels.mla_attention_sm90 import (
 
 # fmt: off
 @gluon.jit
-def _load_query_steps(qn_desc, qp_desc, do_desc, q_n, q_p, d_o, q_bar, q_free, row, off_h, n_steps, qn_col, qp_col,
-                      do_col, STAGES: gl.constexpr):
-    """The loaders' loop: query step i's q_nope, q_pe, dO (rows row + i MQ ..) into slot i % STAGES once both
-    warpgroups have released the step that was there."""
-    MQ: gl.constexpr = qn_desc.block_type.shape[0]
-    for i in range(n_steps):
-        slot = i % STAGES
-        mbarrier.wait(q_free.index(slot), ((i // STAGES) & 1) ^ 1)
-        _load_three(q_bar.index(slot), row + i * MQ, off_h, qn_desc, qn_col, q_n.index(slot), qp_desc, qp_col,
-                    q_p.index(slot), do_desc, do_col, d_o.index(slot))
-
-
-@gluon.jit
 def _dkdv_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v, k_bar, q_n, q_p, d_o, q_bar,
                  q_free, row0, key0, off_h, n_steps, qn_col, qp_col, do_col, kn_col, kp_col, v_col,
                  STAGES: gl.constexpr):
@@ -60,8 +47,12 @@ def _dkdv_loader(qn_desc, qp_desc, do_desc, kn_desc, kp_desc, v_desc, kn, kp, v,
     for g in gl.static_range(2):
         _load_three(k_bar.index(g), row0 + key0 + g * HK, off_h, kn_desc, kn_col, kn.index(g), kp_desc, kp_col,
                     kp.index(g), v_desc, v_col, v.index(g))
-    _load_query_steps(qn_desc, qp_desc, do_desc, q_n, q_p, d_o, q_bar, q_free, row0 + key0, off_h, n_steps, qn_col,
-                      qp_col, do_col, STAGES)
+    MQ: gl.constexpr = qn_desc.block_type.shape[0]
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(q_free.index(slot), ((i // STAGES) & 1) ^ 1)
+        _load_three(q_bar.index(slot), row0 + key0 + i * MQ, off_h, qn_desc, qn_col, q_n.index(slot), qp_desc,
+                    qp_col, q_p.index(slot), do_desc, do_col, d_o.index(slot))
 
 
 @gluon.jit
@@ -162,17 +153,6 @@ def _dkdv_steps_pipelined(kn_g, kp_g, v_g, q_n, q_p, d_o, q_bar, q_free, lse_ptr
 
 
 @gluon.jit
-def _query_ring(qn_desc, qp_desc, do_desc, STAGES: gl.constexpr):
-    """STAGES slots of a query step's q_nope, q_pe and dO tiles."""
-    MQ: gl.constexpr = qn_desc.block_type.shape[0]
-    dtype: gl.constexpr = qn_desc.dtype
-    q_n = gl.allocate_shared_memory(dtype, [STAGES, MQ, qn_desc.block_type.shape[1]], qn_desc.layout)
-    q_p = gl.allocate_shared_memory(dtype, [STAGES, MQ, qp_desc.block_type.shape[1]], qp_desc.layout)
-    d_o = gl.allocate_shared_memory(dtype, [STAGES, MQ, do_desc.block_type.shape[1]], do_desc.layout)
-    return q_n, q_p, d_o
-
-
-@gluon.jit
 def _store_dkdv(dkn, dkp, dv, dkn_ptr, dkp_ptr, dv_ptr, dkn_hs, dv_hs, row0, first_key, off_h, n_heads, seqlen,
                 sm_scale, NW: gl.constexpr):
     """A warpgroup's dk_nope, dk_pe (both times the softmax scale) and dv (wgmma accumulators of NW warps) into rows
@@ -248,7 +228,9 @@ def _mla_bwd_dkdv_kernel_sm90(
     kn = gl.allocate_shared_memory(dtype, [2, HK, kn_desc.block_type.shape[1]], kn_desc.layout)
     kp = gl.allocate_shared_memory(dtype, [2, HK, kp_desc.block_type.shape[1]], kp_desc.layout)
     v = gl.allocate_shared_memory(dtype, [2, HK, v_desc.block_type.shape[1]], v_desc.layout)
-    q_n, q_p, d_o = _query_ring(qn_desc, qp_desc, do_desc, STAGES)
+    q_n = gl.allocate_shared_memory(dtype, [STAGES, MQ, qn_desc.block_type.shape[1]], qn_desc.layout)
+    q_p = gl.allocate_shared_memory(dtype, [STAGES, MQ, qp_desc.block_type.shape[1]], qp_desc.layout)
+    d_o = gl.allocate_shared_memory(dtype, [STAGES, MQ, do_desc.block_type.shape[1]], do_desc.layout)
     k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
