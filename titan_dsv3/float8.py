@@ -43,6 +43,24 @@ def _linear_filter(cfg: Float8):
     return keep
 
 
+class FP8OutputHead(nn.Linear):
+    """The output head with FP8 GEMMs (kernels/fp8_output_head.py); same parameter and state dict as nn.Linear.
+
+    Training calls only: without autograd (evaluation, generation) and when the token count is not a multiple of
+    16 (cuBLAS fp8) the head runs as the high-precision linear it replaced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if not torch.is_grad_enabled() or lead.numel() % 16:
+            return super().forward(x)
+        from titan_dsv3.kernels.fp8_output_head import fp8_output_head
+
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        return fp8_output_head(x.reshape(-1, x.shape[-1]), self.weight).view(*lead, -1)
+
+
 class FP8GroupedExperts(GroupedExperts):
     """Routed experts with FP8 grouped GEMMs (kernels/fp8_grouped_gemm.py); same parameters and state dict."""
 
@@ -58,7 +76,7 @@ class FP8GroupedExperts(GroupedExperts):
 
 
 def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
-    """Convert model in place as cfg asks (nothing when both float8.enable and float8.moe_experts are off). Returns
+    """Convert model in place as cfg asks (nothing when float8.enable, output_head and moe_experts are off). Returns
     a line saying what was converted, for the trainer to print (None when nothing was asked): a run with
     float8.enable whose linears all fall under min_dim or the filters runs in bf16 and should say so."""
     said = []
@@ -77,6 +95,15 @@ def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
                 f"no linear converted (every one has a dim under float8.min_dim {cfg.min_dim}, one not divisible "
                 f"by 16, or a name in float8.filter_fqns {cfg.filter_fqns}): the dense layers stay in high precision"
             )
+    if cfg.output_head:
+        head = getattr(model, "output", None)
+        if type(head) is not nn.Linear or head.bias is not None:
+            raise ValueError(
+                f"float8.output_head: the model's output head is {type(head).__name__}, not a bias-free nn.Linear "
+                "(tied to the embedding, or already converted: keep 'output' in float8.filter_fqns)"
+            )
+        head.__class__ = FP8OutputHead
+        said.append("output head on FP8 GEMMs")
     if cfg.moe_experts:
         swapped = 0
         for module in model.modules():

@@ -202,6 +202,9 @@ class Float8:
     """Linears whose name contains one of these stay in high precision."""
     fsdp_float8_all_gather: bool = False
     """tensorwise only: FSDP all-gathers the converted linears' weights in float8 (half the bytes)."""
+    output_head: bool = False
+    """Run the output head's three GEMMs in FP8 (kernels/fp8_output_head.py: tensorwise e4m3, e5m2 gradient);
+    one device or data parallel (not with tensor_parallel_degree > 1). Keep 'output' in filter_fqns."""
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.
     1.33-1.36x bf16 on bench6's expert FFN, 1.11x end to end with float8.enable (H200, benchmarks/RESULTS.md)."""

@@ -194,6 +194,11 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         dims.check_model(margs, t.local_batch_size, t.seq_len, cfg.moe.balance_loss_alpha)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.float8.output_head and dims.tp > 1:
+        raise ConfigError(
+            "float8.output_head computes the whole head on each rank; with parallelism.tensor_parallel_degree "
+            f"= {dims.tp} the head is sharded: turn one off"
+        )
     dp = dims.dp
     if t.mixed_precision == "bf16_weights":
         if cfg.optimizer.state_dtype != "bfloat16":
@@ -243,6 +248,26 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
     f8 = cfg.float8
     if f8.fsdp_float8_all_gather and f8.recipe != "tensorwise":
         raise ConfigError("float8.fsdp_float8_all_gather works with recipe = tensorwise only")
+    if f8.output_head:
+        from titan_dsv3.kernels import fp8_output_head
+
+        if f8.enable and not any(name in "output" for name in f8.filter_fqns):
+            raise ConfigError(
+                "float8.output_head and float8.enable would both convert the output head: keep 'output' in "
+                f"float8.filter_fqns (now {f8.filter_fqns})"
+            )
+        if margs.tie_embeddings:
+            raise ConfigError("float8.output_head needs an untied head; set model.tie_embeddings = false")
+        if margs.dim % 16 or margs.vocab_size % 16:
+            raise ConfigError(
+                f"float8.output_head needs model.dim ({margs.dim}) and model.vocab_size ({margs.vocab_size}) to be "
+                "multiples of 16 (cuBLAS fp8 GEMMs)"
+            )
+        if not cuda and not fp8_output_head._INTERPRET:
+            raise ConfigError(
+                "float8.output_head quantises in a Triton kernel: CUDA (on CPU only in Triton's interpreter, "
+                "TRITON_INTERPRET=1); turn it off"
+            )
     if f8.moe_experts:
         if not cuda:
             raise ConfigError("float8.moe_experts runs a CUDA kernel; turn it off on CPU")

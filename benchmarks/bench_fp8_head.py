@@ -1,0 +1,115 @@
+"""The output head with its loss on one GPU, forward + backward: bf16 against FP8 (ours, torchao's tensorwise).
+
+    python benchmarks/bench_fp8_head.py [--tokens 16384] [--dim 2048] [--vocab 102400] [--profile] [--json out.json]
+
+bench6's head by default: 16,384 tokens x 2,048 -> 102,400, the weight in bf16 (training.mixed_precision =
+bf16_weights). Each row times x -> logits -> summed cross-entropy (compiled, in fp32 as the trainer computes it)
+-> backward to x and W, so the FP8 rows pay for quantising the logits' gradient as a training step does:
+  bf16      F.linear
+  torchao   torchao's Float8Linear, tensorwise (what float8.enable with 'output' taken out of filter_fqns runs)
+  ours      kernels/fp8_output_head.py (float8.output_head)
+Also the head's three GEMMs alone (bf16 and ours, no loss), and errors against float32 math (TF32 off): logits,
+dx, dW. FLOPs count the three GEMMs (6 x tokens x dim x vocab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from titan_dsv3.kernels.fp8_output_head import fp8_output_head
+from titan_dsv3.optim.losses import cross_entropy_sum
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_timing import ROWS, profile_split, rel, report  # noqa: E402
+
+
+def torchao_head(weight: torch.Tensor):
+    """(fn, its weight parameter): torchao's tensorwise float8 linear on a copy of `weight`."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    lin = torch.nn.Sequential(
+        torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+    )
+    lin[0].weight = torch.nn.Parameter(weight.detach().clone())
+    convert_to_float8_training(lin, config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    return lambda x: lin(x), lin[0].weight  # noqa: E731
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=102400)
+    p.add_argument("--profile", action="store_true", help="per-kernel time split of ours (with the loss)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    t, d, v = args.tokens, args.dim, args.vocab
+    torch.manual_seed(0)
+    x = torch.randn(t, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, d, device=dev) * 0.006).bfloat16().requires_grad_()  # init_std of bench6
+    labels = torch.randint(0, v, (1, t), device=dev)
+    dlogits = torch.randn(t, v, device=dev, dtype=torch.bfloat16) / t
+    flops = 6.0 * t * d * v
+    loss_fn = torch.compile(cross_entropy_sum)
+
+    # name -> (x -> logits, the weight it uses)
+    heads = {"bf16": (lambda x: F.linear(x, w), w), "ours": (lambda x: fp8_output_head(x, w), w)}
+    try:
+        heads["torchao tensorwise"] = torchao_head(w)
+    except Exception as e:  # noqa: BLE001
+        print(f"torchao head not built: {type(e).__name__}: {e}")
+
+    def with_loss(head):
+        fn, weight = head
+
+        def step():
+            loss = loss_fn(fn(x).unsqueeze(0), labels) / t
+            torch.autograd.grad(loss, (x, weight))
+
+        return step
+
+    def gemms(head):
+        fn, weight = head
+
+        def step():
+            torch.autograd.grad(fn(x), (x, weight), dlogits)
+
+        return step
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref_y = xf @ wf.T
+    ref = [ref_y.detach(), *torch.autograd.grad(ref_y, (xf, wf), dlogits.float())]
+    del ref_y, xf, wf
+
+    def errors(head) -> str:
+        fn, weight = head
+        y = fn(x)
+        got = [y.detach(), *torch.autograd.grad(y, (x, weight), dlogits)]
+        return " ".join(f"{k} {rel(a, b):.1e}" for k, a, b in zip(("logits", "dx", "dW"), got, ref))
+
+    tag = f"head {t} x {d} -> {v}"
+    base = {}
+    for name, head in heads.items():
+        err = errors(head)
+        base[name] = report(f"{tag} {name} + loss", with_loss(head), flops, err)
+    for name in ("bf16", "ours"):
+        report(f"{tag} {name}, GEMMs alone", gemms(heads[name]), flops)
+    for name in heads:
+        if name != "bf16":
+            print(f"  {name} vs bf16 (with the loss): {base['bf16'] / base[name]:.3f}x", flush=True)
+    if args.profile:
+        profile_split(with_loss(heads["ours"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(ROWS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

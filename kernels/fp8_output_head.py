@@ -1,0 +1,229 @@
+"""The output head in FP8: logits = x @ W^T with one scale a tensor, forward and backward, on torch._scaled_mm.
+
+The output head is bench6's largest GEMM: 102,400 x 2,048 over 16,384 tokens, 20.6 TFLOP a step in its three
+GEMMs, about 25 ms of a 160 ms FP8 step on H200 (benchmarks/RESULTS.md, stop 23). torchao's float8 linear on it
+made the step slower (0.92x bf16, 15 GiB more peak memory): its eager casts of the 16,384 x 102,400 logits gradient
+(3.4 GB in bf16) ran as several passes with fp32 temporaries. Here each operand is quantised by one Triton pass
+that writes the fp8 copies its GEMMs need, K-major (the only operand order Hopper's fp8 tensor cores take):
+
+- forward: x -> e4m3 (T x D) and W -> e4m3 (V x D), scale amax / 448 each; logits = x8 @ W8^T with cuBLAS's fast
+  accumulation (K = D = 2,048, as torchao does for forward outputs);
+- backward: dlogits -> e5m2 (amax / 57,344: a softmax gradient spans many decades below its largest entry, and
+  e5m2 keeps 2^-16 of it where e4m3 keeps 2^-9), written in both layouts by one pass: row-major (T x V) for
+  dx = dlogits @ W (K = V) and transposed (V x T) for dW = dlogits^T @ x (K = T); both GEMMs accumulate
+  without the fast path. x and W are saved as their transposed e4m3 copies (D x T, D x V), the K-major operands of
+  those two GEMMs; a 102,400 x 2,048 head keeps 200 MB for W and 32 MB for x (bf16 would keep 64 MB of x).
+
+Bytes moved past the GEMMs, bench6 shapes: the gradient's amax (read 3.4 GB, torch.linalg.vector_norm) and its
+quantiser (read 3.4 GB, write 2 x 1.7 GB): about 2.5 ms at H200's 4.2 TB/s, against about 11 ms the three GEMMs
+save at FP8 speed.
+
+Limits: tokens, dim and vocab multiples of 16 (cuBLAS fp8); x bf16, fp16 or fp32, logits and dx in x's dtype, dW
+in W's dtype; no bias. Under TRITON_INTERPRET=1 the cast to fp8 is rounded by hand first (the interpreter's cast
+truncates subnormals and carries), so the interpreter writes torch's bits.
+Legend: T tokens, D dim, V vocab.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from titan_dsv3.kernels import require_same_device
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_EPS = 1e-12  # amax floor: an all-zero tensor gets a tiny scale and quantises to zeros
+# (largest finite value, smallest normal, mantissa bits dropped from fp32) of each format
+_FORMATS = {
+    torch.float8_e4m3fn: (448.0, 2.0**-6, 20),
+    torch.float8_e5m2: (57344.0, 2.0**-14, 21),
+}
+# 128 x 128 tiles, 8 warps: each transposed row written is 128 contiguous bytes
+_BLOCK = dict(BM=128, BN=128)
+_LAUNCH = dict(num_warps=8)
+
+
+# ---- kernel ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_exact(y, MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, DROP: tl.constexpr):
+    """Round fp32 y (|y| <= MAX) to the fp8 grid, nearest even, in fp32 arithmetic: the interpreter's own cast is
+    wrong for subnormals and when rounding carries. Normals keep 23 - DROP mantissa bits; below MIN_NORMAL the
+    grid step is MIN_NORMAL / 2^(23 - DROP), to which adding and taking away 1.5 x MIN_NORMAL x 2^DROP rounds."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & -(1 << DROP)
+    magic = MIN_NORMAL * 1.5 * (1 << DROP)
+    sub = ((tl.abs(y) + magic) - magic).to(tl.int32, bitcast=True) | (bits & -(1 << 31))  # y's sign, -0 too
+    r = tl.where(tl.abs(y) < MIN_NORMAL, sub, normal).to(tl.float32, bitcast=True)
+    return tl.minimum(tl.maximum(r, -MAX), MAX)
+
+
+@triton.jit
+def _quant_kernel(
+    x_ptr, inv_ptr, q_ptr, qt_ptr, M, N,
+    MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, DROP: tl.constexpr,
+    BOTH: tl.constexpr, EXACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """q = fp8(x * inv) for a BM x BN tile of x (M x N); with BOTH also q^T into qt (N x M). Tiles of one column
+    block run one after another, so the transposed rows they write meet in L2."""
+    n_m = tl.cdiv(M, BM)
+    pid = tl.program_id(0)
+    offs_m = (pid % n_m) * BM + tl.arange(0, BM)
+    offs_n = (pid // n_m) * BN + tl.arange(0, BN)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # |y| <= MAX: inv = MAX / amax, divided once by torch (the reference's exact division)
+    y = x * tl.load(inv_ptr)
+    if EXACT:
+        y = _round_exact(y, MAX, MIN_NORMAL, DROP)
+    # e4m3fn or e5m2, chosen by q's pointer type; on sm_90 a cvt.rn.satfinite
+    q = y.to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows[:, None] * N + cols[None, :], q, mask=mask)
+    if BOTH:
+        tl.store(qt_ptr + cols[:, None] * M + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+
+
+# ---- launchers -------------------------------------------------------------------------------------------------
+
+
+def _inverse_scale(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv, scale): q = x * inv in fp8, x ~ q * scale; one amax pass, no host sync."""
+    amax = torch.linalg.vector_norm(x, float("inf")).float().clamp(min=_EPS)
+    inv = _FORMATS[dtype][0] / amax
+    return inv, inv.reciprocal()
+
+
+def quantise(x: torch.Tensor, dtype: torch.dtype, both: bool = False):
+    """x (M x N) -> (q (M x N), q^T (N x M) contiguous or None, scale): one scale for the tensor, amax / MAX."""
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"quantise takes a contiguous 2-D tensor, got shape {tuple(x.shape)}")
+    inv, scale = _inverse_scale(x, dtype)
+    m, n = x.shape
+    q = torch.empty(m, n, device=x.device, dtype=dtype)
+    qt = torch.empty(n, m, device=x.device, dtype=dtype) if both else q
+    max_, min_normal, drop = _FORMATS[dtype]
+    grid = (triton.cdiv(m, _BLOCK["BM"]) * triton.cdiv(n, _BLOCK["BN"]),)
+    if grid[0]:
+        _quant_kernel[grid](
+            x, inv, q, qt, m, n, MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=both, EXACT=_INTERPRET,
+            **_BLOCK, **_LAUNCH,
+        )  # fmt: skip
+    return q, (qt if both else None), scale
+
+
+def _check(x: torch.Tensor, w: torch.Tensor) -> None:
+    require_same_device("x", x, w=w)
+    (t, d), (v, dw) = x.shape, w.shape
+    if d != dw:
+        raise ValueError(f"fp8_output_head: x has {d} features, the weight {dw}")
+    if t % 16 or d % 16 or v % 16:
+        raise ValueError(f"fp8_output_head: tokens ({t}), dim ({d}) and vocab ({v}) must be multiples of 16")
+
+
+def _head_fwd(x_TD: torch.Tensor, w_VD: torch.Tensor):
+    x8, _, sx = quantise(x_TD, torch.float8_e4m3fn)
+    w8, _, sw = quantise(w_VD, torch.float8_e4m3fn)
+    logits_TV = torch._scaled_mm(
+        x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=x_TD.dtype, use_fast_accum=True
+    )
+    # saved K-major for the backward: x^T (D x T) for dW, W^T (D x V) for dx; fp8 transposes of 32 and 200 MB
+    return logits_TV, x8.t().contiguous(), sx, w8.t().contiguous(), sw
+
+
+def _head_bwd(g_TV, x8t_DT, sx, w8t_DV, sw, w_dtype):
+    g8, g8t, sg = quantise(g_TV.contiguous(), torch.float8_e5m2, both=True)
+    dx_TD = torch._scaled_mm(g8, w8t_DV.t(), scale_a=sg, scale_b=sw, out_dtype=g_TV.dtype)
+    dw_VD = torch._scaled_mm(g8t, x8t_DT.t(), scale_a=sg, scale_b=sx, out_dtype=w_dtype)
+    return dx_TD, dw_VD
+
+
+# ---- custom ops and autograd -----------------------------------------------------------------------------------
+# Opaque to torch.compile; no `from __future__ import annotations` here (torch.library reads the annotations).
+
+
+@torch.library.custom_op("titan_dsv3::fp8_output_head_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    return list(_head_fwd(x, w))
+
+
+@_fwd_op.register_fake
+def _(x, w):
+    (t, d), v = x.shape, w.shape[0]
+    scale = x.new_empty((), dtype=torch.float32)
+    fp8 = torch.float8_e4m3fn
+    return [
+        x.new_empty(t, v),
+        x.new_empty(d, t, dtype=fp8),
+        scale,
+        x.new_empty(d, v, dtype=fp8),
+        scale.clone(),
+    ]
+
+
+@torch.library.custom_op("titan_dsv3::fp8_output_head_bwd", mutates_args=())
+def _bwd_op(
+    g: torch.Tensor,
+    x8t: torch.Tensor,
+    sx: torch.Tensor,
+    w8t: torch.Tensor,
+    sw: torch.Tensor,
+    w_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _head_bwd(g, x8t, sx, w8t, sw, w_dtype)
+
+
+@_bwd_op.register_fake
+def _(g, x8t, sx, w8t, sw, w_dtype):
+    return g.new_empty(g.shape[0], x8t.shape[0]), g.new_empty(g.shape[1], x8t.shape[0], dtype=w_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # the saved copies never get a gradient: no zero-filled ones
+    ctx.save_for_backward(*output[1:])
+    ctx.w_dtype = inputs[1].dtype
+
+
+def _backward(ctx, grads):
+    if grads[0] is None:
+        return None, None
+    return _bwd_op(grads[0], *ctx.saved_tensors, ctx.w_dtype)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fp8_output_head(x_TD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """logits (T x V) = x @ W^T with e4m3 operands forward and an e5m2 gradient backward; differentiable in both."""
+    _check(x_TD, w_VD)
+    return _fwd_op(x_TD.contiguous(), w_VD.contiguous())[0]
+
+
+# ---- reference -------------------------------------------------------------------------------------------------
+
+
+def quantise_reference(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) with torch's cast: the bits quantise writes."""
+    inv, scale = _inverse_scale(x, dtype)
+    fp8_max = _FORMATS[dtype][0]
+    return (x.float() * inv).clamp(-fp8_max, fp8_max).to(dtype), scale
+
+
+def fp8_output_head_reference(x_TD, w_VD, dlogits_TV=None):
+    """The same computation in float64 on the dequantised operands: logits, or (logits, dx, dW) given dlogits.
+    Differs from the op only by the GEMMs' accumulation order and the outputs' rounding."""
+
+    def dq(t, dtype):
+        q, scale = quantise_reference(t, dtype)
+        return q.double() * scale.double()
+
+    x, w = dq(x_TD, torch.float8_e4m3fn), dq(w_VD, torch.float8_e4m3fn)
+    logits = (x @ w.T).to(x_TD.dtype)
+    if dlogits_TV is None:
+        return logits
+    g = dq(dlogits_TV, torch.float8_e5m2)
+    return logits, (g @ w).to(x_TD.dtype), (g.T @ x).to(w_VD.dtype)
