@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 
 from titan_dsv3.config import ConfigError, parse_args  # noqa: E402
 from titan_dsv3.config.job_config import Float8  # noqa: E402
-from titan_dsv3.float8 import FP8GroupedExperts, apply_float8  # noqa: E402
+from titan_dsv3.float8 import FP8GroupedExperts, FP8OutputHead, apply_float8  # noqa: E402
 from titan_dsv3.models.moe import GroupedExperts, looped_swiglu  # noqa: E402
 
 
@@ -104,6 +104,30 @@ def test_fp8_experts_close_to_fp32():
         assert _rel(p.grad, q.grad) < 0.08
 
 
+def test_output_head_swap():
+    """float8.output_head swaps the head's class (same state dict); training calls run FP8 GEMMs, no-grad calls
+    and token counts off the multiple of 16 the high-precision linear."""
+    torch.manual_seed(2)
+    model = Toy()
+    keys, ref = set(model.state_dict()), nn.Linear(512, 256, bias=False)
+    ref.load_state_dict(model.output.state_dict())
+    said = apply_float8(model, Float8(enable=True, min_dim=128, output_head=True))
+    assert type(model.output) is FP8OutputHead and "output" not in _converted(model)
+    assert said == "float8: 2 linears in FP8 (tensorwise, min_dim 128); output head on FP8 GEMMs"
+    assert set(model.state_dict()) == keys
+    x = torch.randn(2, 24, 512)
+    with torch.no_grad():
+        assert torch.equal(model.output(x), ref(x))
+    assert torch.equal(model.output(x[:, :5]), ref(x[:, :5]))  # 10 tokens: the linear
+    y, y_ref = model.output(x), ref(x)
+    assert y.shape == y_ref.shape and 0 < _rel(y, y_ref) < 0.05  # 48 tokens: FP8
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert _rel(model.output.weight.grad, ref.weight.grad) < 0.08
+    with pytest.raises(ValueError, match="keep 'output' in float8.filter_fqns"):
+        apply_float8(Toy(), Float8(enable=True, min_dim=128, filter_fqns=[], output_head=True))
+
+
 def test_config_validation():
     debug = "train_configs/debug_model.toml"
     with pytest.raises(ConfigError, match="tensorwise only"):
@@ -120,6 +144,13 @@ def test_config_validation():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="float8.moe_experts"):
             parse_args(["--job.config_file", debug, "--float8.moe_experts", "true"])
+    head = ["--job.config_file", debug, "--float8.output_head", "true"]
+    with pytest.raises(ConfigError, match="keep 'output' in float8.filter_fqns"):
+        parse_args(head + ["--float8.enable", "true", "--float8.filter_fqns", "gate"])
+    with pytest.raises(ConfigError, match="model.tie_embeddings = false"):
+        parse_args(head + ["--model.tie_embeddings", "true"])
+    with pytest.raises(ConfigError, match="tensor_parallel_degree = 2"):
+        parse_args(head + ["--parallelism.tensor_parallel_degree", "2"], world_size=2)
 
 
 def test_trainer_applies_float8_linears(tiny):
@@ -134,3 +165,18 @@ def test_trainer_applies_float8_linears(tiny):
     assert converted and not any(n.startswith("output") for n in converted)
     out = [t.train_step()["loss"] for _ in range(3)]
     assert all(x == x for x in out)  # finite
+
+
+def test_trainer_fp8_output_head(tiny):
+    """float8.output_head in a run (with MTP: the head serves both depths) trains, and its first loss is the bf16
+    run's to FP8 accuracy."""
+    from titan_dsv3.config import parse_args
+    from titan_dsv3.train import Trainer
+
+    losses = {}
+    for on in ("false", "true"):
+        t = Trainer(parse_args(tiny(**{"float8.output_head": on, "training.mixed_precision": "bf16"})))
+        assert (type(t.model.output) is FP8OutputHead) == (on == "true")
+        losses[on] = [t.train_step()["loss"] for _ in range(3)]
+        t.close()
+    assert all(abs(a - b) < 0.01 * b for a, b in zip(losses["true"], losses["false"]))
