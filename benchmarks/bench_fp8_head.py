@@ -7,7 +7,7 @@ bf16_weights). Each row times x -> logits -> summed cross-entropy (compiled, in 
 -> backward to x and W, so the FP8 rows pay for quantising the logits' gradient as a training step does:
   bf16      F.linear
   torchao   torchao's Float8Linear, tensorwise (what float8.enable with 'output' taken out of filter_fqns runs)
-  ours      kernels/fp8_output_head.py (float8.output_head)
+  ours      kernels/fp8_linear.py (float8.output_head)
 Also the head's three GEMMs alone (bf16 and ours, no loss), and errors against float32 math (TF32 off): logits,
 dx, dW. FLOPs count the three GEMMs (6 x tokens x dim x vocab).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from titan_dsv3.kernels.fp8_output_head import fp8_output_head
+from titan_dsv3.kernels.fp8_linear import fp8_linear
 from titan_dsv3.optim.losses import cross_entropy_sum
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,7 +60,7 @@ def main() -> None:
     loss_fn = torch.compile(cross_entropy_sum)
 
     # name -> (x -> logits, the weight it uses)
-    heads = {"bf16": (lambda x: F.linear(x, w), w), "ours": (lambda x: fp8_output_head(x, w), w)}
+    heads = {"bf16": (lambda x: F.linear(x, w), w), "ours": (lambda x: fp8_linear(x, w), w)}
     try:
         heads["torchao tensorwise"] = torchao_head(w)
     except Exception as e:  # noqa: BLE001

@@ -43,22 +43,22 @@ def _linear_filter(cfg: Float8):
     return keep
 
 
-class FP8OutputHead(nn.Linear):
-    """The output head with FP8 GEMMs (kernels/fp8_output_head.py); same parameter and state dict as nn.Linear.
+class FP8Linear(nn.Linear):
+    """A bias-free linear on our FP8 GEMMs (kernels/fp8_linear.py); same parameter and state dict as nn.Linear.
 
     Training calls only: without autograd (evaluation, generation) and when the token count is not a multiple of
-    16 (cuBLAS fp8) the head runs as the high-precision linear it replaced."""
+    16 (cuBLAS fp8) it runs as the high-precision linear it replaced."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if not torch.is_grad_enabled() or lead.numel() % 16:
             return super().forward(x)
-        from titan_dsv3.kernels.fp8_output_head import fp8_output_head
+        from titan_dsv3.kernels.fp8_linear import fp8_linear
 
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        return fp8_output_head(x.reshape(-1, x.shape[-1]), self.weight).view(*lead, -1)
+        return fp8_linear(x.reshape(-1, x.shape[-1]), self.weight).view(*lead, -1)
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -81,15 +81,24 @@ def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
     float8.enable whose linears all fall under min_dim or the filters runs in bf16 and should say so."""
     said = []
     if cfg.enable:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        keep = _linear_filter(cfg)
+        if cfg.linear_backend == "titan":
+            n = 0
+            for fqn, module in model.named_modules():
+                if keep(module, fqn) and type(module) is nn.Linear and module.bias is None:
+                    module.__class__ = FP8Linear
+                    n += 1
+        else:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-        config = Float8LinearConfig.from_recipe_name(cfg.recipe)
-        if cfg.fsdp_float8_all_gather:
-            config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
-        convert_to_float8_training(model, config=config, module_filter_fn=_linear_filter(cfg))
-        n = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+            config = Float8LinearConfig.from_recipe_name(cfg.recipe)
+            if cfg.fsdp_float8_all_gather:
+                config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+            convert_to_float8_training(model, config=config, module_filter_fn=keep)
+            n = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
         if n:
-            said.append(f"{n} linears in FP8 ({cfg.recipe}, min_dim {cfg.min_dim})")
+            how = "ours, tensorwise" if cfg.linear_backend == "titan" else cfg.recipe
+            said.append(f"{n} linears in FP8 ({how}, min_dim {cfg.min_dim})")
         else:
             said.append(
                 f"no linear converted (every one has a dim under float8.min_dim {cfg.min_dim}, one not divisible "
@@ -102,7 +111,7 @@ def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
                 f"float8.output_head: the model's output head is {type(head).__name__}, not a bias-free nn.Linear "
                 "(tied to the embedding, or already converted: keep 'output' in float8.filter_fqns)"
             )
-        head.__class__ = FP8OutputHead
+        head.__class__ = FP8Linear
         said.append("output head on FP8 GEMMs")
     if cfg.moe_experts:
         swapped = 0

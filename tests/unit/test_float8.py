@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 
 from titan_dsv3.config import ConfigError, parse_args  # noqa: E402
 from titan_dsv3.config.job_config import Float8  # noqa: E402
-from titan_dsv3.float8 import FP8GroupedExperts, FP8OutputHead, apply_float8  # noqa: E402
+from titan_dsv3.float8 import FP8GroupedExperts, FP8Linear, apply_float8  # noqa: E402
 from titan_dsv3.models.moe import GroupedExperts, looped_swiglu  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def test_output_head_swap():
     keys, ref = set(model.state_dict()), nn.Linear(512, 256, bias=False)
     ref.load_state_dict(model.output.state_dict())
     said = apply_float8(model, Float8(enable=True, min_dim=128, output_head=True))
-    assert type(model.output) is FP8OutputHead and "output" not in _converted(model)
+    assert type(model.output) is FP8Linear and "output" not in _converted(model)
     assert said == "float8: 2 linears in FP8 (tensorwise, min_dim 128); output head on FP8 GEMMs"
     assert set(model.state_dict()) == keys
     x = torch.randn(2, 24, 512)
@@ -126,6 +126,17 @@ def test_output_head_swap():
     assert _rel(model.output.weight.grad, ref.weight.grad) < 0.08
     with pytest.raises(ValueError, match="keep 'output' in float8.filter_fqns"):
         apply_float8(Toy(), Float8(enable=True, min_dim=128, filter_fqns=[], output_head=True))
+
+
+def test_titan_linears_swap():
+    """float8.linear_backend = 'titan' puts the filtered linears on our FP8 linear, no torchao module."""
+    model = Toy()
+    said = apply_float8(
+        model, Float8(enable=True, min_dim=128, filter_fqns=["output"], linear_backend="titan")
+    )
+    ours = {n for n, m in model.named_modules() if type(m) is FP8Linear}
+    assert ours == {"big", "inner.0"} and _converted(model) == set()
+    assert said == "float8: 2 linears in FP8 (ours, tensorwise, min_dim 128)"
 
 
 def test_config_validation():
@@ -149,6 +160,9 @@ def test_config_validation():
         parse_args(head + ["--float8.enable", "true", "--float8.filter_fqns", "gate"])
     with pytest.raises(ConfigError, match="model.tie_embeddings = false"):
         parse_args(head + ["--model.tie_embeddings", "true"])
+    with pytest.raises(ConfigError, match="set float8.recipe = tensorwise"):
+        parse_args(["--job.config_file", debug, "--float8.enable", "true", "--float8.linear_backend", "titan",
+                    "--float8.recipe", "rowwise"])  # fmt: skip
     with pytest.raises(ConfigError, match="tensor_parallel_degree = 2"):
         parse_args(head + ["--parallelism.tensor_parallel_degree", "2"], world_size=2)
 
@@ -167,16 +181,18 @@ def test_trainer_applies_float8_linears(tiny):
     assert all(x == x for x in out)  # finite
 
 
-def test_trainer_fp8_output_head(tiny):
-    """float8.output_head in a run (with MTP: the head serves both depths) trains, and its first loss is the bf16
-    run's to FP8 accuracy."""
+def test_trainer_fp8_linears_and_head(tiny):
+    """float8.output_head with our FP8 linears in a run (with MTP: the head serves both depths) trains, and its
+    first losses are the bf16 run's to FP8 accuracy."""
     from titan_dsv3.config import parse_args
     from titan_dsv3.train import Trainer
 
+    fp8 = {"float8.enable": "true", "float8.linear_backend": "titan", "float8.min_dim": "16"}
     losses = {}
-    for on in ("false", "true"):
-        t = Trainer(parse_args(tiny(**{"float8.output_head": on, "training.mixed_precision": "bf16"})))
-        assert (type(t.model.output) is FP8OutputHead) == (on == "true")
-        losses[on] = [t.train_step()["loss"] for _ in range(3)]
+    for name, extra in (("bf16", {}), ("fp8", {**fp8, "float8.output_head": "true"})):
+        t = Trainer(parse_args(tiny(**extra, **{"training.mixed_precision": "bf16"})))
+        ours = [n for n, m in t.model.named_modules() if type(m) is FP8Linear]
+        assert ("output" in ours and len(ours) > 1) == (name == "fp8")
+        losses[name] = [t.train_step()["loss"] for _ in range(3)]
         t.close()
-    assert all(abs(a - b) < 0.01 * b for a, b in zip(losses["true"], losses["false"]))
+    assert all(abs(a - b) < 0.01 * b for a, b in zip(losses["fp8"], losses["bf16"]))

@@ -202,8 +202,11 @@ class Float8:
     """Linears whose name contains one of these stay in high precision."""
     fsdp_float8_all_gather: bool = False
     """tensorwise only: FSDP all-gathers the converted linears' weights in float8 (half the bytes)."""
+    linear_backend: str = "torchao"
+    """torchao | titan: the dense linears on torchao's float8 linears (recipe) or on ours (kernels/fp8_linear.py,
+    tensorwise; one quantising pass an operand, both layouts at once); titan: one device or data parallel."""
     output_head: bool = False
-    """Run the output head's three GEMMs in FP8 (kernels/fp8_output_head.py: tensorwise e4m3, e5m2 gradient);
+    """Run the output head's three GEMMs in FP8 (kernels/fp8_linear.py: tensorwise e4m3, e5m2 gradient);
     one device or data parallel (not with tensor_parallel_degree > 1). Keep 'output' in filter_fqns."""
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.

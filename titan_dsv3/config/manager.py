@@ -175,6 +175,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             "compile.components) or leave it off"
         )
     _choice("float8.recipe", cfg.float8.recipe, ("tensorwise", "rowwise"))
+    _choice("float8.linear_backend", cfg.float8.linear_backend, ("torchao", "titan"))
     _positive("metrics.log_freq", cfg.metrics.log_freq)
     _positive("validation.freq", cfg.validation.freq)
     _positive("validation.steps", cfg.validation.steps)
@@ -194,10 +195,11 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         dims.check_model(margs, t.local_batch_size, t.seq_len, cfg.moe.balance_loss_alpha)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.float8.output_head and dims.tp > 1:
+    titan_linears = cfg.float8.enable and cfg.float8.linear_backend == "titan"
+    if (cfg.float8.output_head or titan_linears) and dims.tp > 1:
         raise ConfigError(
-            "float8.output_head computes the whole head on each rank; with parallelism.tensor_parallel_degree "
-            f"= {dims.tp} the head is sharded: turn one off"
+            "float8.output_head and float8.linear_backend = 'titan' take whole weights; with "
+            f"parallelism.tensor_parallel_degree = {dims.tp} they are sharded: use torchao's linears, no output_head"
         )
     dp = dims.dp
     if t.mixed_precision == "bf16_weights":
@@ -248,9 +250,21 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
     f8 = cfg.float8
     if f8.fsdp_float8_all_gather and f8.recipe != "tensorwise":
         raise ConfigError("float8.fsdp_float8_all_gather works with recipe = tensorwise only")
-    if f8.output_head:
-        from titan_dsv3.kernels import fp8_output_head
+    if f8.enable and f8.linear_backend == "titan":
+        if f8.recipe != "tensorwise" or f8.fsdp_float8_all_gather:
+            raise ConfigError(
+                "float8.linear_backend = 'titan' is tensorwise without a float8 all-gather: set float8.recipe = "
+                "tensorwise and float8.fsdp_float8_all_gather = false, or linear_backend = 'torchao'"
+            )
+    if f8.output_head or (f8.enable and f8.linear_backend == "titan"):
+        from titan_dsv3.kernels import fp8_linear
 
+        if not cuda and not fp8_linear._INTERPRET:
+            raise ConfigError(
+                "float8.output_head and float8.linear_backend = 'titan' quantise in a Triton kernel: CUDA (on CPU "
+                "only in Triton's interpreter, TRITON_INTERPRET=1); turn them off"
+            )
+    if f8.output_head:
         if f8.enable and not any(name in "output" for name in f8.filter_fqns):
             raise ConfigError(
                 "float8.output_head and float8.enable would both convert the output head: keep 'output' in "
@@ -262,11 +276,6 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
             raise ConfigError(
                 f"float8.output_head needs model.dim ({margs.dim}) and model.vocab_size ({margs.vocab_size}) to be "
                 "multiples of 16 (cuBLAS fp8 GEMMs)"
-            )
-        if not cuda and not fp8_output_head._INTERPRET:
-            raise ConfigError(
-                "float8.output_head quantises in a Triton kernel: CUDA (on CPU only in Triton's interpreter, "
-                "TRITON_INTERPRET=1); turn it off"
             )
     if f8.moe_experts:
         if not cuda:

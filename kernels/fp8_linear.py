@@ -1,27 +1,28 @@
-"""The output head in FP8: logits = x @ W^T with one scale a tensor, forward and backward, on torch._scaled_mm.
+"""A linear in FP8 with one scale a tensor: y = x @ W^T, forward and backward, on torch._scaled_mm.
 
-The output head is bench6's largest GEMM: 102,400 x 2,048 over 16,384 tokens, 20.6 TFLOP a step in its three
-GEMMs, about 25 ms of a 160 ms FP8 step on H200 (benchmarks/RESULTS.md, stop 23). torchao's float8 linear on it
-made the step slower (0.92x bf16, 15 GiB more peak memory): its eager casts of the 16,384 x 102,400 logits gradient
-(3.4 GB in bf16) ran as several passes with fp32 temporaries. Here each operand is quantised by one Triton pass
-that writes the fp8 copies its GEMMs need, K-major (the only operand order Hopper's fp8 tensor cores take):
+Built for the output head, bench6's largest GEMM: 102,400 x 2,048 over 16,384 tokens, 20.6 TFLOP a step in its
+three GEMMs, about 25 ms of a 160 ms FP8 step on H200 (benchmarks/RESULTS.md, stop 23). torchao's float8 linear on
+it made the step slower (0.92x bf16, 15 GiB more peak memory): its eager casts of the 16,384 x 102,400 logits
+gradient (3.4 GB in bf16) ran as several passes with fp32 temporaries. Here each operand is quantised by one
+Triton pass that writes the fp8 copies its GEMMs need, K-major (the only operand order Hopper's fp8 tensor cores
+take):
 
-- forward: x -> e4m3 (T x D) and W -> e4m3 (V x D), scale amax / 448 each; logits = x8 @ W8^T with cuBLAS's fast
-  accumulation (K = D = 2,048, as torchao does for forward outputs);
-- backward: dlogits -> e5m2 (amax / 57,344: a softmax gradient spans many decades below its largest entry, and
-  e5m2 keeps 2^-16 of it where e4m3 keeps 2^-9), written in both layouts by one pass: row-major (T x V) for
-  dx = dlogits @ W (K = V) and transposed (V x T) for dW = dlogits^T @ x (K = T); both GEMMs accumulate
-  without the fast path. x and W are saved as their transposed e4m3 copies (D x T, D x V), the K-major operands of
-  those two GEMMs; a 102,400 x 2,048 head keeps 200 MB for W and 32 MB for x (bf16 would keep 64 MB of x).
+- forward: x -> e4m3 (T x D) and W -> e4m3 (V x D), scale amax / 448 each; y = x8 @ W8^T with cuBLAS's fast
+  accumulation (K = D, as torchao does for forward outputs);
+- backward: dy -> e5m2 (amax / 57,344: a softmax gradient spans many decades below its largest entry, and e5m2
+  keeps 2^-16 of it where e4m3 keeps 2^-9), written in both layouts by one pass: row-major (T x V) for
+  dx = dy @ W (K = V) and transposed (V x T) for dW = dy^T @ x (K = T); both GEMMs accumulate without the fast
+  path. x and W are saved as their transposed e4m3 copies (D x T, D x V), the K-major operands of those two
+  GEMMs: for the head 200 MB for W and 32 MB for x (bf16 would keep 64 MB of x).
 
-Bytes moved past the GEMMs, bench6 shapes: the gradient's amax (read 3.4 GB, torch.linalg.vector_norm) and its
-quantiser (read 3.4 GB, write 2 x 1.7 GB): about 2.5 ms at H200's 4.2 TB/s, against about 11 ms the three GEMMs
+Bytes moved past the GEMMs on the head's shapes: dy's amax (read 3.4 GB, torch.linalg.vector_norm) and its
+quantiser (read 3.4 GB, write 2 x 1.7 GB), about 2.5 ms at H200's 4.2 TB/s, against about 11 ms the three GEMMs
 save at FP8 speed.
 
-Limits: tokens, dim and vocab multiples of 16 (cuBLAS fp8); x bf16, fp16 or fp32, logits and dx in x's dtype, dW
-in W's dtype; no bias. Under TRITON_INTERPRET=1 the cast to fp8 is rounded by hand first (the interpreter's cast
-truncates subnormals and carries), so the interpreter writes torch's bits.
-Legend: T tokens, D dim, V vocab.
+Limits: T, D and V multiples of 16 (cuBLAS fp8); x bf16, fp16 or fp32, y and dx in x's dtype, dW in W's dtype; no
+bias. Under TRITON_INTERPRET=1 the cast to fp8 is rounded by hand first (the interpreter's cast truncates
+subnormals and carries), so the interpreter writes torch's bits.
+Legend: T tokens, D in features, V out features (the vocabulary for the head).
 """
 
 import os
@@ -119,24 +120,22 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
     require_same_device("x", x, w=w)
     (t, d), (v, dw) = x.shape, w.shape
     if d != dw:
-        raise ValueError(f"fp8_output_head: x has {d} features, the weight {dw}")
+        raise ValueError(f"fp8_linear: x has {d} features, the weight {dw}")
     if t % 16 or d % 16 or v % 16:
-        raise ValueError(f"fp8_output_head: tokens ({t}), dim ({d}) and vocab ({v}) must be multiples of 16")
+        raise ValueError(f"fp8_linear: tokens ({t}), in ({d}) and out features ({v}) must be multiples of 16")
 
 
-def _head_fwd(x_TD: torch.Tensor, w_VD: torch.Tensor):
+def _linear_fwd(x_TD: torch.Tensor, w_VD: torch.Tensor):
     x8, _, sx = quantise(x_TD, torch.float8_e4m3fn)
     w8, _, sw = quantise(w_VD, torch.float8_e4m3fn)
-    logits_TV = torch._scaled_mm(
-        x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=x_TD.dtype, use_fast_accum=True
-    )
+    y_TV = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=x_TD.dtype, use_fast_accum=True)
     # saved K-major for the backward: x^T (D x T) for dW, W^T (D x V) for dx; fp8 transposes of 32 and 200 MB
-    return logits_TV, x8.t().contiguous(), sx, w8.t().contiguous(), sw
+    return y_TV, x8.t().contiguous(), sx, w8.t().contiguous(), sw
 
 
-def _head_bwd(g_TV, x8t_DT, sx, w8t_DV, sw, w_dtype):
-    g8, g8t, sg = quantise(g_TV.contiguous(), torch.float8_e5m2, both=True)
-    dx_TD = torch._scaled_mm(g8, w8t_DV.t(), scale_a=sg, scale_b=sw, out_dtype=g_TV.dtype)
+def _linear_bwd(dy_TV, x8t_DT, sx, w8t_DV, sw, w_dtype):
+    g8, g8t, sg = quantise(dy_TV.contiguous(), torch.float8_e5m2, both=True)
+    dx_TD = torch._scaled_mm(g8, w8t_DV.t(), scale_a=sg, scale_b=sw, out_dtype=dy_TV.dtype)
     dw_VD = torch._scaled_mm(g8t, x8t_DT.t(), scale_a=sg, scale_b=sx, out_dtype=w_dtype)
     return dx_TD, dw_VD
 
@@ -145,9 +144,9 @@ def _head_bwd(g_TV, x8t_DT, sx, w8t_DV, sw, w_dtype):
 # Opaque to torch.compile; no `from __future__ import annotations` here (torch.library reads the annotations).
 
 
-@torch.library.custom_op("titan_dsv3::fp8_output_head_fwd", mutates_args=())
+@torch.library.custom_op("titan_dsv3::fp8_linear_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
-    return list(_head_fwd(x, w))
+    return list(_linear_fwd(x, w))
 
 
 @_fwd_op.register_fake
@@ -164,7 +163,7 @@ def _(x, w):
     ]
 
 
-@torch.library.custom_op("titan_dsv3::fp8_output_head_bwd", mutates_args=())
+@torch.library.custom_op("titan_dsv3::fp8_linear_bwd", mutates_args=())
 def _bwd_op(
     g: torch.Tensor,
     x8t: torch.Tensor,
@@ -173,7 +172,7 @@ def _bwd_op(
     sw: torch.Tensor,
     w_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _head_bwd(g, x8t, sx, w8t, sw, w_dtype)
+    return _linear_bwd(g, x8t, sx, w8t, sw, w_dtype)
 
 
 @_bwd_op.register_fake
@@ -197,8 +196,8 @@ def _backward(ctx, grads):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fp8_output_head(x_TD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
-    """logits (T x V) = x @ W^T with e4m3 operands forward and an e5m2 gradient backward; differentiable in both."""
+def fp8_linear(x_TD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """y (T x V) = x @ W^T with e4m3 operands forward and an e5m2 gradient backward; differentiable in both."""
     _check(x_TD, w_VD)
     return _fwd_op(x_TD.contiguous(), w_VD.contiguous())[0]
 
@@ -213,8 +212,8 @@ def quantise_reference(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return (x.float() * inv).clamp(-fp8_max, fp8_max).to(dtype), scale
 
 
-def fp8_output_head_reference(x_TD, w_VD, dlogits_TV=None):
-    """The same computation in float64 on the dequantised operands: logits, or (logits, dx, dW) given dlogits.
+def fp8_linear_reference(x_TD, w_VD, dy_TV=None):
+    """The same computation in float64 on the dequantised operands: y, or (y, dx, dW) given dy.
     Differs from the op only by the GEMMs' accumulation order and the outputs' rounding."""
 
     def dq(t, dtype):
@@ -222,8 +221,8 @@ def fp8_output_head_reference(x_TD, w_VD, dlogits_TV=None):
         return q.double() * scale.double()
 
     x, w = dq(x_TD, torch.float8_e4m3fn), dq(w_VD, torch.float8_e4m3fn)
-    logits = (x @ w.T).to(x_TD.dtype)
-    if dlogits_TV is None:
-        return logits
-    g = dq(dlogits_TV, torch.float8_e5m2)
-    return logits, (g @ w).to(x_TD.dtype), (g.T @ x).to(w_VD.dtype)
+    y = (x @ w.T).to(x_TD.dtype)
+    if dy_TV is None:
+        return y
+    g = dq(dy_TV, torch.float8_e5m2)
+    return y, (g @ w).to(x_TD.dtype), (g.T @ x).to(w_VD.dtype)

@@ -13,9 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from titan_dsv3.kernels.fp8_output_head import (  # noqa: E402
-    fp8_output_head,
-    fp8_output_head_reference,
+from titan_dsv3.kernels.fp8_linear import (  # noqa: E402
+    fp8_linear,
+    fp8_linear_reference,
     quantise,
     quantise_reference,
 )
@@ -56,10 +56,10 @@ def test_head_forward_backward(w_dtype):
     x = torch.randn(48, 64, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(96, 64).to(w_dtype).requires_grad_()
     g = torch.randn(48, 96, dtype=torch.bfloat16)
-    y = fp8_output_head(x, w)
+    y = fp8_linear(x, w)
     y.backward(g)
     assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == w_dtype
-    ry, rdx, rdw = fp8_output_head_reference(x.detach(), w.detach(), g)
+    ry, rdx, rdw = fp8_linear_reference(x.detach(), w.detach(), g)
     for got, want in ((y, ry), (x.grad, rdx), (w.grad, rdw)):
         assert _rel(got, want) < 1e-2
     xd, wd, gd = x.detach().double(), w.detach().double(), g.double()
@@ -70,13 +70,13 @@ def test_head_forward_backward(w_dtype):
 def test_head_checks_and_compiles():
     x, w = torch.randn(40, 64), torch.randn(96, 64)
     with pytest.raises(ValueError, match="multiples of 16"):
-        fp8_output_head(x, w)  # 40 tokens
+        fp8_linear(x, w)  # 40 tokens
     with pytest.raises(ValueError, match="features"):
-        fp8_output_head(torch.randn(48, 32), w)
+        fp8_linear(torch.randn(48, 32), w)
     # opaque to torch.compile: the fakes give the shapes, the compiled call the same values as eager
     x = torch.randn(48, 64, requires_grad=True)
     w = torch.randn(96, 64, requires_grad=True)
-    eager = fp8_output_head(x, w)
-    compiled = torch.compile(fp8_output_head, fullgraph=True)(x, w)
+    eager = fp8_linear(x, w)
+    compiled = torch.compile(fp8_linear, fullgraph=True)(x, w)
     assert torch.equal(eager, compiled)
-    torch.library.opcheck(torch.ops.titan_dsv3.fp8_output_head_fwd.default, (x.detach(), w.detach()))
+    torch.library.opcheck(torch.ops.titan_dsv3.fp8_linear_fwd.default, (x.detach(), w.detach()))

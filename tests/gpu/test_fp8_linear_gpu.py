@@ -3,15 +3,15 @@ op against its float64 reference on dequantised operands and against bf16 math.
 
 Against the reference the op differs by cuBLAS's accumulation (fast accumulation in the forward, K = dim) and the
 outputs' rounding to bf16: bound 1e-2 relative Frobenius error. Against bf16 math: FP8 error, < 8% (e4m3 operands
-about 3-4%, the e5m2 gradient about 6%; see tests/kernels/test_fp8_output_head.py).
+about 3-4%, the e5m2 gradient about 6%; see tests/kernels/test_fp8_linear.py).
 """
 
 import pytest
 import torch
 
-from titan_dsv3.kernels.fp8_output_head import (
-    fp8_output_head,
-    fp8_output_head_reference,
+from titan_dsv3.kernels.fp8_linear import (
+    fp8_linear,
+    fp8_linear_reference,
     quantise,
     quantise_reference,
 )
@@ -43,10 +43,10 @@ def test_head_against_references(w_dtype):
     x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(v, d, device="cuda") * 0.02).to(w_dtype).requires_grad_()
     g = torch.randn(t, v, device="cuda", dtype=torch.bfloat16)
-    y = fp8_output_head(x, w)
+    y = fp8_linear(x, w)
     y.backward(g)
     assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == w_dtype
-    ry, rdx, rdw = fp8_output_head_reference(x.detach(), w.detach(), g)
+    ry, rdx, rdw = fp8_linear_reference(x.detach(), w.detach(), g)
     for got, want in ((y, ry), (x.grad, rdx), (w.grad, rdw)):
         assert _rel(got, want) < 1e-2
     xd, wd, gd = x.detach().double(), w.detach().double(), g.double()
