@@ -73,10 +73,22 @@ def test_head_checks_and_compiles():
         fp8_linear(x, w)  # 40 tokens
     with pytest.raises(ValueError, match="features"):
         fp8_linear(torch.randn(48, 32), w)
-    # opaque to torch.compile: the fakes give the shapes, the compiled call the same values as eager
-    x = torch.randn(48, 64, requires_grad=True)
-    w = torch.randn(96, 64, requires_grad=True)
-    eager = fp8_linear(x, w)
-    compiled = torch.compile(fp8_linear, fullgraph=True)(x, w)
-    assert torch.equal(eager, compiled)
-    torch.library.opcheck(torch.ops.titan_dsv3.fp8_linear_fwd.default, (x.detach(), w.detach()))
+    # opaque to torch.compile: the fakes give the shapes; a compiled block (FP8Linear, as the trainer compiles
+    # them) gives eager's values and gradients
+    from torch import nn
+
+    from titan_dsv3.float8 import FP8Linear
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(64, 128, bias=False), nn.ReLU(), nn.Linear(128, 64, bias=False))
+    for lin in (block[0], block[2]):
+        lin.__class__ = FP8Linear
+    x = torch.randn(2, 24, 64, requires_grad=True)
+    got = []
+    for fn in (block, torch.compile(block, fullgraph=True)):
+        y = fn(x)
+        got.append([y, *torch.autograd.grad(y.square().sum(), (x, *block.parameters()))])
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+    torch.library.opcheck(
+        torch.ops.titan_dsv3.fp8_linear_fwd.default, (torch.randn(48, 64), torch.randn(96, 64))
+    )
