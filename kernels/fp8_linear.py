@@ -15,9 +15,11 @@ take):
   path. x and W are saved as their transposed e4m3 copies (D x T, D x V), the K-major operands of those two
   GEMMs: for the head 200 MB for W and 32 MB for x (bf16 would keep 64 MB of x).
 
-Bytes moved past the GEMMs on the head's shapes: dy's amax (read 3.4 GB, torch.linalg.vector_norm) and its
-quantiser (read 3.4 GB, write 2 x 1.7 GB), about 2.5 ms at H200's 4.2 TB/s, against about 11 ms the three GEMMs
-save at FP8 speed.
+Predicted for the head on H200, not yet measured on a GPU: its GEMMs at the 1,204 TFLOP/s cuBLAS's tensorwise FP8
+GEMM reached there (RESULTS.md, stop 21) take 17 ms against 25, and the passes move about 12 GB past the GEMMs:
+dy's amax (read 3.4 GB, torch.linalg.vector_norm), dy's quantiser (read 3.4 GB, write 2 x 1.7 GB), W's and x's
+(about 1.5 GB): about 3 ms at the 4.2 TB/s a copy reaches. About 5 ms a step saved: bench6 end to end in FP8
+from 1.11x to about 1.15x bf16. `benchmarks/bench_fp8_head.py` times it alone, with the loss.
 
 Limits: T, D and V multiples of 16 (cuBLAS fp8); x bf16, fp16 or fp32, y and dx in x's dtype, dW in W's dtype; no
 bias. Under TRITON_INTERPRET=1 the cast to fp8 is rounded by hand first (the interpreter's cast truncates

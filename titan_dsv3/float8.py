@@ -1,13 +1,20 @@
-"""FP8 training: dense linears through torchao's float8 linears, routed experts through our FP8 grouped GEMM.
+"""FP8 training: dense linears through torchao's float8 linears (or ours), the output head and routed experts
+through our FP8 GEMMs.
 
 Call apply_float8(model, job_config.float8) on the model built on the meta device, before parallelisation (FSDP
-float8 all-gather needs the converted modules before fully_shard). Both conversions keep parameter names and the
+float8 all-gather needs the converted modules before fully_shard). Every conversion keeps parameter names and the
 state dict unchanged, so checkpoints load either way.
 
 Dense linears (float8.enable): torchao Float8LinearConfig from the recipe name; tensorwise scales each tensor
 once (1.53x on large MLP shapes on H100, ../shared/GPU.md), rowwise per row (1.22x, better accuracy). Linears
 with a dimension under min_dim gain nothing (the casts cost more than the faster GEMM saves), and those named in
 filter_fqns (the output head by default) stay in high precision.
+
+Our FP8 linear (kernels/fp8_linear.py: tensorwise, one quantising pass an operand writing both layouts its GEMMs
+need, e5m2 gradients): float8.output_head puts the output head on it (the largest GEMM of bench6, which torchao's
+linear made slower: 0.92x end to end), float8.linear_backend = 'titan' the dense linears in place of torchao's.
+Both are built and checked on CPU (Triton interpreter, CPU _scaled_mm) and off by default: neither has been
+timed on a GPU yet (predicted for the head on bench6: about 5 ms of a 160 ms FP8 step saved).
 
 Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose forward
 runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling). The
