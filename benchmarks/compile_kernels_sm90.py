@@ -25,6 +25,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from titan_dsv3.kernels import fp8_grouped_gemm as F  # noqa: E402
+from titan_dsv3.kernels import fp8_linear as L  # noqa: E402
 from titan_dsv3.kernels import fp8_quant as Q  # noqa: E402
 from titan_dsv3.kernels import mla_attention as M  # noqa: E402
 from titan_dsv3.kernels import mla_attention_bwd as MB  # noqa: E402
@@ -128,7 +129,23 @@ def main() -> None:
     layout_types = {"counts_ptr": "*i64", "out_ptr": i32, "n_exp": "i32", "n_pad": "i32"}
     for eb, block in ((64, 64), (256, 16)):  # _Layout's block for 64 and 256 experts
         sweep(F._layout_kernel, layout_types, dict(EB=eb, BLOCK=block), [triton.Config({}, num_warps=4)])
+    sweep_linear()
     sweep_gluon(fp8_types)
+
+
+def sweep_linear() -> None:
+    """fp8_linear's quantiser at its launch config: each source dtype and format, one layout and both."""
+    import torch
+
+    cfg = [triton.Config(dict(L._BLOCK), **L._LAUNCH, num_stages=1)]
+    for src in ("*bf16", "*fp32"):
+        for q, fmt in (("*fp8e4nv", torch.float8_e4m3fn), ("*fp8e5", torch.float8_e5m2)):
+            max_, min_normal, drop = L._FORMATS[fmt]
+            types = dict(x_ptr=src, inv_ptr="*fp32", q_ptr=q, qt_ptr=q)
+            for both in (False, True):
+                consts = dict(MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=both, EXACT=False)
+                print(f"  {src} -> {q}")
+                sweep(L._quant_kernel, types, consts, cfg)
 
 
 def sweep_gluon(fp8_types: dict[str, str]) -> None:
