@@ -128,11 +128,11 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def _linear_fwd(x_TD: torch.Tensor, w_VD: torch.Tensor):
-    x8, _, sx = quantise(x_TD, torch.float8_e4m3fn)
-    w8, _, sw = quantise(w_VD, torch.float8_e4m3fn)
+    # the transposed copies are saved, K-major for the backward: x^T (D x T) for dW, W^T (D x V) for dx
+    x8, x8t, sx = quantise(x_TD, torch.float8_e4m3fn, both=True)
+    w8, w8t, sw = quantise(w_VD, torch.float8_e4m3fn, both=True)
     y_TV = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=x_TD.dtype, use_fast_accum=True)
-    # saved K-major for the backward: x^T (D x T) for dW, W^T (D x V) for dx; fp8 transposes of 32 and 200 MB
-    return y_TV, x8.t().contiguous(), sx, w8.t().contiguous(), sw
+    return y_TV, x8t, sx, w8t, sw
 
 
 def _linear_bwd(dy_TV, x8t_DT, sx, w8t_DV, sw, w_dtype):
