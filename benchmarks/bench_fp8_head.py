@@ -83,16 +83,22 @@ def main() -> None:
 
         return step
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference (then restored)
     xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref_y = xf @ wf.T
     ref = [ref_y.detach(), *torch.autograd.grad(ref_y, (xf, wf), dlogits.float())]
     del ref_y, xf, wf
 
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
     def errors(head) -> str:
         fn, weight = head
-        y = fn(x)
-        got = [y.detach(), *torch.autograd.grad(y, (x, weight), dlogits)]
+        try:
+            y = fn(x)
+            got = [y.detach(), *torch.autograd.grad(y, (x, weight), dlogits)]
+        except Exception as e:  # noqa: BLE001  (report() then prints the failure of the timed call)
+            return f"errors FAILED {type(e).__name__}: {str(e)[:200]}"
         return " ".join(f"{k} {rel(a, b):.1e}" for k, a, b in zip(("logits", "dx", "dW"), got, ref))
 
     tag = f"head {t} x {d} -> {v}"
