@@ -7,7 +7,7 @@ bf16_weights). Each row times x -> logits -> summed cross-entropy (compiled, in 
 -> backward to x and W, so the FP8 rows pay for quantising the logits' gradient as a training step does:
   bf16      F.linear
   torchao   torchao's Float8Linear, tensorwise (what float8.enable with 'output' taken out of filter_fqns runs)
-  ours      kernels/fp8_linear.py (float8.output_head)
+  ours      kernels/fp8_linear.py with the gradient in e4m3, as float8.output_head runs it
 Also the head's three GEMMs alone (bf16 and ours, no loss), and errors against float32 math (TF32 off): logits,
 dx, dW. FLOPs count the three GEMMs (6 x tokens x dim x vocab).
 """
@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from titan_dsv3.float8 import FP8OutputHead
 from titan_dsv3.kernels.fp8_linear import fp8_linear
 from titan_dsv3.optim.losses import cross_entropy_sum
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernel_timing import ROWS, profile_split, rel, report  # noqa: E402
+
+HEAD_GRAD = FP8OutputHead.grad_dtype  # the gradient's format float8.output_head runs with
 
 
 def torchao_head(weight: torch.Tensor):
@@ -60,7 +63,7 @@ def main() -> None:
     loss_fn = torch.compile(cross_entropy_sum)
 
     # name -> (x -> logits, the weight it uses)
-    heads = {"bf16": (lambda x: F.linear(x, w), w), "ours": (lambda x: fp8_linear(x, w), w)}
+    heads = {"bf16": (lambda x: F.linear(x, w), w), "ours": (lambda x: fp8_linear(x, w, HEAD_GRAD), w)}
     try:
         heads["torchao tensorwise"] = torchao_head(w)
     except Exception as e:  # noqa: BLE001

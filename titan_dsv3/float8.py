@@ -11,7 +11,7 @@ with a dimension under min_dim gain nothing (the casts cost more than the faster
 filter_fqns (the output head by default) stay in high precision.
 
 Our FP8 linear (kernels/fp8_linear.py: tensorwise, one quantising pass an operand writing both layouts its GEMMs
-need, e5m2 gradients): float8.output_head puts the output head on it (the largest GEMM of bench6, which torchao's
+need; gradients in e5m2, the head's in e4m3): float8.output_head puts the output head on it (the largest GEMM of bench6, which torchao's
 linear made slower: 0.92x end to end), float8.linear_backend = 'titan' the dense linears in place of torchao's.
 Both are built and checked on CPU (Triton interpreter, CPU _scaled_mm) and off by default: neither has been
 timed on a GPU yet (predicted for the head on bench6: about 5 ms of a 160 ms FP8 step saved).
@@ -54,7 +54,10 @@ class FP8Linear(nn.Linear):
     """A bias-free linear on our FP8 GEMMs (kernels/fp8_linear.py); same parameter and state dict as nn.Linear.
 
     Training calls only: without autograd (evaluation, generation) and when the token count is not a multiple of
-    16 (cuBLAS fp8) it runs as the high-precision linear it replaced."""
+    16 (cuBLAS fp8) it runs as the high-precision linear it replaced. Gradients in e5m2, as torchao's tensorwise
+    recipe has them."""
+
+    grad_dtype = torch.float8_e5m2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -65,7 +68,14 @@ class FP8Linear(nn.Linear):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        return fp8_linear(x.reshape(-1, x.shape[-1]), self.weight).view(*lead, -1)
+        return fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.grad_dtype).view(*lead, -1)
+
+
+class FP8OutputHead(FP8Linear):
+    """The output head on our FP8 linear, its logits' gradient in e4m3: half e5m2's error on softmax gradients
+    (kernels/fp8_linear.py, benchmarks/fp8_grad_formats.py)."""
+
+    grad_dtype = torch.float8_e4m3fn
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -118,7 +128,7 @@ def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
                 f"float8.output_head: the model's output head is {type(head).__name__}, not a bias-free nn.Linear "
                 "(tied to the embedding, or already converted: keep 'output' in float8.filter_fqns)"
             )
-        head.__class__ = FP8Linear
+        head.__class__ = FP8OutputHead
         said.append("output head on FP8 GEMMs")
     if cfg.moe_experts:
         swapped = 0

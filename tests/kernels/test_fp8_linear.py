@@ -50,16 +50,20 @@ def test_quantise_zeros_and_saturation():
     assert q.float()[3, 5] == -448.0 and q.float()[0, 0] == 448.0 and scale.item() == pytest.approx(7 / 448)
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
-def test_head_forward_backward(w_dtype):
+def test_head_forward_backward(w_dtype, grad_dtype):
     torch.manual_seed(0)
     x = torch.randn(48, 64, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(96, 64).to(w_dtype).requires_grad_()
     g = torch.randn(48, 96, dtype=torch.bfloat16)
-    y = fp8_linear(x, w)
+    y = fp8_linear(x, w, grad_dtype)
     y.backward(g)
     assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == w_dtype
-    ry, rdx, rdw = fp8_linear_reference(x.detach(), w.detach(), g)
+    ry, rdx, rdw = fp8_linear_reference(x.detach(), w.detach(), g, grad_dtype)
+    # the gradient's format shows in the bits: the other format's reference is further off
+    other = torch.float8_e4m3fn if grad_dtype == torch.float8_e5m2 else torch.float8_e5m2
+    assert _rel(x.grad, rdx) < _rel(x.grad, fp8_linear_reference(x.detach(), w.detach(), g, other)[1])
     for got, want in ((y, ry), (x.grad, rdx), (w.grad, rdw)):
         assert _rel(got, want) < 1e-2
     xd, wd, gd = x.detach().double(), w.detach().double(), g.double()
@@ -73,6 +77,8 @@ def test_head_checks_and_compiles():
         fp8_linear(x, w)  # 40 tokens
     with pytest.raises(ValueError, match="features"):
         fp8_linear(torch.randn(48, 32), w)
+    with pytest.raises(ValueError, match="grad_dtype"):
+        fp8_linear(torch.randn(48, 64), w, torch.bfloat16)
     # opaque to torch.compile: the fakes give the shapes; a compiled block (FP8Linear, as the trainer compiles
     # them) gives eager's values and gradients
     from torch import nn
@@ -90,5 +96,6 @@ def test_head_checks_and_compiles():
         got.append([y, *torch.autograd.grad(y.square().sum(), (x, *block.parameters()))])
     assert all(torch.equal(a, b) for a, b in zip(*got))
     torch.library.opcheck(
-        torch.ops.titan_dsv3.fp8_linear_fwd.default, (torch.randn(48, 64), torch.randn(96, 64))
+        torch.ops.titan_dsv3.fp8_linear_fwd.default,
+        (torch.randn(48, 64), torch.randn(96, 64), torch.float8_e5m2),
     )

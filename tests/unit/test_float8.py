@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 
 from titan_dsv3.config import ConfigError, parse_args  # noqa: E402
 from titan_dsv3.config.job_config import Float8  # noqa: E402
-from titan_dsv3.float8 import FP8GroupedExperts, FP8Linear, apply_float8  # noqa: E402
+from titan_dsv3.float8 import FP8GroupedExperts, FP8Linear, FP8OutputHead, apply_float8  # noqa: E402
 from titan_dsv3.models.moe import GroupedExperts, looped_swiglu  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def test_output_head_swap():
     keys, ref = set(model.state_dict()), nn.Linear(512, 256, bias=False)
     ref.load_state_dict(model.output.state_dict())
     said = apply_float8(model, Float8(enable=True, min_dim=128, output_head=True))
-    assert type(model.output) is FP8Linear and "output" not in _converted(model)
+    assert type(model.output) is FP8OutputHead and "output" not in _converted(model)
     assert said == "float8: 2 linears in FP8 (tensorwise, min_dim 128); output head on FP8 GEMMs"
     assert set(model.state_dict()) == keys
     x = torch.randn(2, 24, 512)
@@ -191,7 +191,7 @@ def test_trainer_fp8_linears_and_head(tiny):
     losses = {}
     for name, extra in (("bf16", {}), ("fp8", {**fp8, "float8.output_head": "true"})):
         t = Trainer(parse_args(tiny(**extra, **{"training.mixed_precision": "bf16"})))
-        ours = [n for n, m in t.model.named_modules() if type(m) is FP8Linear]
+        ours = [n for n, m in t.model.named_modules() if isinstance(m, FP8Linear)]
         assert ("output" in ours and len(ours) > 1) == (name == "fp8")
         losses[name] = [t.train_step()["loss"] for _ in range(3)]
         t.close()
