@@ -204,10 +204,10 @@ class Float8:
     """tensorwise only: FSDP all-gathers the converted linears' weights in float8 (half the bytes)."""
     linear_backend: str = "torchao"
     """torchao | titan: the dense linears on torchao's float8 linears (recipe) or on ours (kernels/fp8_linear.py,
-    tensorwise; one quantising pass an operand, both layouts at once); titan: one device or data parallel."""
+    tensorwise; one device or data parallel). Ours is not timed on a GPU yet and predicted no faster."""
     output_head: bool = False
-    """Run the output head's three GEMMs in FP8 (kernels/fp8_linear.py: tensorwise e4m3, e5m2 gradient);
-    one device or data parallel (not with tensor_parallel_degree > 1). Keep 'output' in filter_fqns."""
+    """Run the output head's three GEMMs in FP8 (kernels/fp8_linear.py, tensorwise e4m3); one device or data
+    parallel. Keep 'output' in filter_fqns. Not timed on a GPU yet (predicted: about 5 ms of bench6's FP8 step)."""
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.
     1.33-1.36x bf16 on bench6's expert FFN, 1.11x end to end with float8.enable (H200, benchmarks/RESULTS.md)."""
