@@ -1,9 +1,9 @@
-"""The FP8 output head on CUDA: the quantiser's bits (Triton, compiled for the GPU) against torch's cast, and the
+"""The FP8 linear (the output head's) on CUDA: the quantiser's bits (Triton, compiled for the GPU) against torch's cast, and the
 op against its float64 reference on dequantised operands and against bf16 math.
 
 Against the reference the op differs by cuBLAS's accumulation (fast accumulation in the forward, K = dim) and the
 outputs' rounding to bf16: bound 1e-2 relative Frobenius error. Against bf16 math: FP8 error, < 8% (e4m3 operands
-about 3-4%, the fp8 gradient about 6% in e5m2; see tests/kernels/test_fp8_linear.py).
+about 3-4%, an e5m2 gradient about 6%; see tests/kernels/test_fp8_linear.py).
 """
 
 import pytest
