@@ -41,6 +41,37 @@ def test_quantise_bits(dtype, fmt, shape):
     assert none is None and torch.equal(q1.view(torch.uint8), q.view(torch.uint8))
 
 
+def test_cpu_path_writes_the_kernels_bits(monkeypatch):
+    """Without the interpreter a CPU tensor is quantised by torch's cast: the same bits as the kernel."""
+    from titan_dsv3.kernels import fp8_linear as L
+
+    x = torch.randn(130, 200, dtype=torch.bfloat16) * torch.logspace(-9, 0, 200)
+    kernel = quantise(x, torch.float8_e4m3fn, both=True)
+    monkeypatch.setattr(L, "_INTERPRET", False)
+    cpu = quantise(x, torch.float8_e4m3fn, both=True)
+    assert torch.equal(kernel[2], cpu[2])  # the scale
+    for a, b in zip(kernel[:2], cpu[:2]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_cpu_gemms_match_scaled_mm(monkeypatch):
+    """Without the interpreter the CPU op multiplies the dequantised operands in fp32: _scaled_mm's values up to
+    summation order, forward and backward."""
+    from titan_dsv3.kernels import fp8_linear as L
+
+    torch.manual_seed(3)
+    x = torch.randn(48, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(96, 64, requires_grad=True)
+    g = torch.randn(48, 96, dtype=torch.bfloat16)
+    outs = []
+    for interpret in (True, False):
+        monkeypatch.setattr(L, "_INTERPRET", interpret)
+        y = fp8_linear(x, w)
+        outs.append([y, *torch.autograd.grad(y, (x, w), g)])
+    for a, b in zip(*outs):
+        assert _rel(a, b) < 1e-2
+
+
 def test_quantise_zeros_and_saturation():
     x = torch.zeros(16, 32)
     q, qt, _ = quantise(x, torch.float8_e5m2, both=True)

@@ -256,14 +256,6 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
                 "float8.linear_backend = 'titan' is tensorwise without a float8 all-gather: set float8.recipe = "
                 "tensorwise and float8.fsdp_float8_all_gather = false, or linear_backend = 'torchao'"
             )
-    if f8.output_head or (f8.enable and f8.linear_backend == "titan"):
-        from titan_dsv3.kernels import fp8_linear
-
-        if not cuda and not fp8_linear._INTERPRET:
-            raise ConfigError(
-                "float8.output_head and float8.linear_backend = 'titan' quantise in a Triton kernel: CUDA (on CPU "
-                "only in Triton's interpreter, TRITON_INTERPRET=1); turn them off"
-            )
     if f8.output_head:
         if f8.enable and not any(name in "output" for name in f8.filter_fqns):
             raise ConfigError(
