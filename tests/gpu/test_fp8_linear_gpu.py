@@ -1,5 +1,5 @@
-"""The FP8 linear (the output head's) on CUDA: the quantiser's bits (Triton, compiled for the GPU) against torch's cast, and the
-op against its float64 reference on dequantised operands and against bf16 math.
+"""The FP8 linear (the output head's) on CUDA: the quantiser's bits (Triton, compiled for the GPU) against torch's
+cast, and the op against its float64 reference on dequantised operands and against bf16 math.
 
 Against the reference the op differs by cuBLAS's accumulation (fast accumulation in the forward, K = dim) and the
 outputs' rounding to bf16: bound 1e-2 relative Frobenius error. Against bf16 math: FP8 error, < 8% (e4m3 operands

@@ -1,4 +1,4 @@
-"""The FP8 output head's quantiser and op on CPU (Triton interpreter, CPU torch._scaled_mm).
+"""The FP8 linear's quantiser and op on CPU (Triton interpreter and CPU torch._scaled_mm; the CPU path without them).
 
 The quantiser must write torch's cast bit for bit, in both layouts, for both formats, e4m3 and e5m2 subnormals and
 signed zeros included. The op against its float64 reference on the dequantised operands: the GEMMs differ only by
