@@ -47,8 +47,9 @@ def main() -> None:
                 gq = q.double() * scale.double()
             flushed = (gq == 0) & (g != 0)
             mass = (g.abs() * flushed).sum() / g.abs().sum()
+            share = flushed.double().mean().item()
             print(f"  {name}: dx {rel(gq @ w, g @ w):.2e}  dW {rel(gq.T @ x, g.T @ x):.2e}  "
-                  f"flushed {flushed.double().mean().item():6.1%} of entries, {mass.item():.1e} of the mass")  # fmt: skip
+                  f"flushed {share:6.1%} of entries, {mass.item():.1e} of the mass")  # fmt: skip
 
 
 if __name__ == "__main__":

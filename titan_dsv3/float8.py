@@ -11,9 +11,10 @@ with a dimension under min_dim gain nothing (the casts cost more than the faster
 filter_fqns (the output head by default) stay in high precision.
 
 Our FP8 linear (kernels/fp8_linear.py: tensorwise, one quantising pass an operand writing both layouts its GEMMs
-need; gradients in e5m2, the head's in e4m3): float8.output_head puts the output head on it (the largest GEMM of bench6, which torchao's
-linear made slower: 0.92x end to end), float8.linear_backend = 'titan' the dense linears in place of torchao's.
-Both are built and checked on CPU (Triton interpreter, CPU _scaled_mm) and off by default: neither has been
+need; gradients in e5m2, the head's in e4m3): float8.output_head puts the output head on it (the largest GEMM of
+bench6, which torchao's linear made slower: 0.92x end to end), float8.linear_backend = 'titan' the dense linears
+in place of torchao's. Both are built and checked on CPU (Triton interpreter, CPU _scaled_mm; without the
+interpreter torch's cast and fp32 GEMMs) and off by default: neither has been
 timed on a GPU yet (predicted for the head on bench6: about 5 ms of a 160 ms FP8 step saved).
 
 Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose forward
