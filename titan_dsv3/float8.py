@@ -14,8 +14,8 @@ Our FP8 linear (kernels/fp8_linear.py: tensorwise, one quantising pass an operan
 need; gradients in e5m2, the head's in e4m3): float8.output_head puts the output head on it (the largest GEMM of
 bench6, which torchao's linear made slower: 0.92x end to end), float8.linear_backend = 'titan' the dense linears
 in place of torchao's. Both are built and checked on CPU (Triton interpreter, CPU _scaled_mm; without the
-interpreter torch's cast and fp32 GEMMs) and off by default: neither has been
-timed on a GPU yet (predicted for the head on bench6: about 5 ms of a 160 ms FP8 step saved).
+interpreter torch's cast and fp32 GEMMs) and off by default: neither has been timed on a GPU yet (predicted for
+the head on bench6: about 5 ms of a 160 ms FP8 step saved).
 
 Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose forward
 runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling). The
