@@ -35,19 +35,16 @@ of the debug model, CPU _scaled_mm 38 s a GEMM.
 Legend: T tokens, D in features, V out features (the vocabulary for the head).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from titan_dsv3.kernels import require_same_device
+from titan_dsv3.kernels.fp8_quant import _EPS, _INTERPRET, FP8_MAX
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_EPS = 1e-12  # amax floor: an all-zero tensor gets a tiny scale and quantises to zeros
 # (largest finite value, smallest normal, mantissa bits dropped from fp32) of each format
 _FORMATS = {
-    torch.float8_e4m3fn: (448.0, 2.0**-6, 20),
+    torch.float8_e4m3fn: (FP8_MAX, 2.0**-6, 20),
     torch.float8_e5m2: (57344.0, 2.0**-14, 21),
 }
 # 128 x 128 tiles, 8 warps: each transposed row written is 128 contiguous bytes
@@ -108,11 +105,16 @@ def _inverse_scale(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return inv, inv.reciprocal()
 
 
+def _torch_path(t: torch.Tensor) -> bool:
+    """A CPU tensor without the interpreter: torch quantises and multiplies (see the module docstring)."""
+    return t.device.type == "cpu" and not _INTERPRET
+
+
 def quantise(x: torch.Tensor, dtype: torch.dtype, both: bool = False):
     """x (M x N) -> (q (M x N), q^T (N x M) contiguous or None, scale): one scale for the tensor, amax / MAX."""
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"quantise takes a contiguous 2-D tensor, got shape {tuple(x.shape)}")
-    if x.device.type == "cpu" and not _INTERPRET:  # torch's cast: the kernel's bits (tests), without Triton
+    if _torch_path(x):  # torch's cast: the kernel's bits (tests), without Triton
         q, scale = quantise_reference(x, dtype)
         return q, (q.t().contiguous() if both else None), scale
     inv, scale = _inverse_scale(x, dtype)
@@ -142,7 +144,7 @@ def _mm(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
     """a @ b on fp8 operands (a row-major, b column-major) with one scale each, out in out_dtype. On CPU without the
     interpreter, fp32 matmul of the dequantised operands (each fp8 product is exact in fp32; only the summation
     order differs): CPU torch._scaled_mm took 38 s for one 2,048 x 256 x 2,048 GEMM (torch 2.13)."""
-    if a.device.type == "cpu" and not _INTERPRET:
+    if _torch_path(a):
         return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
     return torch._scaled_mm(
         a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum
