@@ -120,14 +120,19 @@ def quantise(x: torch.Tensor, dtype: torch.dtype, both: bool = False):
     inv, scale = _inverse_scale(x, dtype)
     m, n = x.shape
     q = torch.empty(m, n, device=x.device, dtype=dtype)
-    qt = torch.empty(n, m, device=x.device, dtype=dtype) if both else q
+    # fp32 sources: the kernel's transposed store of whole tiles wrote wrong bytes on H100 (Triton 3.6, as the
+    # weight quantiser's did on H200, RESULTS stop 25); their transposed copy is torch's, one 2-byte pass more
+    in_kernel = both and x.dtype != torch.float32
+    qt = torch.empty(n, m, device=x.device, dtype=dtype) if in_kernel else q
     max_, min_normal, drop = _FORMATS[dtype]
     grid = (triton.cdiv(m, _BLOCK["BM"]) * triton.cdiv(n, _BLOCK["BN"]),)
     if grid[0]:
         _quant_kernel[grid](
-            x, inv, q, qt, m, n, MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=both, EXACT=_INTERPRET,
+            x, inv, q, qt, m, n, MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=in_kernel, EXACT=_INTERPRET,
             **_BLOCK, **_LAUNCH,
         )  # fmt: skip
+    if both and not in_kernel:
+        qt = q.t().contiguous()
     return q, (qt if both else None), scale
 
 
