@@ -9,7 +9,8 @@ bf16_weights). Each row times x -> logits -> summed cross-entropy (compiled, in 
   torchao   torchao's Float8Linear, tensorwise (what float8.enable with 'output' taken out of filter_fqns runs)
   ours      kernels/fp8_linear.py with the gradient in e4m3, as float8.output_head runs it
 Also the head's three GEMMs alone (bf16 and ours, no loss), and errors against float32 math (TF32 off): logits,
-dx, dW. FLOPs count the three GEMMs (6 x tokens x dim x vocab).
+dx, dW; and the memory each head with its loss allocates at its peak. FLOPs count the three GEMMs
+(6 x tokens x dim x vocab).
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ def torchao_head(weight: torch.Tensor):
     lin[0].weight = torch.nn.Parameter(weight.detach().clone())
     convert_to_float8_training(lin, config=Float8LinearConfig.from_recipe_name("tensorwise"))
     return lambda x: lin(x), lin[0].weight  # noqa: E731
+
+
+def peak_gib(step) -> float:
+    """What one call allocates at its peak beyond what was allocated before it (GiB)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
 def main() -> None:
@@ -114,6 +125,8 @@ def main() -> None:
     for name in heads:
         if name != "bf16":
             print(f"  {name} vs bf16 (with the loss): {base['bf16'] / base[name]:.3f}x", flush=True)
+    for name, head in heads.items():
+        print(f"  {name} + loss: peak {peak_gib(with_loss(head)):.2f} GiB above its inputs", flush=True)
     if args.profile:
         profile_split(with_loss(heads["ours"]))
     if args.json:
