@@ -7,7 +7,7 @@ bf16_weights). Each row times x -> logits -> summed cross-entropy (compiled, in 
 -> backward to x and W, so the FP8 rows pay for quantising the logits' gradient as a training step does:
   bf16      F.linear
   torchao   torchao's Float8Linear, tensorwise (what float8.enable with 'output' taken out of filter_fqns runs)
-  ours      kernels/fp8_linear.py with the gradient in e4m3, as float8.output_head runs it
+  ours      kernels/fp8_linear.py with the gradient in e5m2, as float8.output_head runs it
 Also the head's three GEMMs alone (bf16 and ours, no loss), and errors against float32 math (TF32 off): logits,
 dx, dW; and the memory each head with its loss allocates at its peak. FLOPs count the three GEMMs
 (6 x tokens x dim x vocab).

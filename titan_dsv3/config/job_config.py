@@ -204,10 +204,11 @@ class Float8:
     """tensorwise only: FSDP all-gathers the converted linears' weights in float8 (half the bytes)."""
     linear_backend: str = "torchao"
     """torchao | titan: the dense linears on torchao's float8 linears (recipe) or on ours (kernels/fp8_linear.py,
-    tensorwise; one device or data parallel). Ours is not timed on a GPU yet and predicted no faster."""
+    tensorwise; one device or data parallel). Ours measured no faster on bench6 (H100, benchmarks/RESULTS.md)."""
     output_head: bool = False
-    """Run the output head's three GEMMs in FP8 (kernels/fp8_linear.py, tensorwise e4m3); one device or data
-    parallel. Keep 'output' in filter_fqns. Not timed on a GPU yet (predicted: about 5 ms of bench6's FP8 step)."""
+    """Run the output head's three GEMMs in FP8 (kernels/fp8_linear.py: tensorwise, e4m3 operands, e5m2
+    gradient); one device or data parallel. Keep 'output' in filter_fqns. bench6 in FP8 1.105x -> 1.156x bf16
+    (H100, benchmarks/RESULTS.md)."""
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.
     1.33-1.36x bf16 on bench6's expert FFN, 1.11x end to end with float8.enable (H200, benchmarks/RESULTS.md)."""
