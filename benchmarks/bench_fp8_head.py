@@ -8,6 +8,7 @@ bf16_weights). Each row times x -> logits -> summed cross-entropy (compiled, in 
   bf16      F.linear
   torchao   torchao's Float8Linear, tensorwise (what float8.enable with 'output' taken out of filter_fqns runs)
   ours      kernels/fp8_linear.py with the gradient in e5m2, as float8.output_head runs it
+  ours fused  kernels/fp8_head_loss.py: the head and its loss as one op (no bf16 gradient, no amax pass)
 Also the head's three GEMMs alone (bf16 and ours, no loss), and errors against float32 math (TF32 off): logits,
 dx, dW; and the memory each head with its loss allocates at its peak. FLOPs count the three GEMMs
 (6 x tokens x dim x vocab).
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from titan_dsv3.float8 import FP8OutputHead
+from titan_dsv3.kernels.fp8_head_loss import fp8_head_cross_entropy
 from titan_dsv3.kernels.fp8_linear import fp8_linear
 from titan_dsv3.optim.losses import cross_entropy_sum
 
@@ -115,20 +117,35 @@ def main() -> None:
             return f"errors FAILED {type(e).__name__}: {str(e)[:200]}"
         return " ".join(f"{k} {rel(a, b):.1e}" for k, a, b in zip(("logits", "dx", "dW"), got, ref))
 
+    def fused():
+        loss = fp8_head_cross_entropy(x, w, labels[0]) / t
+        return loss, *torch.autograd.grad(loss, (x, w))
+
+    def against_ours() -> str:
+        """The fused op against ours with the compiled loss: loss, dx, dW (the gradients' scales differ)."""
+        loss = loss_fn(fp8_linear(x, w, HEAD_GRAD).unsqueeze(0), labels) / t
+        want = [loss, *torch.autograd.grad(loss, (x, w))]
+        return "vs ours + loss: " + " ".join(
+            f"{k} {rel(a, b):.1e}" for k, a, b in zip(("loss", "dx", "dW"), fused(), want)
+        )
+
     tag = f"head {t} x {d} -> {v}"
     base = {}
     for name, head in heads.items():
         err = errors(head)
         base[name] = report(f"{tag} {name} + loss", with_loss(head), flops, err)
+    base["ours fused"] = report(f"{tag} ours fused with its loss", fused, flops, against_ours())
+    heads_and_fused = {**{name: with_loss(head) for name, head in heads.items()}, "ours fused": fused}
     for name in ("bf16", "ours"):
         report(f"{tag} {name}, GEMMs alone", gemms(heads[name]), flops)
-    for name in heads:
+    for name in base:
         if name != "bf16":
             print(f"  {name} vs bf16 (with the loss): {base['bf16'] / base[name]:.3f}x", flush=True)
-    for name, head in heads.items():
-        print(f"  {name} + loss: peak {peak_gib(with_loss(head)):.2f} GiB above its inputs", flush=True)
+    for name, step in heads_and_fused.items():
+        print(f"  {name} + loss: peak {peak_gib(step):.2f} GiB above its inputs", flush=True)
     if args.profile:
         profile_split(with_loss(heads["ours"]))
+        profile_split(fused)
     if args.json:
         Path(args.json).write_text(json.dumps(ROWS, indent=1))
 

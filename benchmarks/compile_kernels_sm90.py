@@ -25,6 +25,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from titan_dsv3.kernels import fp8_grouped_gemm as F  # noqa: E402
+from titan_dsv3.kernels import fp8_head_loss as H  # noqa: E402
 from titan_dsv3.kernels import fp8_linear as L  # noqa: E402
 from titan_dsv3.kernels import fp8_quant as Q  # noqa: E402
 from titan_dsv3.kernels import mla_attention as M  # noqa: E402
@@ -146,6 +147,11 @@ def sweep_linear() -> None:
                 consts = dict(MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=both, EXACT=False)
                 print(f"  {src} -> {q}")
                 sweep(L._quant_kernel, types, consts, cfg)
+    max_, min_normal, drop = L._FORMATS[H.GRAD_DTYPE]
+    types = dict(z_ptr="*bf16", lse_ptr="*fp32", labels_ptr="*i64", q_ptr="*fp8e5", qt_ptr="*fp8e5")
+    consts = dict(IGNORE=H.IGNORE_INDEX, MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=True, EXACT=False)
+    print("  fp8_head_loss's gradient pass: bf16 logits -> e5m2, both layouts")
+    sweep(H._grad_kernel, types, consts, [triton.Config(dict(L._BLOCK), **H._GRAD_LAUNCH, num_stages=1)])
 
 
 def sweep_gluon(fp8_types: dict[str, str]) -> None:

@@ -73,16 +73,33 @@ def _quant_kernel(
 ):  # fmt: skip
     """q = fp8(x * inv) for a BM x BN tile of x (M x N); with BOTH also q^T into qt (N x M). Tiles of one column
     block run one after another, so the transposed rows they write meet in L2."""
+    rows, cols, mask = _tile(M, N, BM, BN)
+    x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # |y| <= MAX: inv = MAX / amax, divided once by torch (the reference's exact division)
+    _store_fp8(
+        x * tl.load(inv_ptr), q_ptr, qt_ptr, rows, cols, mask, M, N, MAX, MIN_NORMAL, DROP, BOTH, EXACT
+    )
+
+
+@triton.jit
+def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """(rows, cols (int64), in-bounds mask) of this program's BM x BN tile of an M x N matrix, the tiles of one
+    column block on consecutive programs."""
     n_m = tl.cdiv(M, BM)
     pid = tl.program_id(0)
     offs_m = (pid % n_m) * BM + tl.arange(0, BM)
     offs_n = (pid // n_m) * BN + tl.arange(0, BN)
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    # |y| <= MAX: inv = MAX / amax, divided once by torch (the reference's exact division)
-    y = x * tl.load(inv_ptr)
+    return offs_m.to(tl.int64), offs_n.to(tl.int64), mask
+
+
+@triton.jit
+def _store_fp8(
+    y, q_ptr, qt_ptr, rows, cols, mask, M, N,
+    MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, DROP: tl.constexpr, BOTH: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """Cast the fp32 tile y (|y| <= MAX) to q's fp8 format and store it at (rows, cols) of q (M x N), with BOTH
+    also transposed into qt (N x M)."""
     if EXACT:
         y = _round_exact(y, MAX, MIN_NORMAL, DROP)
     # e4m3fn or e5m2, chosen by q's pointer type; on sm_90 a cvt.rn.satfinite
@@ -161,11 +178,24 @@ def _linear_fwd(x_TD: torch.Tensor, w_VD: torch.Tensor):
     return y_TV, x8t, sx, w8t, sw
 
 
+def _grad_gemms(g8_TV, g8t_VT, sg, x8t_DT, sx, w8t_DV, sw, dx_dtype, w_dtype):
+    """(dx = dy @ W, dW = dy^T @ x) from dy's fp8 copies (dy = g8 x sg) and the forward's saved ones."""
+    dx_TD = _mm(g8_TV, w8t_DV.t(), sg, sw, dx_dtype)
+    dw_VD = _mm(g8t_VT, x8t_DT.t(), sg, sx, w_dtype)
+    return dx_TD, dw_VD
+
+
 def _linear_bwd(dy_TV, x8t_DT, sx, w8t_DV, sw, w_dtype, grad_dtype):
     g8, g8t, sg = quantise(dy_TV.contiguous(), grad_dtype, both=True)
-    dx_TD = _mm(g8, w8t_DV.t(), sg, sw, dy_TV.dtype)
-    dw_VD = _mm(g8t, x8t_DT.t(), sg, sx, w_dtype)
-    return dx_TD, dw_VD
+    return _grad_gemms(g8, g8t, sg, x8t_DT, sx, w8t_DV, sw, dy_TV.dtype, w_dtype)
+
+
+def _fake_saved(x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    """Fakes of what _linear_fwd saves: x^T and W^T in e4m3 with their scales."""
+    (t, d), v = x.shape, w.shape[0]
+    scale = x.new_empty((), dtype=torch.float32)
+    fp8 = torch.float8_e4m3fn
+    return [x.new_empty(d, t, dtype=fp8), scale, x.new_empty(d, v, dtype=fp8), scale.clone()]
 
 
 # ---- custom ops and autograd -----------------------------------------------------------------------------------
@@ -179,16 +209,7 @@ def _fwd_op(x: torch.Tensor, w: torch.Tensor, grad_dtype: torch.dtype) -> list[t
 
 @_fwd_op.register_fake
 def _(x, w, grad_dtype):
-    (t, d), v = x.shape, w.shape[0]
-    scale = x.new_empty((), dtype=torch.float32)
-    fp8 = torch.float8_e4m3fn
-    return [
-        x.new_empty(t, v),
-        x.new_empty(d, t, dtype=fp8),
-        scale,
-        x.new_empty(d, v, dtype=fp8),
-        scale.clone(),
-    ]
+    return [x.new_empty(x.shape[0], w.shape[0]), *_fake_saved(x, w)]
 
 
 @torch.library.custom_op("titan_dsv3::fp8_linear_bwd", mutates_args=())
