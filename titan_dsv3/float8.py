@@ -37,6 +37,7 @@ from torch import nn
 
 from titan_dsv3.config.job_config import Float8
 from titan_dsv3.models.moe import GroupedExperts, _local_shard
+from titan_dsv3.optim.losses import HeadInput
 
 
 def _linear_filter(cfg: Float8):
@@ -80,6 +81,21 @@ class FP8OutputHead(FP8Linear):
     RESULTS.md stop 34)."""
 
     grad_dtype = torch.float8_e5m2
+
+
+class FP8FusedHead(FP8OutputHead):
+    """The output head fused with its loss (float8.fuse_head_loss): a training call returns a HeadInput (its input
+    and weight) and the loss runs kernels/fp8_head_loss.py, the GEMMs and the cross-entropy in one op, where
+    FP8OutputHead hands bf16 logits to a loss computed apart. Evaluation, generation and token counts off a
+    multiple of 16 get logits, as from FP8OutputHead."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | HeadInput:
+        if not (self.training and torch.is_grad_enabled()) or x.shape[:-1].numel() % 16:
+            return super().forward(x)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        return HeadInput(x, self.weight)
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -132,8 +148,8 @@ def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
                 f"float8.output_head: the model's output head is {type(head).__name__}, not a bias-free nn.Linear "
                 "(tied to the embedding, or already converted: keep 'output' in float8.filter_fqns)"
             )
-        head.__class__ = FP8OutputHead
-        said.append("output head on FP8 GEMMs")
+        head.__class__ = FP8FusedHead if cfg.fuse_head_loss else FP8OutputHead
+        said.append("output head on FP8 GEMMs" + (", fused with its loss" if cfg.fuse_head_loss else ""))
     if cfg.moe_experts:
         swapped = 0
         for module in model.modules():

@@ -17,7 +17,13 @@ from torch import nn  # noqa: E402
 
 from titan_dsv3.config import ConfigError, parse_args  # noqa: E402
 from titan_dsv3.config.job_config import Float8  # noqa: E402
-from titan_dsv3.float8 import FP8GroupedExperts, FP8Linear, FP8OutputHead, apply_float8  # noqa: E402
+from titan_dsv3.float8 import (  # noqa: E402
+    FP8FusedHead,
+    FP8GroupedExperts,
+    FP8Linear,
+    FP8OutputHead,
+    apply_float8,
+)
 from titan_dsv3.models.moe import GroupedExperts, looped_swiglu  # noqa: E402
 
 
@@ -165,6 +171,12 @@ def test_config_validation():
                     "--float8.recipe", "rowwise"])  # fmt: skip
     with pytest.raises(ConfigError, match="tensor_parallel_degree = 2"):
         parse_args(head + ["--parallelism.tensor_parallel_degree", "2"], world_size=2)
+    with pytest.raises(ConfigError, match="set float8.output_head = true"):
+        parse_args(["--job.config_file", debug, "--float8.fuse_head_loss", "true"])
+    fused = head + ["--float8.fuse_head_loss", "true"]
+    for layout in ("pipeline_parallel_degree", "context_parallel_degree"):
+        with pytest.raises(ConfigError, match="set float8.fuse_head_loss = false"):
+            parse_args(fused + [f"--parallelism.{layout}", "2"], world_size=2)
 
 
 def test_trainer_applies_float8_linears(tiny):
@@ -196,3 +208,34 @@ def test_trainer_fp8_linears_and_head(tiny):
         losses[name] = [t.train_step()["loss"] for _ in range(3)]
         t.close()
     assert all(abs(a - b) < 0.01 * b for a, b in zip(losses["fp8"], losses["bf16"]))
+
+
+def test_trainer_head_fused_with_its_loss(tiny):
+    """float8.fuse_head_loss: the head hands the loss its input and weight and kernels/fp8_head_loss.py computes
+    both; with MTP (both depths through it) the losses are the unfused FP8 head's: the same logits give the same
+    first loss (measured equal; bf16's is 6.7e-5 away), and the gradients differ only by their fp8 scale (the
+    bound 1 against the measured amax): steps 2 and 3 measured 2.5e-5 and 7.6e-5 apart. Evaluation gets logits."""
+    from titan_dsv3.kernels.fp8_head_loss import IGNORE_INDEX
+    from titan_dsv3.optim import losses as L
+    from titan_dsv3.optim.losses import HeadInput
+    from titan_dsv3.train import Trainer
+
+    assert IGNORE_INDEX == L.IGNORE_INDEX
+    head = {"float8.output_head": "true", "training.mixed_precision": "bf16"}
+    runs = {}
+    for name, extra in (("apart", {}), ("fused", {"float8.fuse_head_loss": "true"})):
+        t = Trainer(parse_args(tiny(**head, **extra)))
+        assert type(t.model.output) is (FP8FusedHead if name == "fused" else FP8OutputHead)
+        runs[name] = [t.train_step()["loss"] for _ in range(3)]
+        if name == "fused":
+            x = torch.randn(2, 32, t.model.output.in_features)
+            assert isinstance(t.model.output(x), HeadInput)
+            t.model.eval()
+            assert t.model.output(x).shape == (2, 32, t.model.output.out_features)
+            with torch.no_grad():
+                t.model.train()
+                assert isinstance(t.model.output(x), torch.Tensor)
+        t.close()
+    apart, fused = runs["apart"], runs["fused"]
+    assert abs(fused[0] - apart[0]) < 1e-5 * apart[0]
+    assert all(abs(a - b) < 3e-4 * b for a, b in zip(fused[1:], apart[1:])), (fused, apart)

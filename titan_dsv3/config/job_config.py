@@ -209,6 +209,10 @@ class Float8:
     """Run the output head's three GEMMs in FP8 (kernels/fp8_linear.py: tensorwise, e4m3 operands, e5m2
     gradient); one device or data parallel. Keep 'output' in filter_fqns. bench6 in FP8 1.105x -> 1.156x bf16
     (H100, benchmarks/RESULTS.md)."""
+    fuse_head_loss: bool = False
+    """With output_head: the head and its cross-entropy as one op (kernels/fp8_head_loss.py: no bf16 logits'
+    gradient, no amax pass; the model hands the loss the head's input and weight). One device or data parallel,
+    no pipeline or context parallelism. Not yet timed on a GPU (predicted: about 5 ms of bench6's FP8 step)."""
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.
     1.33-1.36x bf16 on bench6's expert FFN, 1.11x end to end with float8.enable (H200, benchmarks/RESULTS.md)."""

@@ -201,6 +201,11 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             "float8.output_head and float8.linear_backend = 'titan' take whole weights; with "
             f"parallelism.tensor_parallel_degree = {dims.tp} they are sharded: use torchao's linears, no output_head"
         )
+    if cfg.float8.fuse_head_loss and (dims.pp > 1 or dims.cp > 1):
+        raise ConfigError(
+            f"float8.fuse_head_loss needs the loss beside the head on one rank's whole sequence; with pipeline "
+            f"({dims.pp}) or context ({dims.cp}) parallelism set float8.fuse_head_loss = false"
+        )
     dp = dims.dp
     if t.mixed_precision == "bf16_weights":
         if cfg.optimizer.state_dtype != "bfloat16":
@@ -256,6 +261,10 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
                 "float8.linear_backend = 'titan' is tensorwise without a float8 all-gather: set float8.recipe = "
                 "tensorwise and float8.fsdp_float8_all_gather = false, or linear_backend = 'torchao'"
             )
+    if f8.fuse_head_loss and not f8.output_head:
+        raise ConfigError(
+            "float8.fuse_head_loss fuses the FP8 output head with its loss: set float8.output_head = true"
+        )
     if f8.output_head:
         if f8.enable and not any(name in "output" for name in f8.filter_fqns):
             raise ConfigError(

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies in fp32. logits: (bsz, seqlen, vocab); labels: (bsz, seqlen)."""
+@dataclass
+class HeadInput:
+    """What a fused output head (float8.fuse_head_loss) hands the loss in place of logits: its input h (bsz,
+    seqlen, dim) and weight (vocab, dim). cross_entropy_sum then runs the head and the loss as one op."""
+
+    h: torch.Tensor
+    weight: torch.Tensor
+
+
+def cross_entropy_sum(logits: torch.Tensor | HeadInput, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies in fp32. logits: (bsz, seqlen, vocab), or a HeadInput; labels: (bsz, seqlen)."""
+    if isinstance(logits, HeadInput):
+        from titan_dsv3.kernels.fp8_head_loss import fp8_head_cross_entropy
+
+        return fp8_head_cross_entropy(logits.h.flatten(0, 1), logits.weight, labels.flatten(0, 1))
     return F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -33,7 +48,7 @@ def count_valid(labels: torch.Tensor, mtp_depth: int) -> torch.Tensor:
 
 def loss_sums(output, labels: torch.Tensor) -> torch.Tensor:
     """(1 + mtp_depth,) summed cross-entropies: main head, then each MTP depth."""
-    if isinstance(output, torch.Tensor):
+    if not isinstance(output, tuple):  # logits or a HeadInput, no MTP
         return cross_entropy_sum(output, labels).unsqueeze(0)
     logits, mtp_logits = output
     sums = [cross_entropy_sum(logits, labels)]
