@@ -13,9 +13,10 @@ forward (2.2 ms) and backward (2.4, writing a 3.4 GB bf16 gradient), the gradien
   largest value and dsum goes into the GEMMs' scale. No amax pass and no bf16 gradient.
 The same format as float8.output_head's gradient (e5m2: with e4m3 bench6's loss drifted 1.7-3.7% above bf16's).
 Predicted on H100: 3.4 GB read (about 1.1 ms) and 3.4 GB read + 3.4 GB written (about 2.0 ms) in place of
-8.3 ms, the head with its loss from 23.6 to about 18.5 ms, bench6 in FP8 from 1.156x to about 1.19x bf16. Not
-yet timed (`benchmarks/bench_fp8_head.py` has the row), and not yet called by the trainer: its model returns
-logits to a loss computed apart, where this op needs the head's input and weight.
+8.3 ms, the head with its loss from 23.6 to about 18.5 ms, bench6 in FP8 from 1.156x to about 1.19x bf16; and
+3.4 GB less at the peak (no bf16 gradient beside its fp8 copies). Not yet timed (`benchmarks/bench_fp8_head.py`
+has the row). float8.fuse_head_loss runs it: the head (float8.FP8FusedHead) hands the loss its input and weight
+(optim/losses.HeadInput) in place of logits.
 
 Limits: fp8_linear's (T, D, V multiples of 16; no bias); labels int64 (T,). dx in x's dtype, dW in W's dtype.
 Legend: T tokens, D model dim, V vocabulary.

@@ -16,7 +16,8 @@ torchao's linear made slower: 0.92x end to end), float8.linear_backend = 'titan'
 torchao's. On H100 the head saves about 9 ms of bench6's 170 ms FP8 step (1.105x -> 1.156x bf16; loss after 300 steps
 -0.8% of bf16's over three seeds); ours for the dense linears is no faster than torchao's (RESULTS.md, stop 34).
 Both are off by default, as DeepSeek-V3's recipe keeps the head in high precision; on CPU they run torch's cast
-and fp32 GEMMs on the dequantised operands.
+and fp32 GEMMs on the dequantised operands. float8.fuse_head_loss goes further: the head returns its input and
+weight and the loss runs kernels/fp8_head_loss.py, the GEMMs and the cross-entropy as one op (not yet timed).
 
 Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose forward
 runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling). The
