@@ -13,8 +13,9 @@ filter_fqns (the output head by default) stay in high precision.
 Our FP8 linear (kernels/fp8_linear.py: tensorwise, one quantising pass an operand writing both layouts its GEMMs
 need; gradients in e5m2): float8.output_head puts the output head on it (the largest GEMM of bench6, which
 torchao's linear made slower: 0.92x end to end), float8.linear_backend = 'titan' the dense linears in place of
-torchao's. On H100 the head saves about 9 ms of bench6's 170 ms FP8 step (1.105x -> 1.156x bf16; loss after 300 steps
--0.8% of bf16's over three seeds); ours for the dense linears is no faster than torchao's (RESULTS.md, stop 34).
+torchao's. On H100 the head saves about 9 ms of bench6's 170 ms FP8 step (1.105x -> 1.156x bf16; loss after
+300 steps -0.8% of bf16's over three seeds); ours for the dense linears is no faster than torchao's (RESULTS.md,
+stop 34).
 Both are off by default, as DeepSeek-V3's recipe keeps the head in high precision; on CPU they run torch's cast
 and fp32 GEMMs on the dequantised operands. float8.fuse_head_loss goes further: the head returns its input and
 weight and the loss runs kernels/fp8_head_loss.py, the GEMMs and the cross-entropy as one op (not yet timed).
