@@ -18,7 +18,8 @@ Predicted on H100: 3.4 GB read (about 1.1 ms) and 3.4 GB read + 3.4 GB written (
 has the row). float8.fuse_head_loss runs it: the head (float8.FP8FusedHead) hands the loss its input and weight
 (optim/losses.HeadInput) in place of logits.
 
-Limits: fp8_linear's (T, D, V multiples of 16; no bias); labels int64 (T,). dx in x's dtype, dW in W's dtype.
+Limits: fp8_linear's (T, D, V multiples of 16; no bias); labels int64 (T,), each in [0, V) or IGNORE_INDEX (not
+checked on the device: that would cost a host sync). dx in x's dtype, dW in W's dtype.
 Legend: T tokens, D model dim, V vocabulary.
 """
 
