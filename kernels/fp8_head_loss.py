@@ -29,9 +29,7 @@ import triton.language as tl
 
 from titan_dsv3.kernels import require_same_device
 from titan_dsv3.kernels.fp8_linear import (
-    _BLOCK,
     _FORMATS,
-    _INTERPRET,
     _check,
     _fake_saved,
     _grad_gemms,
@@ -39,6 +37,7 @@ from titan_dsv3.kernels.fp8_linear import (
     _store_fp8,
     _tile,
     _torch_path,
+    fp8_tiles,
     quantise_reference,
 )
 
@@ -99,11 +98,7 @@ def row_losses(z_TV: torch.Tensor, labels_T: torch.Tensor) -> tuple[torch.Tensor
     """(lse (T,), loss (T,)) in fp32 of the logits z: loss = lse - z[label], 0 where the label is IGNORE_INDEX."""
     t, v = z_TV.shape
     if _torch_path(z_TV):
-        zf = z_TV.float()
-        lse = torch.logsumexp(zf, dim=1)
-        valid = labels_T != IGNORE_INDEX
-        target = zf.gather(1, torch.where(valid, labels_T, 0)[:, None])[:, 0]
-        return lse, torch.where(valid, lse - target, 0.0)
+        return _row_losses_torch(z_TV.float(), labels_T)
     lse = torch.empty(t, device=z_TV.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     if t:
@@ -113,26 +108,29 @@ def row_losses(z_TV: torch.Tensor, labels_T: torch.Tensor) -> tuple[torch.Tensor
 
 def softmax_grad_fp8(z_TV: torch.Tensor, lse_T: torch.Tensor, labels_T: torch.Tensor):
     """(g8 (T x V), g8t (V x T)): e5m2 copies of MAX x (softmax - onehot), dequantised by 1 / MAX."""
-    max_, min_normal, drop = _FORMATS[GRAD_DTYPE]
-    t, v = z_TV.shape
     if _torch_path(z_TV):
-        g = torch.exp(z_TV.float() - lse_T[:, None])
-        valid = labels_T != IGNORE_INDEX
-        g[valid, labels_T[valid]] -= 1.0
-        g[~valid] = 0.0
-        g8 = (g * max_).to(GRAD_DTYPE)
+        g8 = (_softmax_grad_torch(z_TV.float(), lse_T, labels_T) * _FORMATS[GRAD_DTYPE][0]).to(GRAD_DTYPE)
         return g8, g8.t().contiguous()
-    # fp32 logits: fp8_linear.quantise's note, the transposed store of whole fp32 tiles was wrong on H100
-    in_kernel = z_TV.dtype != torch.float32
-    g8 = torch.empty(t, v, device=z_TV.device, dtype=GRAD_DTYPE)
-    g8t = torch.empty(v, t, device=z_TV.device, dtype=GRAD_DTYPE) if in_kernel else g8
-    grid = (triton.cdiv(t, _BLOCK["BM"]) * triton.cdiv(v, _BLOCK["BN"]),)
-    if grid[0]:
-        _grad_kernel[grid](
-            z_TV, lse_T, labels_T, g8, g8t, t, v, IGNORE=IGNORE_INDEX, MAX=max_, MIN_NORMAL=min_normal,
-            DROP=drop, BOTH=in_kernel, EXACT=_INTERPRET, **_BLOCK, **_GRAD_LAUNCH,
-        )  # fmt: skip
-    return g8, (g8t if in_kernel else g8.t().contiguous())
+    return fp8_tiles(
+        _grad_kernel, z_TV, GRAD_DTYPE, True, _GRAD_LAUNCH, z_TV, lse_T, labels_T, IGNORE=IGNORE_INDEX
+    )
+
+
+def _row_losses_torch(z_TV: torch.Tensor, labels_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """row_losses in torch, in z's dtype (the CPU path in fp32, the reference in float64)."""
+    lse = torch.logsumexp(z_TV, dim=1)
+    valid = labels_T != IGNORE_INDEX
+    target = z_TV.gather(1, torch.where(valid, labels_T, 0)[:, None])[:, 0]
+    return lse, torch.where(valid, lse - target, 0.0)
+
+
+def _softmax_grad_torch(z_TV: torch.Tensor, lse_T: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+    """softmax - onehot in z's dtype, zero rows where the label is IGNORE_INDEX."""
+    g = torch.exp(z_TV - lse_T[:, None])
+    valid = labels_T != IGNORE_INDEX
+    g[valid, labels_T[valid]] -= 1.0
+    g[~valid] = 0.0
+    return g
 
 
 # ---- custom ops and autograd -----------------------------------------------------------------------------------
@@ -215,13 +213,7 @@ def head_cross_entropy_reference(x_TD, w_VD, labels_T, dsum=1.0):
 
     x, w = dq(x_TD), dq(w_VD)
     z = (x @ w.T).to(x_TD.dtype).double()
-    valid = labels_T != IGNORE_INDEX
-    lse = torch.logsumexp(z, dim=1)
-    target = z.gather(1, torch.where(valid, labels_T, 0)[:, None])[:, 0]
-    loss = torch.where(valid, lse - target, 0.0).sum()
-    g = torch.exp(z - lse[:, None])
-    g[valid, labels_T[valid]] -= 1.0
-    g[~valid] = 0.0
+    lse, loss = _row_losses_torch(z, labels_T)
     max_ = _FORMATS[GRAD_DTYPE][0]
-    g = (g * max_).float().to(GRAD_DTYPE).double() * (dsum / max_)
-    return loss, (g @ w).to(x_TD.dtype), (g.T @ x).to(w_VD.dtype)
+    g = (_softmax_grad_torch(z, lse, labels_T) * max_).float().to(GRAD_DTYPE).double() * (dsum / max_)
+    return loss.sum(), (g @ w).to(x_TD.dtype), (g.T @ x).to(w_VD.dtype)

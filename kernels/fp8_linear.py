@@ -132,22 +132,29 @@ def quantise(x: torch.Tensor, dtype: torch.dtype, both: bool = False):
         q, scale = quantise_reference(x, dtype)
         return q, (q.t().contiguous() if both else None), scale
     inv, scale = _inverse_scale(x, dtype)
-    m, n = x.shape
-    q = torch.empty(m, n, device=x.device, dtype=dtype)
-    # fp32 sources: the kernel's transposed store of whole tiles wrote wrong bytes on H100 (Triton 3.6, as the
-    # weight quantiser's did on H200, RESULTS stop 25); their transposed copy is torch's, one 2-byte pass more
-    in_kernel = both and x.dtype != torch.float32
-    qt = torch.empty(n, m, device=x.device, dtype=dtype) if in_kernel else q
+    q, qt = fp8_tiles(_quant_kernel, x, dtype, both, _LAUNCH, x, inv)
+    return q, qt, scale
+
+
+def fp8_tiles(kernel, src: torch.Tensor, dtype: torch.dtype, both: bool, launch: dict, *args, **consts):
+    """Launch a tile kernel that writes an fp8 copy of an M x N result (src's shape) through _store_fp8: kernel(
+    *args, q, qt, M, N, MAX, MIN_NORMAL, DROP, BOTH, EXACT, **consts, BM, BN). Returns (q, q^T contiguous or
+    None). fp32 sources: the kernels' transposed store of whole fp32 tiles wrote wrong bytes on H100 (Triton 3.6,
+    as the weight quantiser's did on H200, RESULTS stop 25); their transposed copy is torch's, a 2-byte pass more."""
+    m, n = src.shape
+    in_kernel = both and src.dtype != torch.float32
+    q = torch.empty(m, n, device=src.device, dtype=dtype)
+    qt = torch.empty(n, m, device=src.device, dtype=dtype) if in_kernel else q
     max_, min_normal, drop = _FORMATS[dtype]
     grid = (triton.cdiv(m, _BLOCK["BM"]) * triton.cdiv(n, _BLOCK["BN"]),)
     if grid[0]:
-        _quant_kernel[grid](
-            x, inv, q, qt, m, n, MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=in_kernel, EXACT=_INTERPRET,
-            **_BLOCK, **_LAUNCH,
+        kernel[grid](
+            *args, q, qt, m, n, MAX=max_, MIN_NORMAL=min_normal, DROP=drop, BOTH=in_kernel, EXACT=_INTERPRET,
+            **consts, **_BLOCK, **launch,
         )  # fmt: skip
-    if both and not in_kernel:
-        qt = q.t().contiguous()
-    return q, (qt if both else None), scale
+    if not both:
+        return q, None
+    return q, (qt if in_kernel else q.t().contiguous())
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:

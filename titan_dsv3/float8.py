@@ -55,6 +55,14 @@ def _linear_filter(cfg: Float8):
     return keep
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on: our FP8 kernels take what the layer would have computed in."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 class FP8Linear(nn.Linear):
     """A bias-free linear on our FP8 GEMMs (kernels/fp8_linear.py); same parameter and state dict as nn.Linear.
 
@@ -64,16 +72,18 @@ class FP8Linear(nn.Linear):
 
     grad_dtype = torch.float8_e5m2
 
+    @staticmethod
+    def _runs_fp8(x: torch.Tensor) -> bool:
+        """A training call (autograd on) whose token count is a multiple of 16."""
+        return torch.is_grad_enabled() and x.shape[:-1].numel() % 16 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        if not torch.is_grad_enabled() or lead.numel() % 16:
+        if not self._runs_fp8(x):
             return super().forward(x)
         from titan_dsv3.kernels.fp8_linear import fp8_linear
 
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        return fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.grad_dtype).view(*lead, -1)
+        x = _autocast_input(x)
+        return fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.grad_dtype).view(*x.shape[:-1], -1)
 
 
 class FP8OutputHead(FP8Linear):
@@ -92,12 +102,9 @@ class FP8FusedHead(FP8OutputHead):
     multiple of 16 get logits, as from FP8OutputHead."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | HeadInput:
-        if not (self.training and torch.is_grad_enabled()) or x.shape[:-1].numel() % 16:
+        if not (self.training and self._runs_fp8(x)):
             return super().forward(x)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        return HeadInput(x, self.weight)
+        return HeadInput(_autocast_input(x), self.weight)
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -106,9 +113,7 @@ class FP8GroupedExperts(GroupedExperts):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         from titan_dsv3.kernels.fp8_grouped_gemm import fp8_grouped_swiglu
 
-        device_type = x_ND.device.type
-        if torch.is_autocast_enabled(device_type):
-            x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
+        x_ND = _autocast_input(x_ND)
         # expert parallelism hands in distributed tensors: compute with the local shard of the experts
         w1, w2, w3 = (_local_shard(w) for w in (self.w1, self.w2, self.w3))
         return fp8_grouped_swiglu(x_ND, counts_E, w1, w2, w3)
