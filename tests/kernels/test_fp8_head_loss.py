@@ -34,7 +34,6 @@ def _case(t=48, d=64, v=208, seed=0, ignore=(3, 17)):
 
 @pytest.mark.parametrize("interpret", [True, False])
 def test_against_reference(monkeypatch, interpret):
-    monkeypatch.setattr(H, "_INTERPRET", interpret)
     monkeypatch.setattr("titan_dsv3.kernels.fp8_linear._INTERPRET", interpret)
     x, w, labels = _case()
     loss = H.fp8_head_cross_entropy(x, w, labels)
