@@ -447,7 +447,7 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
     passes = {  # name: (launch(launch options), bytes moved)
         "activation quantiser (x)": (
             lambda kw: Q._quant_act_kernel[(tiles, dim // 128)](
-                x, lay.row_src, lay.tile_expert, *act, pad, dim, n_exp, EXACT=False, **kw
+                x, lay.row_src, lay.row_src, lay.tile_expert, *act, pad, dim, n_exp, EXACT=False, **kw
             ),
             n * dim * 4,
         ),
@@ -499,7 +499,7 @@ def run_fp8_passes(n_exp=64, per=1536, dim=2048, hidden=1408, device="cuda") -> 
             runs.append(("SwiGLU backward, Gluon", f"w{nw}", launch, n * hidden * 11))
         for nw in (4, 8, 16):
             launch = partial(
-                G._quant_act_kernel_sm90[act_grid], x, lay.row_src, lay.tile_expert, *act, pad, dim, n_exp,
+                G._quant_act_kernel_sm90[act_grid], x, lay.row_src, lay.row_src, lay.tile_expert, *act, pad, dim, n_exp,
                 num_warps=nw,
             )  # fmt: skip
             runs.append(("activation quantiser (x), Gluon", f"w{nw}", launch, n * dim * 4))

@@ -118,7 +118,7 @@ def main() -> None:
     fp8_types.update({n: f32 for n in ("gst_ptr", "hst_ptr")})
     fp8_types.update({n: i32 for n in ("row_src_ptr", "tile_expert_ptr", "pstart_ptr", "pend_ptr")})
     fp8_types["w_ptr"] = bf16
-    sweep(Q._quant_act_kernel, fp8_types, dict(EXACT=False))
+    sweep(Q._quant_act_kernel, {**fp8_types, "row_w_ptr": f32}, dict(EXACT=False, WEIGHTED=False))
     sweep(Q._quant_weight_kernel, fp8_types, dict(EXACT=False))
     sweep(Q._quant_weight_t_kernel, fp8_types, dict(EXACT=False))
     sweep(F._gemm_swiglu_fwd_kernel, {**fp8_types, "w_ptr": f8}, dict(EXACT=False))
@@ -170,15 +170,17 @@ def sweep_gluon(fp8_types: dict[str, str]) -> None:
     for label, kernel, types, consts in A.compile_builds():
         line = compile_report(kernel, types, consts, 4, 1)
         print(f"{label:69s} w4 s{consts['STAGES']}  {line}", flush=True)
-    types = {**fp8_types, "dh_ptr": "*bf16"}
-    for kernel, warp_counts in (
-        (S._swiglu_bwd_quant_kernel_sm90, (8, 16)),
-        (S._quant_act_kernel_sm90, (4, 8, 16)),
-        (S._quant_weight_kernel_sm90, (4, 8)),
+    types = {**fp8_types, "dh_ptr": "*bf16", "row_w_ptr": "*fp32"}
+    for kernel, warp_counts, consts in (
+        (S._swiglu_bwd_quant_kernel_sm90, (8, 16), {}),
+        (S._quant_act_kernel_sm90, (4, 8, 16), dict(WEIGHTED=False)),
+        (S._quant_act_kernel_sm90, (8,), dict(WEIGHTED=True)),
+        (S._quant_weight_kernel_sm90, (4, 8), {}),
     ):
         for warps in warp_counts:
-            line = compile_report(kernel, types, dict(num_warps=warps), warps, 1)
-            print(f"{kernel.fn.__name__:30s} {'':38s} w{warps}     {line}", flush=True)
+            line = compile_report(kernel, types, dict(num_warps=warps, **consts), warps, 1)
+            label = " ".join(f"{k}={v}" for k, v in consts.items())
+            print(f"{kernel.fn.__name__:30s} {label:38s} w{warps}     {line}", flush=True)
 
 
 if __name__ == "__main__":

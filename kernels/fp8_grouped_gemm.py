@@ -286,13 +286,13 @@ def _sm90(t: torch.Tensor):
     return fp8_grouped_gemm_sm90
 
 
-def _quantise_act(x: torch.Tensor, lay):
+def _quantise_act(x: torch.Tensor, lay, rows=None, row_w=None):
     """fp8_quant._quant_act, on Hopper with SM90_PASSES by the Gluon pass."""
     if SM90_PASSES and _hopper(x):
         from titan_dsv3.kernels.fp8_quant_sm90 import quant_act_sm90
 
-        return quant_act_sm90(x, lay)
-    return _quant_act(x, lay)
+        return quant_act_sm90(x, lay, rows, row_w)
+    return _quant_act(x, lay, rows, row_w)
 
 
 def _quantise_weights(*ws: torch.Tensor):
@@ -341,7 +341,8 @@ def _padded_rows(n_rows: int, n_exp: int) -> int:
     return triton.cdiv(n_rows, TILE) * TILE + n_exp * TILE
 
 
-def _check(x, counts_E, w1, w2, w3) -> None:
+def _check(x, counts_E, w1, w2, w3, n_rows: int | None = None) -> None:
+    """Shapes, devices and dtypes; n_rows: the rows the layout pads (x's unless given)."""
     if not (x.is_cuda or _INTERPRET):
         raise ValueError("fp8_grouped_swiglu runs on CUDA (or under TRITON_INTERPRET=1); use the reference")
     n_exp, hidden, dim = w1.shape
@@ -354,10 +355,12 @@ def _check(x, counts_E, w1, w2, w3) -> None:
         )
     if counts_E.numel() != n_exp:
         raise ValueError(f"counts has {counts_E.numel()} experts, the weights {n_exp}")
-    tiles = _padded_rows(x.shape[0], n_exp) // TILE
+    what = f"x has {x.shape[0]} rows" if n_rows is None else f"{n_rows} token copies"
+    n_rows = x.shape[0] if n_rows is None else n_rows
+    tiles = _padded_rows(n_rows, n_exp) // TILE
     if tiles > 65535:  # the passes' grids run 128-row tiles along their second axis (at most 65,535 blocks)
         raise ValueError(
-            f"x has {x.shape[0]} rows and {n_exp} experts: {tiles} padded 128-row tiles, past the passes' 65,535; "
+            f"{what} and {n_exp} experts: {tiles} padded 128-row tiles, past the passes' 65,535; "
             "split the tokens into calls of at most 8,388,480 - 128 x E rows"
         )
     require_same_device("x", x, counts=counts_E, w1=w1, w2=w2, w3=w3)
@@ -366,16 +369,22 @@ def _check(x, counts_E, w1, w2, w3) -> None:
 
 
 def _swiglu_fwd(x, counts_E, w1, w2, w3):
-    """Launcher: y (N, D) and what the backward needs (fp8 copies, h1 | h3)."""
+    """Launcher: y (N, D) and what the backward needs (the layout, fp8 copies, h1 | h3)."""
     _check(x, counts_E, w1, w2, w3)
     x = x.contiguous()
-    n_rows, dim = x.shape
+    lay = _Layout(counts_E, x.shape[0])
+    y = torch.empty_like(x)
+    return y, lay.packed, *experts_fwd(x, lay, lay.row_src, w1, w2, w3, y, lay.row_src)
+
+
+def experts_fwd(x, lay, x_rows, w1, w2, w3, y, y_rows):
+    """The experts on padded row p = x[x_rows[p]] (-1: a zero pad row), each output row written to y[y_rows[p]]
+    (pad rows: not written). Returns what the backward needs: xqt, xst, h13, w13tq, w13s, w2tq, w2s."""
+    n_pad, dev, dim = lay.n_pad, x.device, x.shape[1]
     n_exp, hidden, _ = w1.shape
-    lay = _Layout(counts_E, n_rows)
-    n_pad, dev = lay.n_pad, x.device
     w13q, w13tq, w13s = _quantise_weights(w1, w3)  # (E, 2I, D), (E, D, 2I), (E, 2I/128, D/128)
     w2q, w2tq, w2s = _quantise_weights(w2)  # (E, D, I), (E, I, D), (E, D/128, I/128)
-    xq, xs, xqt, xst = _quantise_act(x, lay)
+    xq, xs, xqt, xst = _quantise_act(x, lay, x_rows)
     h13 = torch.empty(n_pad, 2 * hidden, device=dev, dtype=x.dtype)
     if _sm90(x) is not None:
         # Hopper: GEMM1 is the Gluon GEMM writing h1 | h3, then the SwiGLU and h's quantisation as a pass over
@@ -389,20 +398,26 @@ def _swiglu_fwd(x, counts_E, w1, w2, w3):
         _gemm_swiglu_fwd_kernel[lambda meta: (hidden // TILE, n_pad // meta["BLOCK_M"])](
             xq, xs, w13q, w13s, lay.tile_expert, h13, hq, hs, n_exp, dim, hidden, EXACT=_INTERPRET,
         )  # fmt: skip
-    y = torch.empty(n_rows, dim, device=dev, dtype=x.dtype)
     n_kb, n_nb = hidden // TILE, dim // TILE
-    _gemm_scatter(hq, hs, w2q, w2s, lay, lay.row_src, y, hidden, dim, n_nb * n_kb, n_kb, 1)
-    return y, lay.packed, xqt, xst, h13, w13tq, w13s, w2tq, w2s
+    _gemm_scatter(hq, hs, w2q, w2s, lay, y_rows, y, hidden, dim, n_nb * n_kb, n_kb, 1)
+    return xqt, xst, h13, w13tq, w13s, w2tq, w2s
 
 
 def _swiglu_bwd(dy, packed, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     """Launcher: dx (N, D), dw1, dw2, dw3 (in w_dtype); packed is the forward's _Layout.packed."""
     dy = dy.contiguous()
-    n_rows, dim = dy.shape
-    n_exp, hidden = w2tq.shape[0], w2tq.shape[1]
-    lay = _Layout.from_packed(packed, n_exp, n_rows)
+    lay = _Layout.from_packed(packed, w2tq.shape[0], dy.shape[0])
+    dx = torch.empty_like(dy)
+    saved = (xqt, xst, h13, w13tq, w13s, w2tq, w2s)
+    return dx, *experts_bwd(dy, lay, lay.row_src, None, *saved, w_dtype, dx, lay.row_src)
+
+
+def experts_bwd(dy, lay, dy_rows, dy_w, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype, dx, dx_rows):
+    """experts_fwd's backward: padded row p's output gradient is dy[dy_rows[p]] (times dy_w[p], fp32, when
+    given); its input gradient goes to dx[dx_rows[p]]. Returns dw1, dw2, dw3 (in w_dtype)."""
+    n_exp, hidden, dim = w2tq.shape[0], w2tq.shape[1], dy.shape[1]
     n_pad, dev = lay.n_pad, dy.device
-    dyq, dys, dyqt, dyst = _quantise_act(dy, lay)
+    dyq, dys, dyqt, dyst = _quantise_act(dy, lay, dy_rows, dy_w)
     n_ib, n_db = hidden // TILE, dim // TILE
     # dh = dy @ w2 into the padded rows (the identity as row map: pad rows of dy are zeros, so are theirs), in
     # dy's dtype (bf16: half the bytes of fp32 through memory; dh1 and dh3 are quantised to fp8 right after),
@@ -412,15 +427,14 @@ def _swiglu_bwd(dy, packed, xqt, xst, h13, w13tq, w13s, w2tq, w2s, w_dtype):
     dh = torch.empty(n_pad, hidden, device=dev, dtype=dy.dtype)
     _gemm_scatter(dyq, dys, w2tq, w2s, lay, lay.identity, dh, dim, hidden, n_db * n_ib, 1, n_ib)
     gq, gs, gqt, gst, hqt, hst = _swiglu_bwd_quantise(dh, h13, lay)
-    dx = torch.empty(n_rows, dim, device=dev, dtype=dy.dtype)
     # B = [w1; w3]^T (E, D, 2I); the scale of its block (d, j) is w13s[e, j, d]
-    _gemm_scatter(gq, gs, w13tq, w13s, lay, lay.row_src, dx, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db)
+    _gemm_scatter(gq, gs, w13tq, w13s, lay, dx_rows, dx, 2 * hidden, dim, 2 * n_ib * n_db, 1, n_db)
     dw1 = torch.empty(n_exp, hidden, dim, device=dev, dtype=w_dtype)
     dw3 = torch.empty_like(dw1)
     dw2 = torch.empty(n_exp, dim, hidden, device=dev, dtype=w_dtype)
     _wgrad(gqt, gst, xqt, xst, lay, dw1, dw3, 2 * hidden, dim, hidden)
     _wgrad(dyqt, dyst, hqt, hst, lay, dw2, dw2, dim, hidden, dim)
-    return dx, dw1, dw2, dw3
+    return dw1, dw2, dw3
 
 
 # ---- custom ops and autograd ---------------------------------------------------------------------------------
@@ -436,7 +450,12 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _(x, counts_E, w1, w2, w3):
-    n_rows, dim = x.shape
+    return [x.new_empty(x.shape), *saved_fakes(x, x.shape[0], w1)]
+
+
+def saved_fakes(x, n_rows, w1):
+    """Fakes of the layout (packed) and of experts_fwd's saved tensors, for n_rows rows through the experts."""
+    dim = x.shape[1]
     n_exp, hidden, _ = w1.shape
     n_pad = _padded_rows(n_rows, n_exp)
 
@@ -447,7 +466,7 @@ def _(x, counts_E, w1, w2, w3):
         return x.new_empty(*s, dtype=torch.float32)
 
     return [
-        x.new_empty(n_rows, dim), x.new_empty(2 * n_pad + n_pad // TILE + 2 * n_exp, dtype=torch.int32),
+        x.new_empty(2 * n_pad + n_pad // TILE + 2 * n_exp, dtype=torch.int32),
         fp8(dim, n_pad), f32(n_pad // TILE, dim), x.new_empty(n_pad, 2 * hidden),
         fp8(n_exp, dim, 2 * hidden), f32(n_exp, 2 * hidden // TILE, dim // TILE),
         fp8(n_exp, hidden, dim), f32(n_exp, dim // TILE, hidden // TILE),

@@ -90,25 +90,34 @@ def _store_both(
 
 # fmt: off
 @triton.jit
-def _quant_act_tile(x_ptr, row_src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile, cb, n_pad, n_cols, EXACT: tl.constexpr):
-    """Gather the rows of 128-row padded tile `tile`, column block cb (zeros for pad rows) and quantise both ways."""
+def _quant_act_tile(
+    x_ptr, row_src_ptr, row_w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile, cb, n_pad, n_cols, EXACT: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+):
+    """Gather the rows of 128-row padded tile `tile`, column block cb (zeros for pad rows), with WEIGHTED each
+    multiplied by its fp32 row weight row_w[p], and quantise both ways."""
     offs_p = (tile * 128 + tl.arange(0, 128)).to(tl.int64)
     offs_c = cb * 128 + tl.arange(0, 128)
     src = tl.load(row_src_ptr + offs_p).to(tl.int64)
-    x = tl.load(x_ptr + src[:, None] * n_cols + offs_c[None, :], mask=src[:, None] >= 0, other=0.0)
-    _store_both(x.to(tl.float32), q_ptr, s_ptr, qt_ptr, st_ptr, offs_p, offs_c, cb, tile, n_pad, n_cols, EXACT)
+    x = tl.load(x_ptr + src[:, None] * n_cols + offs_c[None, :], mask=src[:, None] >= 0, other=0.0).to(tl.float32)
+    if WEIGHTED:
+        x = x * tl.load(row_w_ptr + offs_p)[:, None]
+    _store_both(x, q_ptr, s_ptr, qt_ptr, st_ptr, offs_p, offs_c, cb, tile, n_pad, n_cols, EXACT)
 
 
 @triton.jit(do_not_specialize=["n_experts"])
 def _quant_act_kernel(
-    x_ptr, row_src_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
-    EXACT: tl.constexpr,
+    x_ptr, row_src_ptr, row_w_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
+    EXACT: tl.constexpr, WEIGHTED: tl.constexpr = False,
 ):
     """_quant_act_tile of tile (program_id(0), program_id(1)); tiles past the last expert return at once."""
     tile = tl.program_id(0)
     if tl.load(tile_expert_ptr + tile) >= n_experts:
         return  # beyond the last expert's padded rows
-    _quant_act_tile(x_ptr, row_src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile, tl.program_id(1), n_pad, n_cols, EXACT)
+    _quant_act_tile(
+        x_ptr, row_src_ptr, row_w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile, tl.program_id(1), n_pad, n_cols, EXACT,
+        WEIGHTED,
+    )
 
 
 @triton.jit
@@ -238,14 +247,16 @@ def _swiglu_bwd_empty(n_pad: int, hidden: int, device):
     return (*_both_ways_empty(n_pad, 2 * hidden, device), hqt, hst)
 
 
-def _quant_act(x: torch.Tensor, lay):
-    """(N, C) -> fp8 (P, C) + scales (P, C/128), and fp8 (C, P) + scales (P/128, C), in the padded layout."""
+def _quant_act(x: torch.Tensor, lay, rows: torch.Tensor | None = None, row_w: torch.Tensor | None = None):
+    """(N, C) -> fp8 (P, C) + scales (P, C/128), and fp8 (C, P) + scales (P/128, C), in the padded layout: padded
+    row p is x[rows[p]] (rows: lay.row_src unless given; -1 a pad row), times row_w[p] (fp32, P) when given."""
     n_cols, dev, n_pad = x.shape[1], x.device, lay.n_pad
     q, s, qt, st = _both_ways_empty(n_pad, n_cols, dev)
     grid = (n_pad // TILE, n_cols // TILE)
+    rows = lay.row_src if rows is None else rows
     _quant_act_kernel[grid](
-        x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, EXACT=_INTERPRET,
-        **_ACT_LAUNCH,
+        x, rows, rows if row_w is None else row_w, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp,
+        EXACT=_INTERPRET, WEIGHTED=row_w is not None, **_ACT_LAUNCH,
     )  # fmt: skip
     return q, s, qt, st
 

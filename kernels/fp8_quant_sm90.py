@@ -100,12 +100,14 @@ def _tile_index(tile, cb, layout: gl.constexpr):
 
 @gluon.jit(do_not_specialize=["n_experts"])
 def _quant_act_kernel_sm90(
-    x_ptr, row_src_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
-    num_warps: gl.constexpr,
+    x_ptr, row_src_ptr, row_w_ptr, tile_expert_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, n_pad, n_cols, n_experts,
+    num_warps: gl.constexpr, WEIGHTED: gl.constexpr = False,
 ):  # fmt: skip
     """fp8_quant._quant_act_kernel: the rows of 128-row padded tile program_id(1), column block program_id(0),
-    gathered (zeros for pad rows) and quantised both ways. Column blocks run fastest, so the blocks in flight
-    read whole rows of x (0.237 ms on bench6 against 0.273 with tiles fastest; H200, stop 25)."""
+    gathered (zeros for pad rows), with WEIGHTED times their row weights, and quantised both ways. Column blocks
+    run fastest, so the blocks in flight read whole rows of x (0.237 ms on bench6 against 0.273 with tiles
+    fastest; H200, stop 25). The weights multiply in each layout after the bf16 tile's conversion (the same
+    fp32 products both ways, and half the shared-memory bytes of converting the fp32 products)."""
     ROWS: gl.constexpr = _rows_layout(num_warps)
     COLS: gl.constexpr = _cols_layout(num_warps)
     tile = gl.program_id(1)
@@ -115,9 +117,14 @@ def _quant_act_kernel_sm90(
     rows, cols = _tile_index(tile, cb, ROWS)
     src = gl.load(row_src_ptr + rows).to(gl.int64)
     x = gl.load(x_ptr + src[:, None] * n_cols + cols[None, :], mask=src[:, None] >= 0, other=0.0)
-    _store_rows(x.to(gl.float32), q_ptr, s_ptr, rows, cols, cb, n_cols)
+    x_r = x.to(gl.float32)
+    if WEIGHTED:
+        x_r = x_r * gl.load(row_w_ptr + rows)[:, None]
+    _store_rows(x_r, q_ptr, s_ptr, rows, cols, cb, n_cols)
     rows_t, cols_t = _tile_index(tile, cb, COLS)
     x_t = gl.convert_layout(x, COLS).to(gl.float32)
+    if WEIGHTED:
+        x_t = x_t * gl.load(row_w_ptr + rows_t)[:, None]
     _store_cols(x_t, qt_ptr, st_ptr, rows_t, cols_t, tile, n_pad, n_cols)
 
 
@@ -229,13 +236,15 @@ def _quant_weight_kernel_sm90(
 # ---- launchers (fp8_quant's contracts) -------------------------------------------------------------------------
 
 
-def quant_act_sm90(x: torch.Tensor, lay, num_warps: int = 8):
+def quant_act_sm90(x: torch.Tensor, lay, rows=None, row_w=None, num_warps: int = 8):
     """fp8_quant._quant_act's contract: (N, C) -> q (P, C), s (P, C/128), qt (C, P), st (P/128, C)."""
     n_cols, n_pad = x.shape[1], lay.n_pad
     q, s, qt, st = fp8_quant._both_ways_empty(n_pad, n_cols, x.device)
+    rows = lay.row_src if rows is None else rows
     _quant_act_kernel_sm90[(n_cols // TILE, n_pad // TILE)](
-        x, lay.row_src, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp, num_warps=num_warps
-    )
+        x, rows, rows if row_w is None else row_w, lay.tile_expert, q, s, qt, st, n_pad, n_cols, lay.n_exp,
+        num_warps=num_warps, WEIGHTED=row_w is not None,
+    )  # fmt: skip
     return q, s, qt, st
 
 

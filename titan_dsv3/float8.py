@@ -108,15 +108,25 @@ class FP8FusedHead(FP8OutputHead):
 
 
 class FP8GroupedExperts(GroupedExperts):
-    """Routed experts with FP8 grouped GEMMs (kernels/fp8_grouped_gemm.py); same parameters and state dict."""
+    """Routed experts with FP8 grouped GEMMs (kernels/fp8_grouped_gemm.py); same parameters and state dict. Routed
+    locally (routed), the gather of the copies, their return to token order and the weighted sum run inside the
+    FP8 op (kernels/fp8_routed_experts.py); expert parallelism calls forward on the copies it receives."""
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def ffn(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         from titan_dsv3.kernels.fp8_grouped_gemm import fp8_grouped_swiglu
 
         x_ND = _autocast_input(x_ND)
         # expert parallelism hands in distributed tensors: compute with the local shard of the experts
         w1, w2, w3 = (_local_shard(w) for w in (self.w1, self.w2, self.w3))
         return fp8_grouped_swiglu(x_ND, counts_E, w1, w2, w3)
+
+    def routed(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
+        from titan_dsv3.kernels.fp8_routed_experts import fp8_routed_experts
+
+        w1, w2, w3 = (_local_shard(w) for w in (self.w1, self.w2, self.w3))
+        return fp8_routed_experts(_autocast_input(x_TD), weights_TK, order_N, counts_E, w1, w2, w3)
 
 
 def apply_float8(model: nn.Module, cfg: Float8) -> str | None:

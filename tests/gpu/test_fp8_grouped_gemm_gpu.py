@@ -335,6 +335,25 @@ def test_gluon_activation_quantiser_writes_the_triton_bits(warps, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
+def test_gluon_activation_quantiser_weighted_rows_write_the_triton_bits():
+    """With a row map that gathers token rows (each several times) and fp32 row weights, as the routed experts'
+    backward quantises w_tk dout_t (kernels/fp8_routed_experts.py), the Gluon and Triton quantisers agree bit
+    for bit."""
+    from titan_dsv3.kernels import fp8_grouped_gemm as K
+    from titan_dsv3.kernels import fp8_quant as Q
+    from titan_dsv3.kernels.fp8_quant_sm90 import quant_act_sm90
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    lay = K._Layout(torch.tensor([700, 0, 1, 299], device="cuda"), 1000)
+    rows = torch.where(lay.row_src >= 0, lay.row_src % 300, -1).to(torch.int32)
+    row_w = torch.rand(lay.n_pad, device="cuda") * (lay.row_src >= 0)
+    want, got = Q._quant_act(x, lay, rows, row_w), quant_act_sm90(x, lay, rows, row_w)
+    _assert_same_in_padded_rows(want, got, lay, q="p", s="p", qt="t", st="s")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="a Gluon kernel for sm_90")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gluon_weight_quantiser_writes_the_triton_bits(dtype):
     """The Gluon weight quantiser (Hopper's default) writes what the Triton one writes, bit for bit: two weights

@@ -45,21 +45,23 @@ PASS_SCRIPT = r"""
 from titan_dsv3.kernels import fp8_quant_sm90 as S
 
 types = {"dh_ptr": "*bf16", "h13_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "tile_expert_ptr": "*i32",
-         "row_src_ptr": "*i32"}
+         "row_src_ptr": "*i32", "row_w_ptr": "*fp32"}
 types.update({p: "*fp8e4nv" for p in ("gq_ptr", "gqt_ptr", "hqt_ptr", "q_ptr", "qt_ptr")})
 types.update({p: "*fp32" for p in ("gs_ptr", "gst_ptr", "hst_ptr", "s_ptr", "st_ptr")})
 out = {}
-kernels = (("_swiglu_bwd_quant_kernel_sm90", 8), ("_quant_act_kernel_sm90", 4), ("_quant_weight_kernel_sm90", 8))
-for name, warps in kernels:
+kernels = (("_swiglu_bwd_quant_kernel_sm90", 8, {}), ("_quant_act_kernel_sm90", 4, {"WEIGHTED": False}),
+           ("_quant_act_kernel_sm90", 4, {"WEIGHTED": True}), ("_quant_weight_kernel_sm90", 8, {}))
+for name, warps, consts in kernels:
     fn = getattr(S, name)
+    key = name + (" weighted" if consts.get("WEIGHTED") else "")
     # the JIT specialises the pointers and sizes (HIDDEN, n_pad, n_cols) as 16-divisible at launch; without that
     # no access is vectorised
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if a not in ("num_warps", "n_experts")}
-    _, ptx, _ = compile_sm90(fn, types, {"num_warps": warps}, warps, attrs)
-    out[name] = {p: ptx.count(p) for p in ("st.shared.b8", "ldmatrix", "st.global.v4", "st.local")}
-    out[name]["cp.async under 16 B"] = ptx.count("cp.async.cg.shared.global") - ptx.count("0x10, 0x10;")
-    out[name]["cp.async"] = ptx.count("cp.async.cg.shared.global")
+             if a not in ("num_warps", "n_experts", "WEIGHTED")}
+    _, ptx, _ = compile_sm90(fn, types, {"num_warps": warps, **consts}, warps, attrs)
+    out[key] = {p: ptx.count(p) for p in ("st.shared.b8", "ldmatrix", "st.global.v4", "st.local")}
+    out[key]["cp.async under 16 B"] = ptx.count("cp.async.cg.shared.global") - ptx.count("0x10, 0x10;")
+    out[key]["cp.async"] = ptx.count("cp.async.cg.shared.global")
 print("RESULT" + json.dumps(out))
 """
 
@@ -77,6 +79,7 @@ def test_gluon_quantisation_passes_transpose_bf16_inputs(triton_build):
         assert got["st.shared.b8"] == 0 and got["st.local"] == 0, (name, got)
         assert got["st.global.v4"] > 0, (name, got)
     assert got_all["_quant_act_kernel_sm90"]["ldmatrix"] > 0, got_all
+    assert got_all["_quant_act_kernel_sm90 weighted"]["ldmatrix"] > 0, got_all
     assert got_all["_swiglu_bwd_quant_kernel_sm90"]["cp.async"] == 24, got_all
     assert got_all["_quant_weight_kernel_sm90"]["cp.async"] == 8, got_all
     for name in ("_swiglu_bwd_quant_kernel_sm90", "_quant_weight_kernel_sm90"):

@@ -108,6 +108,21 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: tokens sorted by expert; counts_E: tokens per expert (on device). Returns (N, D)."""
+        return self.ffn(x_ND, counts_E)
+
+    def routed(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_k w_tk * expert_tk(x_t) for every token: the N = T K copies in expert order (order_N: copy indices
+        t K + k sorted by expert, counts_E copies an expert) through the experts, back in (token, k) order,
+        weighted and summed. Returns (T, D). A second forward method (FSDP registers it as one)."""
+        topk, dim = weights_TK.shape[1], x_TD.shape[1]
+        y_ND = self.ffn(x_TD[order_N // topk], counts_E)
+        y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(-1, topk, dim)
+        return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+    def ffn(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The experts' math on copies sorted by expert (forward's; routed calls it without FSDP's hooks)."""
         device_type = x_ND.device.type
         if torch.is_autocast_enabled(device_type):  # grouped_mm has no autocast rule: cast as a linear would
             x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
@@ -150,11 +165,8 @@ def route_locally(experts, x_TD, weights_TK, ids_TK, counts_E, shared=None) -> t
     """sum_k w_tk * expert_k(x_t) for every token, all experts on this device: the copies sorted by expert (token
     order kept inside a group) through one grouped GEMM, back in (token, k) order, weighted and summed; plus
     shared(x_t) when shared experts are given (a route may run them where it would otherwise wait)."""
-    topk, dim = ids_TK.shape[1], x_TD.shape[1]
     order_N = ids_TK.flatten().argsort(stable=True)
-    y_ND = experts(x_TD[order_N // topk], counts_E)
-    y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(-1, topk, dim)
-    out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+    out_TD = experts.routed(x_TD, weights_TK, order_N, counts_E)
     return out_TD if shared is None else out_TD + shared(x_TD)
 
 

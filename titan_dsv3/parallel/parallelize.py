@@ -8,7 +8,7 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import Shard
 
 from titan_dsv3.parallel.activation_checkpoint import apply_ac
@@ -127,6 +127,8 @@ def apply_fsdp(
                 reshard_after_forward=reshard,
                 shard_placement_fn=_expert_placement(dims),
             )
+            # route_locally (TP without EP) calls experts.routed, not forward: it needs the gathered weights too
+            register_fsdp_forward_method(ex, "routed")
         experts.append(ex)
         fully_shard(
             block, mesh=meshes.fsdp, mp_policy=mp, reshard_after_forward=reshard, ignored_params=mine or None
