@@ -20,8 +20,10 @@ Both are off by default, as DeepSeek-V3's recipe keeps the head in high precisio
 and fp32 GEMMs on the dequantised operands. float8.fuse_head_loss goes further: the head returns its input and
 weight and the loss runs kernels/fp8_head_loss.py, the GEMMs and the cross-entropy as one op (not yet timed).
 
-Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose forward
-runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling). The
+Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose FFN
+runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling); routed on
+one device (route_locally), the copies' gather, their return to token order and the weighted sum run inside the
+same op (kernels/fp8_routed_experts.py: no N x D copies through memory between the router and the FFN). The
 off-the-shelf rowwise FP8 grouped GEMM is slower than bf16 on H100 (0.77x eager, GPU.md); ours fuses the
 quantisation into the GEMMs' neighbours, and on Hopper runs its GEMMs as warp-specialised Gluon kernels: on H200
 bench6's expert FFN runs at 1.33-1.36x bf16 (torchao's rowwise: 0.85x compiled) and bench6 end to end at 1.11x
