@@ -8,7 +8,8 @@ Rows (interleaved windows, the median of each; kernel_timing.interleaved says wh
   bf16           GroupedExperts.routed: torch._grouped_mm, the gather, index_copy and bmm compiled
   fp8 unfused    the same route (compiled) around the FP8 FFN (kernels/fp8_grouped_gemm.py), the route before
                  kernels/fp8_routed_experts.py
-  fp8 fused      FP8GroupedExperts.routed: the route folded into the FP8 op (kernels/fp8_routed_experts.py)
+  fp8 fused      FP8RoutedExperts.routed (float8.fuse_moe_route): the route folded into the FP8 op
+                 (kernels/fp8_routed_experts.py)
 --profile prints each row's kernels (ms a call).
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from titan_dsv3.float8 import FP8GroupedExperts
+from titan_dsv3.float8 import FP8RoutedExperts
 from titan_dsv3.models.moe import GroupedExperts
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,8 +59,8 @@ def main() -> None:
         return run
 
     bf16_route = torch.compile(experts.routed)
-    fp8 = FP8GroupedExperts.__new__(FP8GroupedExperts)
-    fp8.__dict__ = experts.__dict__  # the same parameters, FP8GroupedExperts' methods
+    fp8 = FP8RoutedExperts.__new__(FP8RoutedExperts)
+    fp8.__dict__ = experts.__dict__  # the same parameters, FP8RoutedExperts' methods (its parent's FFN)
     unfused = torch.compile(lambda *args: GroupedExperts.routed(fp8, *args))
     rows = {"bf16": step(bf16_route), "fp8 unfused": step(unfused), "fp8 fused": step(fp8.routed)}
     outs = {k: fn() for k, fn in rows.items()}

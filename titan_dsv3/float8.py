@@ -21,9 +21,9 @@ and fp32 GEMMs on the dequantised operands. float8.fuse_head_loss goes further: 
 weight and the loss runs kernels/fp8_head_loss.py, the GEMMs and the cross-entropy as one op (not yet timed).
 
 Routed experts (float8.moe_experts): GroupedExperts modules become FP8GroupedExperts, a subclass whose FFN
-runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling); routed on
-one device (route_locally), the copies' gather, their return to token order and the weighted sum run inside the
-same op (kernels/fp8_routed_experts.py: no N x D copies through memory between the router and the FFN). The
+runs kernels/fp8_grouped_gemm.py (e4m3 with DeepSeek-V3's 1x128 activation / 128x128 weight scaling); with
+float8.fuse_moe_route, FP8RoutedExperts, which routed on one device (route_locally) also runs the copies' gather,
+their return to token order and the weighted sum inside the op (kernels/fp8_routed_experts.py; not yet timed). The
 off-the-shelf rowwise FP8 grouped GEMM is slower than bf16 on H100 (0.77x eager, GPU.md); ours fuses the
 quantisation into the GEMMs' neighbours, and on Hopper runs its GEMMs as warp-specialised Gluon kernels: on H200
 bench6's expert FFN runs at 1.33-1.36x bf16 (torchao's rowwise: 0.85x compiled) and bench6 end to end at 1.11x
@@ -110,9 +110,7 @@ class FP8FusedHead(FP8OutputHead):
 
 
 class FP8GroupedExperts(GroupedExperts):
-    """Routed experts with FP8 grouped GEMMs (kernels/fp8_grouped_gemm.py); same parameters and state dict. Routed
-    locally (routed), the gather of the copies, their return to token order and the weighted sum run inside the
-    FP8 op (kernels/fp8_routed_experts.py); expert parallelism calls forward on the copies it receives."""
+    """Routed experts with FP8 grouped GEMMs (kernels/fp8_grouped_gemm.py); same parameters and state dict."""
 
     def ffn(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         from titan_dsv3.kernels.fp8_grouped_gemm import fp8_grouped_swiglu
@@ -121,6 +119,11 @@ class FP8GroupedExperts(GroupedExperts):
         # expert parallelism hands in distributed tensors: compute with the local shard of the experts
         w1, w2, w3 = (_local_shard(w) for w in (self.w1, self.w2, self.w3))
         return fp8_grouped_swiglu(x_ND, counts_E, w1, w2, w3)
+
+
+class FP8RoutedExperts(FP8GroupedExperts):
+    """float8.fuse_moe_route: routed locally, the copies' gather, their return to token order and the weighted sum
+    run inside the FP8 op (kernels/fp8_routed_experts.py); expert parallelism would call the FFN alone."""
 
     def routed(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor, counts_E: torch.Tensor
@@ -178,7 +181,8 @@ def apply_float8(model: nn.Module, cfg: Float8) -> str | None:
                     raise ValueError(
                         f"float8.moe_experts: dim {dim} and hidden {hidden} must be multiples of 128"
                     )
-                module.__class__ = FP8GroupedExperts
+                module.__class__ = FP8RoutedExperts if cfg.fuse_moe_route else FP8GroupedExperts
                 swapped += 1
-        said.append(f"{swapped} routed-expert modules on FP8 grouped GEMMs")
+        fused = ", the route folded in" if cfg.fuse_moe_route else ""
+        said.append(f"{swapped} routed-expert modules on FP8 grouped GEMMs{fused}")
     return "float8: " + "; ".join(said) if said else None

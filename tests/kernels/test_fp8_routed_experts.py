@@ -1,6 +1,6 @@
 """The routed experts with the route folded into the FP8 op (kernels/fp8_routed_experts.py; Triton, interpreted on
-CPU) against the dequantised reference, against the unfused route (GroupedExperts.routed: gather, the FP8 FFN,
-index_copy, bmm) and through the MoE layer.
+CPU) against the dequantised reference, against the unfused route (GroupedExperts.routed on FP8GroupedExperts:
+gather, the FP8 FFN, index_copy, bmm) and through the MoE layer (float8.fuse_moe_route's FP8RoutedExperts).
 
 In fp32 the unfused route and the fused op do the same arithmetic but for summation order (the weighted sum, the
 sum of dx over copies): the expert weights' gradients are equal bit for bit, the rest within 1e-6. Against the
@@ -14,7 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from titan_dsv3.float8 import FP8GroupedExperts  # noqa: E402
+from titan_dsv3.float8 import FP8RoutedExperts  # noqa: E402
 from titan_dsv3.kernels import fp8_routed_experts as R  # noqa: E402
 from titan_dsv3.models.moe import GroupedExperts  # noqa: E402
 
@@ -65,8 +65,8 @@ def _run(module, route, x, weights, order, counts, dout):
 )
 def test_matches_unfused_route_and_reference(n_tok, n_exp, topk, skew):
     x, weights, order, counts, ws, dout = _case(n_tok, n_exp, topk, seed=n_tok, skew=skew)
-    fp8 = _experts(ws, FP8GroupedExperts)
-    got = _run(fp8, FP8GroupedExperts.routed, x, weights, order, counts, dout)
+    fp8 = _experts(ws, FP8RoutedExperts)
+    got = _run(fp8, FP8RoutedExperts.routed, x, weights, order, counts, dout)
     unfused = _run(fp8, GroupedExperts.routed, x, weights, order, counts, dout)
     ref = R.fp8_routed_experts_reference(x, weights, order, counts, *ws, dout)
     if skew:
@@ -81,8 +81,8 @@ def test_matches_unfused_route_and_reference(n_tok, n_exp, topk, skew):
 
 
 def test_moe_layer_routes_through_the_fused_op(monkeypatch):
-    """MoE.forward -> route_locally -> experts.routed: the FP8 experts' call runs the fused op (not the gather and
-    the FFN), with the same output as the unfused route."""
+    """MoE.forward -> route_locally -> experts.routed: with float8.fuse_moe_route's class the call runs the fused
+    op (not the gather and the FFN), with the same output as the unfused route."""
     from titan_dsv3.models.args import ModelArgs
     from titan_dsv3.models.moe import MoE
 
@@ -93,20 +93,20 @@ def test_moe_layer_routes_through_the_fused_op(monkeypatch):
     torch.manual_seed(0)
     moe = MoE(args)
     moe.init_weights(0.05)
-    moe.experts.__class__ = FP8GroupedExperts
+    moe.experts.__class__ = FP8RoutedExperts
     calls = []
     fused = R.fp8_routed_experts
     monkeypatch.setattr(R, "fp8_routed_experts", lambda *a: calls.append(1) or fused(*a))
     x = torch.randn(2, 5, DIM)
     out = moe(x)
     assert calls == [1]
-    monkeypatch.setattr(FP8GroupedExperts, "routed", GroupedExperts.routed)
+    monkeypatch.setattr(FP8RoutedExperts, "routed", GroupedExperts.routed)
     torch.testing.assert_close(out, moe(x), rtol=1e-5, atol=1e-6)
 
 
 def test_traced_by_compile():
     x, weights, order, counts, ws, dout = _case(40, 3, 2, seed=5)
-    fp8 = _experts(ws, FP8GroupedExperts)
+    fp8 = _experts(ws, FP8RoutedExperts)
     f = torch.compile(lambda *a: fp8.routed(*a) * 2, backend="aot_eager", fullgraph=True)
     xs, wts = x.clone().requires_grad_(), weights.clone().requires_grad_()
     out = f(xs, wts, order, counts)

@@ -22,6 +22,7 @@ from titan_dsv3.float8 import (  # noqa: E402
     FP8GroupedExperts,
     FP8Linear,
     FP8OutputHead,
+    FP8RoutedExperts,
     apply_float8,
 )
 from titan_dsv3.models.moe import GroupedExperts, looped_swiglu  # noqa: E402
@@ -64,6 +65,10 @@ def test_filters_select_linears():
     said = apply_float8(model, Float8(enable=False, moe_experts=True))
     assert _converted(model) == set() and type(model.experts) is FP8GroupedExperts
     assert said == "float8: 1 routed-expert modules on FP8 grouped GEMMs"
+    model = Toy()
+    said = apply_float8(model, Float8(enable=False, moe_experts=True, fuse_moe_route=True))
+    assert type(model.experts) is FP8RoutedExperts
+    assert said == "float8: 1 routed-expert modules on FP8 grouped GEMMs, the route folded in"
     assert apply_float8(Toy(), Float8(enable=False, moe_experts=False)) is None
 
 
@@ -177,6 +182,18 @@ def test_config_validation():
     for layout in ("pipeline_parallel_degree", "context_parallel_degree"):
         with pytest.raises(ConfigError, match="set float8.fuse_head_loss = false"):
             parse_args(fused + [f"--parallelism.{layout}", "2"], world_size=2)
+    with pytest.raises(ConfigError, match="set float8.moe_experts = true"):
+        parse_args(["--job.config_file", debug, "--float8.fuse_moe_route", "true"])
+
+
+def test_fused_route_refused_with_expert_parallelism(monkeypatch):
+    """float8.fuse_moe_route folds route_locally; under EP the expert-parallel route runs instead, so the option
+    would do nothing: refused. (float8.moe_experts needs CUDA: the check is reached with CUDA reported.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = ["--job.config_file", "train_configs/debug_model.toml", "--float8.moe_experts", "true"]
+    args += ["--float8.fuse_moe_route", "true", "--parallelism.expert_parallel_degree", "2"]
+    with pytest.raises(ConfigError, match="the expert-parallel route runs instead"):
+        parse_args(args, world_size=2)
 
 
 def test_trainer_applies_float8_linears(tiny):

@@ -216,6 +216,10 @@ class Float8:
     moe_experts: bool = False
     """Run the routed experts in FP8 (kernels/fp8_grouped_gemm.py, DeepSeek-V3 1x128 / 128x128 scaling); CUDA.
     1.33-1.36x bf16 on bench6's expert FFN, 1.11x end to end with float8.enable (H200, benchmarks/RESULTS.md)."""
+    fuse_moe_route: bool = False
+    """With moe_experts, routed on one device (no expert parallelism): the copies' gather, their return to token
+    order and the weighted sum inside the FP8 op (kernels/fp8_routed_experts.py: four N x D tensors a layer less
+    through memory). Not yet timed on a GPU (predicted: about 1 ms a bench6 MoE layer)."""
 
 
 @dataclass

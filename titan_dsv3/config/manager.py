@@ -201,6 +201,12 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             "float8.output_head and float8.linear_backend = 'titan' take whole weights; with "
             f"parallelism.tensor_parallel_degree = {dims.tp} they are sharded: use torchao's linears, no output_head"
         )
+    if cfg.float8.fuse_moe_route and dims.ep > 1:
+        raise ConfigError(
+            f"float8.fuse_moe_route folds the one-device route into the FP8 experts; with "
+            f"parallelism.expert_parallel_degree = {dims.ep} the expert-parallel route runs instead: set "
+            "float8.fuse_moe_route = false"
+        )
     if cfg.float8.fuse_head_loss and (dims.pp > 1 or dims.cp > 1):
         raise ConfigError(
             f"float8.fuse_head_loss needs the loss beside the head on one rank's whole sequence; with pipeline "
@@ -261,6 +267,10 @@ def _check_backends(cfg: JobConfig, margs: ModelArgs) -> None:
                 "float8.linear_backend = 'titan' is tensorwise without a float8 all-gather: set float8.recipe = "
                 "tensorwise and float8.fsdp_float8_all_gather = false, or linear_backend = 'torchao'"
             )
+    if f8.fuse_moe_route and not f8.moe_experts:
+        raise ConfigError(
+            "float8.fuse_moe_route folds the route into the FP8 routed experts: set float8.moe_experts = true"
+        )
     if f8.fuse_head_loss and not f8.output_head:
         raise ConfigError(
             "float8.fuse_head_loss fuses the FP8 output head with its loss: set float8.output_head = true"
