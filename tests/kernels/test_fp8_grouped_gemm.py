@@ -122,7 +122,9 @@ def test_layout_pads_each_group():
 def test_layout_kernel_matches_its_definition(n_exp):
     """The one-kernel layout against its definition, row by row, with empty and multi-tile experts."""
     g = torch.Generator().manual_seed(n_exp)
-    counts = torch.randint(0, 300, (n_exp,), generator=g)
+    # with many experts mostly small groups: the interpreter's time grows with the padded rows (E x 128 at least)
+    counts = torch.randint(0, 300 if n_exp < 100 else 40, (n_exp,), generator=g)
+    counts[1::7] = 300  # multi-tile groups
     counts[::3] = 0
     lay = K._Layout(counts, int(counts.sum()))
     src, pstart, pend = [-1] * lay.n_pad, [], []
