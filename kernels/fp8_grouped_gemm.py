@@ -21,6 +21,8 @@ Fused stages (each reads its input once):
 Hopper's fp8 tensor cores take K-major operands only; each operand is stored that way once. On Hopper the scatter
 and weight-gradient GEMMs (and GEMM1) run as the Gluon kernels of fp8_grouped_gemm_sm90.py (SM90_GEMMS); the
 five scatter and weight-gradient GEMMs of bench6 take 7.44 ms in Triton and 4.46 ms in Gluon (H200).
+The launchers' middle, experts_fwd / experts_bwd, reads and writes rows through row maps: fp8_routed_experts.py
+runs it on token rows and the padded layout directly (the route folded in).
 
 Limits: dim and hidden a multiple of 128; x bf16/fp16/fp32 (outputs in x's dtype); weight grads in the weights'
 dtype. Saved for the backward: h1 | h3 (N x 2I, x's dtype), x column-quantised (N x D fp8), the fp8 weights
