@@ -24,3 +24,20 @@ from tiny import tiny_args  # noqa: E402  (after the sys.path changes above)
 @pytest.fixture
 def tiny(tmp_path):
     return lambda **kw: tiny_args(tmp_path, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _determinism_restored():
+    """A run with job.deterministic turns on torch's deterministic algorithms (and cuDNN's) process-wide, the
+    trainer's right choice for its own process; in the test process it would outlive the test: every later
+    torch.empty filled (fill_uninitialized_memory), which a kernel test counting fills saw after a tiny run."""
+    cudnn = torch.backends.cudnn
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.deterministic,
+        cudnn.benchmark,
+    )
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    cudnn.deterministic, cudnn.benchmark = saved[2:]
