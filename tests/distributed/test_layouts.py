@@ -19,6 +19,11 @@ LAYOUTS = {
     "hsdp2x2": (4, {P + "data_parallel_replicate_degree": "2", "training.local_batch_size": "2"}),
     "tp2": (2, {P + "tensor_parallel_degree": "2"}),
     "fsdp2_tp2": (4, {P + "tensor_parallel_degree": "2", "training.local_batch_size": "4"}),
+    # compiled blocks: the embedding's output (an AsyncCollectiveTensor) once lost its gradient at the first one
+    "tp2_compiled": (
+        2,
+        {P + "tensor_parallel_degree": "2", "compile.enable": "true", "compile.components": "model"},
+    ),
     "ep2_fsdp2": (2, {P + "expert_parallel_degree": "2", "training.local_batch_size": "4"}),
     # the routed experts without an FSDP unit on their 1-rank mesh
     "ep2_fsdp2_experts_no_unit": (

@@ -153,6 +153,16 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
             plan[f"{p}.norm"] = SequenceParallel()
             plan.update(_block_plan(f"{p}.block", module.block, mesh))
     parallelize_module(model, mesh, plan)
+    if model.tok_embeddings is not None:
+        model.tok_embeddings.register_forward_hook(_waited_output)
+
+
+def _waited_output(module, args, output):
+    """The embedding's local output is an AsyncCollectiveTensor (its reduce-scatter waited on first use). Handed
+    as is to the first block compiled (compile.components 'model'), the block's gradient never reached the
+    embedding: its weight got none from the main path (CPU, gloo, torch 2.13; every other gradient right). A copy
+    made here, in eager code, waits and keeps the autograd link (a T / tp x D copy, one pass over one activation)."""
+    return output.clone() if isinstance(output, funcol.AsyncCollectiveTensor) else output
 
 
 def loss_parallel_context():
