@@ -17,7 +17,8 @@ The FFN's passes already read their rows through a row map (fp8_grouped_gemm.exp
   forms each copy's gradient w_tk dout_t in fp32 as it reads dout's rows (no N x D tensor); dx in the padded
   layout, then the summing pass with unit weights, dx_t = sum_k dx[pad(t, k)] (no atomics).
 About 3.2 GB a layer less traffic (the quantisers' gathered reads now hit the T x D source, 67 MB, K times):
-predicted about 1 ms a layer on H100 at ~3 TB/s, 5 ms a bench6 step. Not yet timed.
+predicted about 1 ms a layer on H100 at ~3 TB/s, 5 ms a bench6 step. Not yet timed. The trainer runs it with
+float8.fuse_moe_route (float8.FP8RoutedExperts.routed); benchmarks/bench_routed_experts.py times one layer.
 
 The same numbers as the unfused route on the same FFN, but for three roundings removed: the routed copy's
 output gradient is w_tk dout_t in fp32 (the bmm's backward rounded it to bf16), the weighted sum of y and the sum
