@@ -13,8 +13,9 @@ bound 8%).
 import pytest
 import torch
 
-from titan_dsv3.kernels.fp8_grouped_gemm import fp8_grouped_swiglu
-from titan_dsv3.kernels.fp8_routed_experts import fp8_routed_experts, fp8_routed_experts_reference
+from titan_dsv3.float8 import FP8GroupedExperts, FP8RoutedExperts
+from titan_dsv3.kernels.fp8_routed_experts import fp8_routed_experts_reference
+from titan_dsv3.models.moe import GroupedExperts
 
 
 def _rel(a, b):
@@ -38,33 +39,28 @@ def _case(n_tok, n_exp, topk, dim=512, hidden=384, seed=0, skew=0.0):
     return x, weights, order, counts, ws, dout
 
 
-def _unfused(x, weights, order, counts, ws, dout):
-    ins = [t.clone().requires_grad_() for t in (x, weights, *ws)]
-    topk = weights.shape[1]
-    y = fp8_grouped_swiglu(ins[0][order // topk], counts, *ins[2:])
-    y_tkd = torch.empty_like(y).index_copy_(0, order, y).view(-1, topk, x.shape[1])
-    out = torch.bmm(ins[1].to(y.dtype).unsqueeze(1), y_tkd).squeeze(1)
-    out.backward(dout)
-    return [out.detach(), *(t.grad for t in ins)]
-
-
-def _fused(x, weights, order, counts, ws, dout):
-    ins = [t.clone().requires_grad_() for t in (x, weights, *ws)]
-    out = fp8_routed_experts(ins[0], ins[1], order, counts, *ins[2:])
-    out.backward(dout)
-    return [out.detach(), *(t.grad for t in ins)]
-
-
-def _bf16(x, weights, order, counts, ws, dout):
-    from titan_dsv3.models.moe import GroupedExperts
-
+def _run(cls, route, x, weights, order, counts, ws, dout):
+    """[out, dx, d weights, dw1, dw2, dw3] of route (a routed method) on a cls module holding ws in bf16."""
     m = GroupedExperts(ws[0].shape[0], x.shape[1], ws[0].shape[1]).to(x.device, torch.bfloat16)
     with torch.no_grad():
         for p, w in zip((m.w1, m.w2, m.w3), ws):
             p.copy_(w)
+    m.__class__ = cls
     ins = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
-    out = m.routed(*ins, order, counts)
+    out = route(m, *ins, order, counts)
     return [out.detach(), *torch.autograd.grad(out, [*ins, m.w1, m.w2, m.w3], dout)]
+
+
+def _fused(*case):
+    return _run(FP8RoutedExperts, FP8RoutedExperts.routed, *case)
+
+
+def _unfused(*case):  # the route around the FP8 FFN, as float8.moe_experts runs it without fuse_moe_route
+    return _run(FP8GroupedExperts, GroupedExperts.routed, *case)
+
+
+def _bf16(*case):
+    return _run(GroupedExperts, GroupedExperts.routed, *case)
 
 
 NAMES = ("out", "dx", "d weights", "dw1", "dw2", "dw3")
